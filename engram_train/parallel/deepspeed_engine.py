@@ -1,0 +1,149 @@
+"""DeepSpeed engine wiring for a megatron-core model.
+
+DeepSpeed trains the parameters (ZeRO stage 0-2, optional CPU optimizer offload);
+megatron's ``parallel_state`` is handed over as ``mpu`` so data-parallel
+reductions use megatron's DP group and the gradient norm counts each
+tensor-parallel shard once.
+
+Expert parallelism needs one more thing.  Under EP megatron marks expert
+parameters ``allreduce=False``; DeepSpeed must then reduce them over the
+*expert* data-parallel group instead of the dense one, which it only does when
+(a) the engine believes the model has MoE layers and (b) its expert group
+registry knows the group.  Megatron's MoE layers are not DeepSpeed ``MoE``
+modules, so we
+
+* register megatron's expert-parallel and expert-data-parallel groups in
+  DeepSpeed's group registry under DeepSpeed's group name ``ep_size_<EP>``, and
+* attach a parameter-free ``ExpertParallelMarker`` (a ``deepspeed.moe.layer.MoE``
+  subclass that never runs) so ``engine.has_moe_layers`` is true.
+
+DeepSpeed divides expert gradients by the dense DP size, which is exactly the
+full-batch average (each expert already summed the contributions of every DP
+rank's tokens through the token dispatcher).
+
+Checkpoints do not use ``engine.save_checkpoint`` (its MoE path assumes
+DeepSpeed's own expert layout): see ``engram_train.train.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+from engram_train.config.schema import Config
+
+log = logging.getLogger(__name__)
+
+
+def _is_expert_param(p: torch.Tensor) -> bool:
+    return not getattr(p, "allreduce", True)
+
+
+def expert_group_name(expert_parallel: int) -> str:
+    return f"ep_size_{expert_parallel}"
+
+
+def register_expert_groups(expert_parallel: int) -> str:
+    """Make megatron's expert groups known to DeepSpeed under its naming scheme."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups as ds_groups
+    from megatron.core import parallel_state as ps
+
+    name = expert_group_name(expert_parallel)
+    ep_group = ps.get_expert_model_parallel_group()
+    edp_group = ps.get_expert_data_parallel_group()
+    ds_groups._EXPERT_PARALLEL_GROUP[name] = ep_group
+    ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(ep_group)
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = edp_group
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(edp_group)
+    return name
+
+
+def _marker_class():
+    from deepspeed.moe.layer import MoE
+
+    class ExpertParallelMarker(MoE):
+        """Parameter-free flag telling the DeepSpeed engine the model has expert-parallel params."""
+
+        def __init__(self, num_experts: int, ep_size: int):
+            nn.Module.__init__(self)  # deliberately not MoE.__init__: no DeepSpeed experts are built
+            self.num_experts = num_experts
+            self.ep_size = ep_size
+            self.num_local_experts = num_experts // ep_size
+            self.expert_group_name = expert_group_name(ep_size)
+            self.use_residual = False
+
+        def forward(self, *args, **kwargs):  # pragma: no cover - never called
+            raise RuntimeError("ExpertParallelMarker is a flag for DeepSpeed and is never run")
+
+    return ExpertParallelMarker
+
+
+def deepspeed_config(cfg: Config, dp_size: int, use_bf16: bool) -> Dict[str, Any]:
+    d, t, p = cfg.data, cfg.trainer, cfg.parallel
+    micro = d.micro_batch_size
+    gas = d.global_batch_size // (micro * dp_size)
+    zero: Dict[str, Any] = {"stage": p.zero_stage}
+    if p.zero_stage in (1, 2):
+        # Contiguous gradients + reduce-scatter: required by DeepSpeed's expert-parallel path.
+        zero.update(contiguous_gradients=True, reduce_scatter=True, overlap_comm=False)
+    if p.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": micro * gas * dp_size,
+        "gradient_clipping": t.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr,
+                "betas": [t.adam_beta1, t.adam_beta2],
+                "eps": t.adam_eps,
+                "weight_decay": t.weight_decay,
+            },
+        },
+        "bf16": {"enabled": use_bf16},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: nn.Module, cfg: Config) -> List[Dict[str, Any]]:
+    """Base policy for dense weights, the paper's policy for Engram tables (own LR multiplier, no decay)."""
+    from engram_train.engram.params import engram_param_groups
+
+    groups = engram_param_groups(model, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay,
+                                 table_lr_mult=cfg.engram.table_lr_mult,
+                                 table_weight_decay=cfg.engram.table_weight_decay)
+    return groups
+
+
+def build_engine(model: nn.Module, cfg: Config, dp_size: int, use_bf16: bool):
+    """Wrap ``model`` in a DeepSpeed engine; returns (engine, optimizer)."""
+    import deepspeed
+    from megatron.core import parallel_state as ps
+
+    ep = cfg.parallel.expert_parallel
+    if ep > 1:
+        name = register_expert_groups(ep)
+        for p in model.parameters():
+            if _is_expert_param(p):
+                p.group_name = name
+        if not any(isinstance(m, _marker_class()) for m in model.modules()):
+            model.add_module("ds_expert_parallel_marker",
+                             _marker_class()(cfg.model.num_experts, ep))
+
+    groups = param_groups(model, cfg)
+    ds_cfg = deepspeed_config(cfg, dp_size, use_bf16)
+    # deepspeed.initialize expects the launcher's env; a process started without torchrun has none.
+    os.environ.setdefault("LOCAL_RANK", "0")
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, model_parameters=groups, config=ds_cfg, mpu=ps, dist_init_required=False)
+    return engine, optimizer

@@ -1,0 +1,216 @@
+"""The training loop and the components it calls.
+
+``Trainer.__init__`` builds everything (parallel groups, data, model, DeepSpeed
+engine, checkpointer, logger); ``Trainer.train`` is the loop and fits on a
+page.  The model never sees parallelism: ``parallel/`` builds the groups and
+the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import asdict
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from engram_train.config.schema import Config
+from engram_train.train.checkpoint import Checkpointer, TrainState
+from engram_train.train.evaluate import evaluate, forward_loss, to_device
+from engram_train.train.metrics import build_logger
+from engram_train.train.schedule import apply_lr, lr_at
+
+log = logging.getLogger(__name__)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        from megatron.core import parallel_state as ps
+
+        from engram_train.data.loader import build_train_loader, build_valid_batches, check_vocab
+        from engram_train.data.prepare import prepare_data
+        from engram_train.model.gpt import build_model
+        from engram_train.parallel.deepspeed_engine import build_engine
+        from engram_train.parallel.device import get_device
+        from engram_train.parallel.state import init_parallel
+
+        self.cfg = cfg
+        init_parallel(cfg.parallel, seed=cfg.trainer.seed)
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        cfg.validate(world_size=self.world)
+        self.dp_group = ps.get_data_parallel_group()
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.device = get_device()
+        self.use_bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto"
+                                                             and self.device.type == "cuda")
+        self.run_dir = cfg.run.dir
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+
+        # Data: rank 0 prepares (idempotent), the others read what it wrote.
+        if self.rank == 0:
+            self.data = prepare_data(cfg.data)
+        dist.barrier()
+        if self.rank != 0:
+            self.data = prepare_data(cfg.data)
+        self.hasher = self._build_hasher()
+
+        vocab = cfg.model.vocab_size or padded_vocab_size(
+            self.data.tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)
+        check_vocab(self.data, vocab)
+        self.vocab_size = vocab
+        table_sizes = self.hasher.table_sizes if self.hasher is not None else None
+        model = build_model(cfg.model, cfg.engram, cfg.parallel, vocab, table_sizes)
+        self.engine, self.optimizer = build_engine(model, cfg, self.dp_size, self.use_bf16)
+        self.model = self.engine.module
+        self._configure_aux_loss_scale()
+
+        self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), cfg.trainer.keep_last)
+        self.state = TrainState()
+        if cfg.trainer.resume:
+            self.state = self.checkpointer.load(self.engine, dp_size=self.dp_size) or TrainState()
+
+        d = cfg.data
+        self.train_iter = build_train_loader(
+            self.data, d, self.hasher, seq_length=d.seq_length, micro_batch_size=d.micro_batch_size,
+            global_batch_size=d.global_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
+            seed=cfg.trainer.seed, consumed_samples=self.state.consumed_samples)
+        self.valid_batches = build_valid_batches(
+            self.data, d, self.hasher, seq_length=d.seq_length, micro_batch_size=d.micro_batch_size,
+            num_batches=cfg.trainer.eval_iters, dp_rank=self.dp_rank, dp_size=self.dp_size)
+        self.grad_accum = d.global_batch_size // (d.micro_batch_size * self.dp_size)
+        self.logger = build_logger(self.run_dir, self.rank, wandb_mode=cfg.run.wandb_mode,
+                                   wandb_project=cfg.run.wandb_project, name=cfg.run.name,
+                                   config=asdict(cfg), resume_step=self.state.step if self.state.step else None)
+        if self.rank == 0:
+            counts = self.model.num_parameters()
+            log.info("model parameters: %s", {k: f"{v / 1e6:.2f}M" for k, v in counts.items()})
+
+    def _build_hasher(self):
+        if not self.cfg.engram.enabled:
+            return None
+        from engram_train.engram.compress import load_or_build_compression
+        from engram_train.engram.hashing import hasher_from_config
+
+        lookup, compressed = load_or_build_compression(self.data.tokenizer.path)
+        tok = self.data.tokenizer
+        return hasher_from_config(self.cfg.engram, lookup, compressed, pad_id=tok.pad_id, eos_id=tok.eos_id)
+
+    def _configure_aux_loss_scale(self):
+        # DeepSpeed scales the LM loss by 1/grad_accum in engine.backward; the MoE aux loss enters the
+        # graph through megatron's autoscaler, whose gradient scale must match.
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / self.grad_accum_steps(), device=self.device))
+
+    def grad_accum_steps(self) -> int:
+        d = self.cfg.data
+        return d.global_batch_size // (d.micro_batch_size * self.dp_size)
+
+    # -- one optimizer step ------------------------------------------------------------------------
+    def train_step(self) -> Dict[str, float]:
+        lr = lr_at(self.state.step, lr=self.cfg.trainer.lr, min_lr=self.cfg.trainer.min_lr,
+                   warmup_steps=self.cfg.trainer.warmup_steps, max_steps=self.cfg.trainer.max_steps)
+        apply_lr(self.optimizer, lr)
+        losses: List[torch.Tensor] = []
+        for _ in range(self.grad_accum):
+            batch = to_device(next(self.train_iter), self.device)
+            loss = forward_loss(self.engine, batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach())
+        loss = torch.stack(losses).mean()
+        if self.dp_size > 1:
+            dist.all_reduce(loss, group=self.dp_group)
+            loss /= self.dp_size
+        grad_norm = self.engine.get_global_grad_norm()
+        self.state.step += 1
+        self.state.consumed_samples += self.cfg.data.global_batch_size
+        metrics = {"loss": loss.item(), "lr": lr,
+                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        metrics.update(self._model_stats())
+        return metrics
+
+    def _model_stats(self) -> Dict[str, float]:
+        """Engram gate means and MoE load balance of the last micro-batch (cheap, already computed)."""
+        out: Dict[str, float] = {}
+        gates = {k: float(v) for k, v in self.model.engram_gate_means().items()}
+        for layer_id, g in gates.items():
+            out[f"engram_gate_mean/layer{layer_id}"] = g
+        if gates:
+            out["engram_gate_mean"] = sum(gates.values()) / len(gates)
+        out.update({k: float(v) for k, v in self.model.moe_load_balance().items()})
+        return out
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def train(self) -> Dict[str, float]:
+        t = self.cfg.trainer
+        tokens_per_step = self.cfg.data.global_batch_size * self.cfg.data.seq_length
+        if self.state.step == 0:
+            self._evaluate()
+        bar = _progress(t.max_steps, self.state.step, t.progress and self.rank == 0)
+        last: Dict[str, float] = {}
+        steps_since_log = 0
+        tic = time.time()
+        while self.state.step < t.max_steps:
+            last = self.train_step()
+            step, done = self.state.step, self.state.step == t.max_steps
+            steps_since_log += 1
+            if step % t.log_interval == 0 or step % t.eval_interval == 0 or done:
+                elapsed, tic = time.time() - tic, time.time()
+                last["tokens_per_s"] = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
+                steps_since_log = 0
+                if step % t.eval_interval == 0 or done:
+                    last.update(self._evaluate(log=False))
+                    tic = time.time()  # evaluation time is not training throughput
+                self.logger.log(step, last)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
+            if step % t.save_interval == 0 or step == t.max_steps:
+                self.checkpointer.save(self.engine, self.state, extra={"loss": last["loss"]})
+        if bar is not None:
+            bar.close()
+        self.logger.close()
+        return last
+
+    def _evaluate(self, log: bool = True) -> Dict[str, float]:
+        out = evaluate(self.model, self.valid_batches, self.device, self.dp_group)
+        if self.rank == 0:
+            logging.getLogger(__name__).info("step %d: val_loss %.4f (ppl %.1f)", self.state.step,
+                                             out["val_loss"], out["val_ppl"])
+        if log:
+            self.logger.log(self.state.step, out)
+        return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg: Config) -> Dict[str, float]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    seed_everything(cfg.trainer.seed)
+    trainer = Trainer(cfg)
+    return trainer.train()
