@@ -195,6 +195,9 @@ class TrainerConfig:
     save_interval: int = 100         # a checkpoint is also written at the end
     keep_last: int = 2
     resume: bool = True              # resume from run.dir/checkpoints/latest when present
+    # Stop (with a checkpoint) once this step is reached, without changing the schedule that
+    # max_steps defines: for time-limited allocations; a later launch resumes.
+    stop_at_step: Optional[int] = None
     progress: bool = True
 
     def __post_init__(self):

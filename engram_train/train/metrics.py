@@ -29,14 +29,14 @@ class NullLogger(Logger):
 
 
 class JsonlLogger(Logger):
-    """Appends; on resume, lines of steps at or after the resume step are dropped first."""
+    """Appends; on resume, lines of steps after the checkpoint's step (work that is redone) are dropped first."""
 
     def __init__(self, path: str, resume_step: Optional[int] = None):
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
-                kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", -1) < resume_step]
+                kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", -1) <= resume_step]
             with open(path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(path + ".tmp", path)

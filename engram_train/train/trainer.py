@@ -171,7 +171,8 @@ class Trainer:
         last: Dict[str, float] = {}
         steps_since_log = 0
         tic = time.time()
-        while self.state.step < t.max_steps:
+        stop = min(t.max_steps, t.stop_at_step or t.max_steps)
+        while self.state.step < stop:
             last = self.train_step()
             step, done = self.state.step, self.state.step == t.max_steps
             steps_since_log += 1
@@ -186,7 +187,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
-            if step % t.save_interval == 0 or step == t.max_steps:
+            if step % t.save_interval == 0 or step == stop:
                 self.checkpointer.save(self.engine, self.state, extra={"loss": last["loss"]})
         if bar is not None:
             bar.close()

@@ -1,0 +1,213 @@
+"""Process groups and RNG streams: torch.distributed + megatron ``parallel_state``.
+
+``init_parallel`` is the one entry point.  Under torchrun (``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` set) it joins that job; a
+plain ``python`` process becomes a one-rank job on a private file store, so
+megatron-core (which needs ``torch.distributed``) works in notebooks and unit
+tests without torchrun.  On a machine without CUDA it also activates the CPU
+backend for megatron-core (:mod:`engram_train.model.cpu_backend`) before any
+model is built.
+
+The group layout is megatron's (order ``tp-cp-ep-dp-pp``): TP ranks are
+adjacent, the dense data-parallel size is ``world / TP``, experts are spread
+over ``EP`` of those DP ranks (expert tensor parallel = TP, megatron's
+default) and replicated over the rest.  The helpers below are thin wrappers
+over ``parallel_state`` so callers need not import megatron.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from engram_train.config.schema import ConfigError, ParallelConfig
+from engram_train.parallel.device import get_device, is_cpu
+
+log = logging.getLogger(__name__)
+
+_OWNS_PROCESS_GROUP = False   # True when init_parallel created the default group (destroy it too)
+_STORE_FILE: Optional[str] = None
+
+
+def _backend(cfg: ParallelConfig) -> str:
+    if cfg.backend == "auto":
+        return "gloo" if is_cpu() else "nccl"
+    if cfg.backend == "nccl" and is_cpu():
+        raise ConfigError("parallel.backend='nccl': this machine has no CUDA device; "
+                          "use parallel.backend=gloo (or auto)")
+    return cfg.backend
+
+
+def _init_process_group(backend: str) -> None:
+    global _OWNS_PROCESS_GROUP, _STORE_FILE
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend, init_method="env://")
+    else:
+        fd, _STORE_FILE = tempfile.mkstemp(prefix="engram_train_pg_")
+        os.close(fd)
+        store = dist.FileStore(_STORE_FILE, 1)
+        dist.init_process_group(backend=backend, store=store, rank=0, world_size=1)
+    _OWNS_PROCESS_GROUP = True
+
+
+def init_parallel(parallel_cfg: ParallelConfig, seed: int) -> None:
+    """Initialize torch.distributed (if needed), megatron's model-parallel groups and RNG streams.
+
+    Validates the world size against ``parallel_cfg`` first.  Seeds Python,
+    numpy and torch with ``seed`` (the same on every rank) and megatron's
+    named streams with megatron's offsets (per TP rank, per EP rank).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    cpu = is_cpu()
+    if cpu:
+        from engram_train.model.cpu_backend import activate_cpu_backend
+
+        activate_cpu_backend()
+    else:
+        torch.cuda.set_device(get_device())
+
+    if not dist.is_initialized():
+        _init_process_group(_backend(parallel_cfg))
+    world = dist.get_world_size()
+    tp, ep = parallel_cfg.tensor_parallel, parallel_cfg.expert_parallel
+    if world % tp:
+        raise ConfigError(f"parallel.tensor_parallel={tp}: must divide the world size {world}")
+    if (world // tp) % ep:
+        raise ConfigError(f"parallel.expert_parallel={ep}: must divide the data-parallel size "
+                          f"{world // tp} (= world {world} / TP {tp})")
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        # On CPU the default backend already is gloo: megatron's extra gloo groups would be copies.
+        create_gloo_process_groups=not cpu,
+    )
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if cpu:
+        from engram_train.model.cpu_backend import cpu_model_parallel_manual_seed
+
+        cpu_model_parallel_manual_seed(seed)
+    else:
+        tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    log.info("parallel: world=%d tp=%d ep=%d dp=%d backend=%s device=%s", world, tp, ep,
+             world // tp, dist.get_backend(), get_device())
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron's groups, megatron's per-process MoE state and, if ours, the default group."""
+    global _OWNS_PROCESS_GROUP, _STORE_FILE
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
+
+    if ps.model_parallel_is_initialized():
+        clear_aux_losses_tracker()
+        ps.destroy_model_parallel()
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    if _OWNS_PROCESS_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWNS_PROCESS_GROUP = False
+    if _STORE_FILE is not None:
+        try:
+            os.remove(_STORE_FILE)
+        except FileNotFoundError:
+            pass
+        _STORE_FILE = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Thin wrappers over parallel_state (dense = non-expert parameters).
+
+
+def _ps():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+def is_initialized() -> bool:
+    return dist.is_initialized() and _ps().model_parallel_is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def tp_rank() -> int:
+    return _ps().get_tensor_model_parallel_rank()
+
+
+def tp_size() -> int:
+    return _ps().get_tensor_model_parallel_world_size()
+
+
+def tp_group():
+    return _ps().get_tensor_model_parallel_group()
+
+
+def ep_rank() -> int:
+    return _ps().get_expert_model_parallel_rank()
+
+
+def ep_size() -> int:
+    return _ps().get_expert_model_parallel_world_size()
+
+
+def ep_group():
+    return _ps().get_expert_model_parallel_group()
+
+
+def etp_rank() -> int:
+    """Rank in the expert tensor-parallel group (megatron's default makes it the TP rank)."""
+    return _ps().get_expert_tensor_parallel_rank()
+
+
+def etp_size() -> int:
+    return _ps().get_expert_tensor_parallel_world_size()
+
+
+def etp_group():
+    return _ps().get_expert_tensor_parallel_group()
+
+
+def dp_rank() -> int:
+    """Rank among the replicas of the dense parameters (the data loader's shard index)."""
+    return _ps().get_data_parallel_rank()
+
+
+def dp_size() -> int:
+    return _ps().get_data_parallel_world_size()
+
+
+def dp_group():
+    return _ps().get_data_parallel_group()
+
+
+def expert_dp_rank() -> int:
+    """Rank among the replicas of one expert shard (experts are replicated dp/ep times)."""
+    return _ps().get_expert_data_parallel_rank()
+
+
+def expert_dp_size() -> int:
+    return _ps().get_expert_data_parallel_world_size()
+
+
+def expert_dp_group():
+    return _ps().get_expert_data_parallel_group()

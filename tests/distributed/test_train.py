@@ -1,0 +1,142 @@
+"""End-to-end training through the real entry point (``python -m engram_train.train.main``).
+
+Every run is its own process group (torchrun, gloo on CPU), so these are the same code
+paths a user launches.  The single-process run with the same seed and the same global
+batch is the oracle for the TP=2 and EP=2 runs; a resumed run must reproduce the
+uninterrupted run's losses exactly; ZeRO-1 and ZeRO-2 with CPU optimizer offload must
+train (and follow the plain run closely: they are the same math).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+TINY = [
+    "experiment=debug_cpu",
+    "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+    "model.ffn_hidden_size=128", "model.moe_ffn_hidden_size=64", "model.max_seq_length=64",
+    "model.num_experts=4", "model.moe_router_topk=2",
+    "engram.layer_ids=[0,1]", "engram.n_embed_per_ngram=32", "engram.heads_per_ngram=4",
+    "engram.table_size_multiplier=2.0",
+    "data.seq_length=64", "data.micro_batch_size=4", "data.global_batch_size=8", "data.vocab_size=512",
+    "data.valid_fraction=0.05",
+    "trainer.warmup_steps=1", "trainer.log_interval=1", "trainer.eval_interval=1000",
+    "trainer.eval_iters=2", "trainer.save_interval=1000", "trainer.progress=false",
+    "run.wandb_mode=disabled",
+]
+
+WORDS = ("the king queen lord lady sword crown night day love death fair foul speak hear thou thee "
+         "art hath doth shall will must come go stay fly sweet bitter heart blood grace honour "
+         "Hamlet Romeo Juliet Verona Denmark England Ophelia Macbeth ghost witch storm sea").split()
+
+
+def _write_corpus(path: str, n_docs: int = 300, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        sents = []
+        for _ in range(rng.randint(4, 12)):
+            w = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
+            sents.append(" ".join(w).capitalize() + rng.choice([".", "!", "?", ";"]))
+        docs.append({"text": " ".join(sents)})
+    with open(path, "w") as f:
+        for d in docs:
+            f.write(json.dumps(d) + "\n")
+
+
+@pytest.fixture(scope="module")
+def data_overrides(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    corpus = root / "corpus.jsonl"
+    _write_corpus(str(corpus))
+    return [f"data.corpus=files", f"data.files=[{corpus}]", f"data.dir={root / 'prepared'}"]
+
+
+def launch(nproc: int, overrides, timeout: int = 600) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "engram_train.train.main", *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"training failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+
+
+def losses(run_dir) -> dict:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def val_losses(run_dir) -> dict:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
+    return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory, data_overrides):
+    """Single process, 4 steps: the reference for every other run."""
+    run_dir = tmp_path_factory.mktemp("single")
+    launch(1, TINY + data_overrides + ["trainer.max_steps=4", f"run.dir={run_dir}"])
+    return run_dir
+
+
+def _assert_close(got: dict, want: dict, rtol: float):
+    assert sorted(got) == sorted(want), (got, want)
+    for step in want:
+        assert abs(got[step] - want[step]) <= rtol * abs(want[step]), (step, got[step], want[step])
+
+
+def test_single_process_trains_and_writes_outputs(oracle):
+    ls = losses(oracle)
+    assert sorted(ls) == [1, 2, 3, 4]
+    assert ls[4] < ls[1]
+    vals = val_losses(oracle)
+    assert 0 in vals and 4 in vals and vals[4] < vals[0]
+    rows = [json.loads(line) for line in open(oracle / "metrics.jsonl")]
+    train_rows = [r for r in rows if "loss" in r]
+    for key in ("lr", "tokens_per_s", "grad_norm", "engram_gate_mean"):
+        assert all(key in r for r in train_rows), key
+    latest = (oracle / "checkpoints" / "latest").read_text().strip()
+    assert (oracle / "checkpoints" / latest / "meta.json").is_file()
+
+
+@pytest.mark.parametrize("name, nproc, extra", [
+    ("tp2", 2, ["parallel.tensor_parallel=2"]),
+    ("ep2", 2, ["parallel.expert_parallel=2"]),
+])
+def test_parallel_run_matches_single_process(tmp_path, oracle, data_overrides, name, nproc, extra):
+    run_dir = tmp_path / name
+    launch(nproc, TINY + data_overrides + extra + ["trainer.max_steps=4", f"run.dir={run_dir}"])
+    _assert_close(losses(run_dir), losses(oracle), rtol=1e-4)
+    _assert_close(val_losses(run_dir), val_losses(oracle), rtol=1e-4)
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, oracle, data_overrides):
+    run_dir = tmp_path / "resumed"
+    # Same schedule (max_steps=4) as the oracle, interrupted after a checkpoint at step 2.
+    launch(1, TINY + data_overrides + ["trainer.max_steps=4", "trainer.save_interval=2",
+                                       f"run.dir={run_dir}", "trainer.stop_at_step=2"])
+    assert sorted(losses(run_dir)) == [1, 2]
+    launch(1, TINY + data_overrides + ["trainer.max_steps=4", "trainer.save_interval=2", f"run.dir={run_dir}"])
+    got, want = losses(run_dir), losses(oracle)
+    assert got == want  # bit-identical on CPU
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("zero1", ["parallel.zero_stage=1"]),
+    ("zero2_offload", ["parallel.zero_stage=2", "parallel.offload_optimizer=cpu"]),
+])
+def test_zero_stages_train(tmp_path, oracle, data_overrides, name, extra):
+    run_dir = tmp_path / name
+    launch(2, TINY + data_overrides + extra + ["trainer.max_steps=4", f"run.dir={run_dir}"])
+    got, want = losses(run_dir), losses(oracle)
+    assert got[4] < got[1]
+    # DP=2 with the same global batch is the same optimization problem as the single process.
+    _assert_close(got, want, rtol=1e-3)
