@@ -7,7 +7,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 source "$ROOT/tools/setup_env.sh"
 cd "$ROOT"
 echo "[quickstart] preparing data"
-python tools/prepare_data.py --config-overrides experiment=debug_cpu "$@"
+python tools/prepare_data.py   # the debug_cpu data settings are the defaults; the trainer re-prepares if overrides change them
 echo "[quickstart] training"
 # A fresh quick-start each time: pass trainer.resume=true to continue the last one instead.
 engram-train experiment=debug_cpu trainer.resume=false "$@"

