@@ -47,8 +47,7 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 1e-2
     moe_layer_freq: int = 1             # every k-th layer is MoE (1 = all)
     moe_token_dispatcher_type: str = "allgather"
-    # "aux_loss": per micro-batch (megatron's default); "global_aux_loss": token counts reduced over
-    # TP x DP, so a data-parallel run optimizes the same balance loss as one process on the global batch.
+    # "aux_loss": the switch-transformer balance loss per micro-batch (megatron's default); "none": off
     moe_router_load_balancing_type: str = "aux_loss"
 
     def __post_init__(self):
@@ -67,9 +66,9 @@ class ModelConfig:
         _require(self.moe_token_dispatcher_type in ("allgather", "alltoall"),
                  "model.moe_token_dispatcher_type", self.moe_token_dispatcher_type,
                  "choose 'allgather' or 'alltoall' ('alltoall' needs CUDA)")
-        _require(self.moe_router_load_balancing_type in ("aux_loss", "global_aux_loss", "none"),
+        _require(self.moe_router_load_balancing_type in ("aux_loss", "none"),
                  "model.moe_router_load_balancing_type", self.moe_router_load_balancing_type,
-                 "choose 'aux_loss', 'global_aux_loss' or 'none'")
+                 "choose 'aux_loss' or 'none'")
 
     @property
     def is_moe(self) -> bool:

@@ -166,7 +166,7 @@ class NgramHasher:
         L, N, K = len(layer_ids), self.max_ngram, self.heads_per_ngram
         self._lookup = lookup_t
         self._multipliers = torch.tensor([self.multipliers[l] for l in layer_ids], dtype=torch.int64).view(L, N, 1, 1)
-        self._primes = torch.tensor([self.table_sizes[l] for l in layer_ids], dtype=torch.int64).view(L, N - 1, K, 1)
+        self._prime_list = [self.table_sizes[l] for l in layer_ids]
         self._device_cache: Dict[torch.device, tuple] = {}
 
     @property
@@ -182,7 +182,7 @@ class NgramHasher:
     def _constants(self, device: torch.device):
         consts = self._device_cache.get(device)
         if consts is None:
-            consts = tuple(t.to(device) for t in (self._lookup, self._multipliers, self._primes))
+            consts = tuple(t.to(device) for t in (self._lookup, self._multipliers))
             self._device_cache[device] = consts
         return consts
 
@@ -217,7 +217,7 @@ class NgramHasher:
                              f"and shape {tuple(raw_ids.shape)}; add a batch dimension with raw_ids[None]")
         raw_ids = raw_ids.to(torch.int64)
         B, T = raw_ids.shape
-        L, N, K = len(self.layer_ids), self.max_ngram, self.heads_per_ngram
+        N, K = self.max_ngram, self.heads_per_ngram
         if raw_ids.numel() == 0:
             empty = torch.empty((B, T, (N - 1) * K), dtype=torch.int64, device=raw_ids.device)
             return {l: empty.clone() for l in self.layer_ids}
@@ -225,20 +225,23 @@ class NgramHasher:
         if top >= self.vocab_size:
             raise ValueError(f"raw_ids: holds token id {top}, outside the tokenizer vocabulary of {self.vocab_size} "
                              f"ids the compression lookup was built for; rebuild it from this tokenizer")
-        _, multipliers, primes = self._constants(raw_ids.device)
+        multipliers = self._constants(raw_ids.device)[1]
         x = self.compress(raw_ids)
-        windows = self._windows(raw_ids, x)                       # [N, B, T]
+        windows = self._windows(raw_ids, x)                        # [N, B, T]
         products = windows.unsqueeze(0) * multipliers              # [L, N, B, T]
-        mixes = torch.empty((L, N - 1, B, T), dtype=torch.int64, device=x.device)
-        acc = products[:, 0]
-        for n in range(2, N + 1):                                  # prefix XOR: order n mixes n window tokens
-            acc = torch.bitwise_xor(acc, products[:, n - 1], out=mixes[:, n - 2])
-        # Long inner loops (all tokens per head) are the fast layout for int64 division;
-        # one transposing copy then gives the [B, T, (N-1)*K] layout of the contract.
-        ids = torch.remainder(mixes.unsqueeze(2), primes.unsqueeze(-1))   # [L, N-1, K, B, T]
-        out = torch.empty((L, B, T, N - 1, K), dtype=torch.int64, device=x.device)
-        out.copy_(ids.permute(0, 3, 4, 1, 2))
-        return {l: out[i].view(B, T, (N - 1) * K) for i, l in enumerate(self.layer_ids)}
+        result = {}
+        for i, layer_id in enumerate(self.layer_ids):
+            out = torch.empty((B, T, (N - 1) * K), dtype=torch.int64, device=x.device)
+            mix = products[i, 0]
+            for n in range(2, N + 1):                              # order n XORs in one more window token
+                mix = torch.bitwise_xor(mix, products[i, n - 1])
+                # One division per head straight into its output column: a long inner loop with a scalar
+                # divisor is the fastest int64 layout on CPU and needs no transposing copy afterwards.
+                for k in range(K):
+                    j = (n - 2) * K + k
+                    torch.remainder(mix, self._prime_list[i][j], out=out[..., j])
+            result[layer_id] = out
+        return result
 
 
 def hasher_from_config(cfg: EngramConfig, lookup, compressed_vocab_size: int, pad_id: int,

@@ -2,9 +2,9 @@
 
 megatron-core is written for CUDA.  Its GPT + MoE stack computes correctly on
 CPU tensors with gloo once a short list of CUDA assumptions is covered
-(DESIGN.md section 4).  This module covers them and nothing else; CUDA runs
-never import anything from here except the device-agnostic
-:class:`RMSNorm` (see :mod:`engram_train.model.spec`).
+(DESIGN.md section 4).  This module covers them and nothing else.  Of its
+contents, CUDA runs use only the device-agnostic :class:`RMSNorm`, and only
+when Transformer Engine is absent (see :mod:`engram_train.model.spec`).
 
 Nothing happens on import.  :func:`activate_cpu_backend` applies the
 process-wide parts and is called by
@@ -30,8 +30,9 @@ TransformerConfig values (:data:`CPU_CONFIG_OVERRIDES`)
     RNG tracker.
   * every CUDA fusion off (bias-activation, softmax, RoPE, cross-entropy,
     router, permute, gradient-accumulation).
-  * ``add_bias_linear=False`` (also our model's choice): the bias path of the
-    local linear layers hits an in-place-on-view autograd error on CPU.
+  * ``add_bias_linear=False`` (also our model's choice): with biases the
+    local linear layers hit an in-place-on-view autograd error on CPU
+    (measured, DESIGN.md section 4).
   The alltoall token dispatcher creates a ``torch.cuda.Stream`` in its
   constructor, so :func:`check_supported` rejects it (allgather works).
 
@@ -68,9 +69,9 @@ from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
 
 #: TransformerConfig fields a CPU run needs (the reasons are in the module docstring).
 CPU_CONFIG_OVERRIDES: Dict[str, object] = dict(
-    use_cpu_initialization=True,
-    perform_initialization=True,
-    add_bias_linear=False,
+    use_cpu_initialization=True,        # GPU init allocates on torch.cuda.current_device() via the CUDA RNG
+    add_bias_linear=False,              # biases hit an in-place-on-view autograd error on CPU (DESIGN.md 4)
+    # CUDA kernels (most are off by default; pinned so a changed megatron default cannot reach CPU):
     bias_activation_fusion=False,
     bias_dropout_fusion=False,
     masked_softmax_fusion=False,
@@ -80,7 +81,7 @@ CPU_CONFIG_OVERRIDES: Dict[str, object] = dict(
     persist_layer_norm=False,
     moe_router_fusion=False,
     moe_permute_fusion=False,
-    moe_grouped_gemm=False,
+    moe_grouped_gemm=False,             # GroupedMLP needs the grouped_gemm CUDA package
 )
 
 #: Names of the patches applied by :func:`activate_cpu_backend`, in order.
@@ -101,7 +102,9 @@ def is_active() -> bool:
 def check_supported(moe_token_dispatcher_type: str) -> None:
     """Fail fast on megatron features that cannot run on CPU."""
     if moe_token_dispatcher_type != "allgather":
-        raise ValueError(
+        from engram_train.config.schema import ConfigError
+
+        raise ConfigError(
             f"model.moe_token_dispatcher_type={moe_token_dispatcher_type!r}: megatron's "
             "alltoall dispatcher creates a torch.cuda.Stream and cannot run on CPU; "
             "use model.moe_token_dispatcher_type=allgather")

@@ -48,6 +48,11 @@ def layer_number_of(layer_id: int) -> int:
     return layer_id + 1
 
 
+def layer_id_of(layer_number: int) -> int:
+    """The 0-based config layer id of megatron's 1-based ``layer_number``."""
+    return layer_number - 1
+
+
 class EngramContext:
     """Per-step inputs of a model's Engram layers: ``{layer_id: hash_ids [B, T, (N-1)*K]}``."""
 

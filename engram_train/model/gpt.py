@@ -10,9 +10,9 @@ the per-token loss.
 Call :func:`engram_train.parallel.state.init_parallel` first: megatron needs
 its process groups to build layers, and on CPU that call activates the CPU
 backend.  The model is not parallelism-aware beyond what megatron's layers
-already are; the sequence-parallel gradient fix-up
-(:mod:`engram_train.parallel.sp_grads`) and the optimizer wiring live in
-``parallel/``.
+already are; the sequence-parallel gradient fix-up lives in
+:mod:`engram_train.parallel.sp_grads` (``build_model`` installs it) and the
+optimizer wiring in ``parallel/``.
 
 The MoE load-balancing loss is not part of the returned loss: megatron's
 router attaches it to the graph (``MoEAuxLossAutoScaler``), so it adds its
@@ -23,7 +23,6 @@ to ``1 / gradient_accumulation_steps`` when the main loss is divided so).
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import Dict, List, Optional
 
@@ -32,10 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram_train.config.schema import ConfigError, EngramConfig, ModelConfig, ParallelConfig
-from engram_train.model.engram_layer import EngramContext, EngramTransformerLayer
+from engram_train.model.engram_layer import EngramContext, EngramTransformerLayer, layer_id_of
 from engram_train.parallel.device import get_device, is_cpu
-
-log = logging.getLogger(__name__)
 
 _EXPERT_PARAM = re.compile(r"\.mlp\.experts\.")
 
@@ -97,8 +94,8 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        hidden_dropout=model_cfg.hidden_dropout,
+        attention_dropout=model_cfg.attention_dropout,
         tensor_model_parallel_size=parallel_cfg.tensor_parallel,
         expert_model_parallel_size=parallel_cfg.expert_parallel,
         sequence_parallel=parallel_cfg.use_sequence_parallel and parallel_cfg.tensor_parallel > 1,
@@ -110,7 +107,7 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
             num_moe_experts=model_cfg.num_experts,
             moe_router_topk=model_cfg.moe_router_topk,
             moe_aux_loss_coeff=model_cfg.moe_aux_loss_coeff,
-            moe_router_load_balancing_type="aux_loss",
+            moe_router_load_balancing_type=model_cfg.moe_router_load_balancing_type,
             moe_token_dispatcher_type=model_cfg.moe_token_dispatcher_type,
             moe_ffn_hidden_size=model_cfg.moe_ffn_hidden_size,
             moe_layer_freq=model_cfg.moe_layer_freq,
@@ -139,14 +136,12 @@ class EngramGPTModel(nn.Module):
         self.engram_context = engram_context
         self.vocab_size = vocab_size
         self._tokens_per_expert: Dict[int, torch.Tensor] = {}
-        self._warned_sp = False
         for layer in self._layers():
             router = getattr(getattr(layer, "mlp", None), "router", None)
             if router is not None:
-                router.register_forward_hook(self._count_routed_tokens(layer.layer_number - 1))
+                router.register_forward_hook(self._count_routed_tokens(layer_id_of(layer.layer_number)))
 
     def forward(self, tokens, position_ids, labels=None, engram_hash_ids=None, attention_mask=None):
-        self._check_sp_grads()
         with self.engram_context.step(engram_hash_ids):
             return self.gpt(tokens, position_ids, attention_mask, labels=labels)
 
@@ -173,12 +168,14 @@ class EngramGPTModel(nn.Module):
         """Tokens routed to each expert in the last forward, per MoE layer (this rank's tokens, [E])."""
         return dict(self._tokens_per_expert)
 
-    def moe_load_balance(self, group=None) -> Dict[int, Dict[str, float]]:
-        """Per MoE layer of the last forward: ``max_over_mean`` and ``cv`` of tokens per expert.
+    def moe_load_balance(self, group=None) -> Dict[str, float]:
+        """Load balance of the last forward's routing, as metrics (one host sync).
 
-        Counts this rank's tokens; pass a process group (e.g. the data-parallel
-        group) to sum the counts over it first (one small all-reduce).
-        1.0 / 0.0 is perfect balance.
+        Per MoE layer ``moe_load/layer{id}/max_over_mean`` and ``.../cv`` of the
+        tokens per expert (1.0 and 0.0 are perfect balance) and their means over
+        layers ``moe_load/max_over_mean``, ``moe_load/cv``.  Counts this rank's
+        tokens; pass a process group (e.g. the data-parallel group) to sum the
+        counts over it first (one small all-reduce).
         """
         if not self._tokens_per_expert:
             return {}
@@ -188,8 +185,12 @@ class EngramGPTModel(nn.Module):
             torch.distributed.all_reduce(counts, group=group)
         mean = counts.mean(dim=1).clamp_min(1e-9)
         stats = torch.stack([counts.max(dim=1).values / mean, counts.std(dim=1, unbiased=False) / mean], 1)
-        stats = stats.tolist()
-        return {i: {"max_over_mean": s[0], "cv": s[1]} for i, s in zip(layers, stats)}
+        out = {}
+        for layer_id, (mom, cv) in zip(layers, stats.tolist()):
+            out[f"moe_load/layer{layer_id}/max_over_mean"] = mom
+            out[f"moe_load/layer{layer_id}/cv"] = cv
+        out["moe_load/max_over_mean"], out["moe_load/cv"] = stats.mean(dim=0).tolist()
+        return out
 
     def num_parameters(self) -> Dict[str, int]:
         """Parameters held by this rank: ``total``, ``engram_tables``, ``experts``, ``dense`` (the rest)."""
@@ -209,24 +210,20 @@ class EngramGPTModel(nn.Module):
 
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(float(scale), device=get_device()))
 
-    def _check_sp_grads(self):
-        if (self.config.sequence_parallel and torch.is_grad_enabled() and not self._warned_sp
-                and not getattr(self, "sequence_parallel_grad_hooks", False)):
-            log.warning("sequence parallelism is on but the SP gradient hooks are not installed: "
-                        "norm and router gradients will be partial; call "
-                        "engram_train.parallel.sp_grads.install_sequence_parallel_grad_hooks(model)")
-            self._warned_sp = True
-
 
 def build_model(model_cfg: ModelConfig, engram_cfg: EngramConfig, parallel_cfg: ParallelConfig,
                 vocab_size: int, engram_table_sizes: Optional[Dict[int, List[int]]],
-                params_dtype: torch.dtype = torch.float32) -> EngramGPTModel:
+                params_dtype: torch.dtype = torch.float32,
+                sequence_parallel_grad_hooks: bool = True) -> EngramGPTModel:
     """Build this rank's part of the model (needs ``init_parallel`` first).
 
     ``vocab_size`` is the tokenizer's; ``model.vocab_size`` overrides it.  The
     embedding is padded to a multiple of ``model.make_vocab_size_divisible_by``.
     ``engram_table_sizes``: ``{layer_id: [prime per (n-gram order, head)]}``
-    from the hashing component (DESIGN.md 1.3).
+    from the hashing component (DESIGN.md 1.3).  Under sequence parallelism
+    the gradient hooks of :mod:`engram_train.parallel.sp_grads` are installed
+    unless ``sequence_parallel_grad_hooks=False`` (only for an optimizer that
+    all-reduces sequence-parallel gradients itself, like megatron's DDP).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -256,4 +253,9 @@ def build_model(model_cfg: ModelConfig, engram_cfg: EngramConfig, parallel_cfg: 
         position_embedding_type="rope",
         rotary_base=model_cfg.rotary_base,
     )
-    return EngramGPTModel(gpt, config, context, vocab).to(get_device())
+    model = EngramGPTModel(gpt, config, context, vocab).to(get_device())
+    if sequence_parallel_grad_hooks:
+        from engram_train.parallel.sp_grads import install_sequence_parallel_grad_hooks
+
+        install_sequence_parallel_grad_hooks(model)
+    return model

@@ -38,7 +38,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from engram_train.model.cpu_backend import RMSNorm, SDPAttention
+from engram_train.model.cpu_backend import RMSNorm, SDPAttention, ensure_te_optional
 from engram_train.model.engram_layer import EngramContext, EngramTransformerLayer
 from engram_train.parallel.device import is_cpu
 
@@ -121,6 +121,7 @@ def decoder_block_spec(config: TransformerConfig, engram_blocks: Dict[int, dict]
     ``engram_blocks`` maps 0-based layer ids to :class:`EngramBlock` keyword arguments.
     """
     if is_cpu() or not have_transformer_engine():
+        ensure_te_optional()   # megatron's router reads a name that only a TE import binds
         backend = CpuSpecProvider() if is_cpu() else LocalRMSNormSpecProvider()
         dense = _local_layer_spec(backend, None)
         moe = _local_layer_spec(backend, config.num_moe_experts) if config.num_moe_experts else None

@@ -28,11 +28,6 @@ from engram_train.train.schedule import apply_lr, lr_at
 log = logging.getLogger(__name__)
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    multiple = divisible_by * tp
-    return ((vocab_size + multiple - 1) // multiple) * multiple
-
-
 def _progress(total: int, initial: int, enabled: bool):
     if not enabled:
         return None
@@ -48,7 +43,7 @@ class Trainer:
         from engram_train.data.loader import (build_engram_hasher, build_train_loader, build_valid_batches,
                                               check_vocab)
         from engram_train.data.prepare import PreparedData, prepare_data
-        from engram_train.model.gpt import build_model
+        from engram_train.model.gpt import build_model, padded_vocab_size
         from engram_train.parallel.deepspeed_engine import build_engine
         from engram_train.parallel.device import get_device
         from engram_train.parallel.state import init_parallel
@@ -80,7 +75,8 @@ class Trainer:
         check_vocab(self.data, vocab)
         self.vocab_size = vocab
         table_sizes = self.hasher.table_sizes if self.hasher is not None else None
-        model = build_model(cfg.model, cfg.engram, cfg.parallel, vocab, table_sizes)
+        model = build_model(cfg.model, cfg.engram, cfg.parallel, vocab, table_sizes,
+                            params_dtype=torch.bfloat16 if self.use_bf16 else torch.float32)
         self.engine, self.optimizer = build_engine(model, cfg, self.dp_size, self.use_bf16)
         self.model = self.engine.module
         self._configure_aux_loss_scale()
@@ -112,9 +108,7 @@ class Trainer:
     def _configure_aux_loss_scale(self):
         # DeepSpeed scales the LM loss by 1/grad_accum in engine.backward; the MoE aux loss enters the
         # graph through megatron's autoscaler, whose gradient scale must match.
-        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / self.grad_accum_steps(), device=self.device))
+        self.model.set_aux_loss_scale(1.0 / self.grad_accum_steps())
 
     def grad_accum_steps(self) -> int:
         d = self.cfg.data

@@ -101,7 +101,8 @@ def _rank_step(tp: int, ep: int, full_state, batch, check_sp_hooks: bool):
     m, e, p = _configs(tp, ep)
     ps.init_parallel(p, SEED)
     try:
-        model = build_model(m, e, p, VOCAB, TABLE_SIZES)
+        # build_model installs the sequence-parallel gradient hooks unless told not to.
+        model = build_model(m, e, p, VOCAB, TABLE_SIZES, sequence_parallel_grad_hooks=not check_sp_hooks)
         model.load_state_dict(full_to_local(full_state, model))
         local = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
         out = {"roundtrip": local_to_full(local, model)}
@@ -113,7 +114,8 @@ def _rank_step(tp: int, ep: int, full_state, batch, check_sp_hooks: bool):
             names = [n for n, q in model.named_parameters() if getattr(q, "sequence_parallel", False)]
             out["sp_partial"] = {n: g for n, g in _grads(model).items() if n in names}
             model.zero_grad(set_to_none=True)
-        out["sp_hooks"] = install_sequence_parallel_grad_hooks(model)
+        out["sp_hooks"] = install_sequence_parallel_grad_hooks(model)   # 0 when already installed
+        out["sp_installed"] = getattr(model, "sequence_parallel_grad_hooks", False)
         out["sp_params"] = len(sequence_parallel_params(model))
 
         loss = model(tokens, pos, labels, hash_ids)
@@ -141,20 +143,34 @@ def _assert_close_dicts(got, want, what):
 def test_matches_single_process(tp, ep, world):
     dp = world // tp
     full_state, losses, oracle_grads = _oracle(dp)
-    results = run_distributed(_rank_step, world, tp, ep, full_state, _batch(), tp > 1, timeout=150)
+    check_sp_hooks = (tp, ep) == (2, 1)
+    results = run_distributed(_rank_step, world, tp, ep, full_state, _batch(), check_sp_hooks, timeout=150)
     for res in results:
         _assert_close_dicts(res["roundtrip"], full_state, "state after full_to_local/local_to_full")
         torch.testing.assert_close(res["loss"], losses[res["dp_rank"]], rtol=RTOL, atol=ATOL)
         _assert_close_dicts(res["grads"], oracle_grads, "gradient")
-        assert res["sp_hooks"] == (res["sp_params"] if tp > 1 else 0)
-    if tp > 1:
+        assert res["sp_installed"] == (tp > 1)
+        assert res["sp_hooks"] == (res["sp_params"] if check_sp_hooks else 0)
+    if check_sp_hooks:
         # 3 layers x 2 norms + final norm + 2 routers, and the hooks really were needed:
-        # the TP ranks' partial gradients add up to the oracle's.
+        # the TP ranks' partial gradients differ and add up to the oracle's.
         assert results[0]["sp_params"] == 9
-        ranks = [r for r in results if r["dp_rank"] == 0]
-        for name, partial in ranks[0]["sp_partial"].items():
-            assert not torch.allclose(partial, ranks[1]["sp_partial"][name])
-        if dp == 1:
-            for name in ranks[0]["sp_partial"]:
-                torch.testing.assert_close(ranks[0]["sp_partial"][name] + ranks[1]["sp_partial"][name],
-                                           oracle_grads[name], rtol=RTOL, atol=ATOL)
+        partial0, partial1 = results[0]["sp_partial"], results[1]["sp_partial"]
+        assert len(partial0) == 9
+        for name in partial0:
+            assert not torch.allclose(partial0[name], partial1[name])
+            torch.testing.assert_close(partial0[name] + partial1[name], oracle_grads[name], rtol=RTOL, atol=ATOL)
+
+
+def _rank_fails(bad_rank: int):
+    import os
+
+    if int(os.environ["RANK"]) == bad_rank:
+        raise ValueError(f"boom on rank {bad_rank}")
+    return int(os.environ["RANK"])
+
+
+def test_run_distributed_reports_the_child_traceback():
+    with pytest.raises(RuntimeError, match=r"(?s)rank 1 failed.*ValueError: boom on rank 1"):
+        run_distributed(_rank_fails, 2, 1, timeout=60)
+    assert run_distributed(_rank_fails, 2, -1, timeout=60) == [0, 1]

@@ -115,11 +115,15 @@ def test_metrics_helpers():
     assert counts["engram_tables"] == sum(sum(s) for s in TABLE_SIZES.values()) * 8
     assert counts["experts"] == 2 * 4 * (64 * 2 * 32 + 32 * 64)          # 2 MoE layers x 4 SwiGLU experts
     assert counts["dense"] == counts["total"] - counts["engram_tables"] - counts["experts"]
-    balance = model.moe_load_balance()
-    assert sorted(balance) == [0, 2]                                       # moe_layer_freq=2
     tokens = model.moe_tokens_per_expert()
+    assert sorted(tokens) == [0, 2]                                        # moe_layer_freq=2
     assert all(t.sum().item() == B * T * 2 for t in tokens.values())       # top-2
-    assert all(v["max_over_mean"] >= 1.0 and v["cv"] >= 0.0 for v in balance.values())
+    balance = model.moe_load_balance()
+    for l, t in tokens.items():
+        assert balance[f"moe_load/layer{l}/max_over_mean"] == pytest.approx((t.max() / t.mean()).item())
+        assert balance[f"moe_load/layer{l}/cv"] == pytest.approx((t.std(unbiased=False) / t.mean()).item())
+    assert set(balance) == {f"moe_load/layer{l}/{k}" for l in (0, 2) for k in ("max_over_mean", "cv")} | {
+        "moe_load/max_over_mean", "moe_load/cv"}
 
 
 def test_engram_disabled_builds_a_plain_moe_model():

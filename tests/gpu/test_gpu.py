@@ -1,0 +1,78 @@
+"""GPU tier: the CUDA paths against the CPU paths (which the CPU tiers pin to independent references).
+
+Skipped on machines without CUDA.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _hasher():
+    from engram_train.engram.hashing import NgramHasher
+
+    rng = np.random.default_rng(0)
+    vocab = 5000
+    lookup = rng.integers(0, 3000, size=vocab).astype(np.int64)
+    return NgramHasher(lookup, layer_ids=[1, 5], max_ngram=3, heads_per_ngram=4,
+                       table_size_per_ngram=[3000 * 5, 3000 * 5], pad_id=2, seed=0), vocab
+
+
+def test_hashing_on_cuda_equals_cpu():
+    h, vocab = _hasher()
+    ids = torch.randint(0, vocab, (4, 512))
+    cpu = h(ids)
+    gpu = h(ids.cuda())
+    for layer, want in cpu.items():
+        assert gpu[layer].device.type == "cuda"
+        assert torch.equal(gpu[layer].cpu(), want)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_engram_block_on_cuda_matches_cpu(dtype, tol):
+    from engram_train.engram.block import EngramBlock
+
+    h, vocab = _hasher()
+    torch.manual_seed(0)
+    blk = EngramBlock(hidden_size=64, hc_mult=2, table_sizes=h.table_sizes[1], n_embed_per_ngram=32,
+                      heads_per_ngram=4, max_ngram=3, kernel_size=4)
+    with torch.no_grad():
+        for p in blk.parameters():
+            if p.dim() == 3:  # the zero-initialized conv: make it matter
+                p.normal_(0, 0.1)
+    ids = torch.randint(0, vocab, (2, 64))
+    hidden = torch.randn(2, 64, 2, 64)
+    want = blk(hidden, h(ids)[1])
+    got = blk.to("cuda", dtype)(hidden.to("cuda", dtype), h(ids.cuda())[1]).float().cpu()
+    assert torch.allclose(got, want, atol=tol, rtol=tol)
+
+
+def test_tiny_engram_moe_model_trains_on_cuda():
+    from engram_train.config.schema import EngramConfig, ModelConfig, ParallelConfig
+    from engram_train.model.gpt import build_model
+    from engram_train.parallel.state import destroy_parallel, init_parallel
+
+    init_parallel(ParallelConfig(), seed=0)
+    try:
+        h, vocab = _hasher()
+        mcfg = ModelConfig(num_layers=6, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                           max_seq_length=64, num_experts=4, moe_ffn_hidden_size=64)
+        ecfg = EngramConfig(layer_ids=[1, 5], max_ngram=3, heads_per_ngram=4, n_embed_per_ngram=32)
+        model = build_model(mcfg, ecfg, ParallelConfig(), 5056, h.table_sizes).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        ids = torch.randint(0, vocab, (4, 65), device="cuda")
+        tokens, labels = ids[:, :-1], ids[:, 1:]
+        pos = torch.arange(64, device="cuda").expand(4, 64)
+        losses = []
+        for _ in range(8):
+            loss = model(tokens, pos, labels, engram_hash_ids=h(tokens)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    finally:
+        destroy_parallel()
