@@ -193,7 +193,7 @@ class TrainerConfig:
     precision: str = "auto"          # "auto": bf16 on CUDA, fp32 on CPU | "fp32" | "bf16"
     log_interval: int = 10
     eval_interval: int = 100         # evaluation also runs at step 0 and at the end
-    eval_iters: int = 8
+    eval_iters: int = 8              # validation micro-batches in all (split over DP ranks, rounded up)
     save_interval: int = 100         # a checkpoint is also written at the end
     keep_last: int = 2
     resume: bool = True              # resume from run.dir/checkpoints/latest when present

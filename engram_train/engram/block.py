@@ -20,7 +20,7 @@ Reference-exact details (engram_demo_v1.py):
 Paper's training policy: the conv starts at zero, so a fresh block outputs ``v``.
 
 Layout: the G key projections are one ``nn.Linear(d_e, G*hidden)`` (branch-major
-rows) and each set of G RMSNorm weights one ``[G, hidden]`` parameter, so every
+rows) and each set of G RMSNorm weights one flat ``[G*hidden]`` parameter, so every
 branch runs in one kernel; ``load_reference_state_dict`` maps the reference's
 per-branch names onto them.
 """
@@ -42,19 +42,27 @@ GATE_FLOOR = 1e-6                  # |g| floor before the signed square root
 
 
 class BranchRMSNorm(nn.Module):
-    """One RMSNorm per residual branch over the last dim of ``[..., G, H]``; weight ``[G, H]``."""
+    """One RMSNorm per residual branch over the last dim of ``[..., G, H]``.
+
+    The weight is flat, ``[G*H]`` branch-major, so it stays 1-D like every norm
+    weight (optimizer policy: no weight decay for ``ndim < 2``).
+    """
 
     def __init__(self, branches: int, hidden_size: int, eps: Optional[float]):
         super().__init__()
+        self.branches = branches
         self.hidden_size = hidden_size
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(branches, hidden_size))
+        self.weight = nn.Parameter(torch.ones(branches * hidden_size))
+
+    def branch_weight(self, i: int) -> torch.Tensor:
+        return self.weight[i * self.hidden_size:(i + 1) * self.hidden_size]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (self.hidden_size,), eps=self.eps) * self.weight
+        return F.rms_norm(x, (self.hidden_size,), eps=self.eps) * self.weight.view(self.branches, self.hidden_size)
 
     def extra_repr(self) -> str:
-        return f"branches={self.weight.shape[0]}, hidden_size={self.hidden_size}, eps={self.eps}"
+        return f"branches={self.branches}, hidden_size={self.hidden_size}, eps={self.eps}"
 
 
 def _check(cond: bool, key: str, value, why: str) -> None:
@@ -63,6 +71,15 @@ def _check(cond: bool, key: str, value, why: str) -> None:
 
 
 class EngramBlock(nn.Module):
+    """The Engram module of one layer: ``forward(hidden [B, T, G, H], hash_ids [B, T, heads]) -> [B, T, G, H]``.
+
+    ``table_sizes`` are ``NgramHasher.table_sizes[layer_id]``.  ``table`` replaces the
+    built-in ``MultiHeadEmbeddingTable`` (e.g. a partitioned or host-resident one);
+    callers that gather rows themselves call ``fuse(hidden, rows)``.  ``norm_eps`` is
+    the conv norms' eps; ``gate_norm_eps`` (None: dtype eps) the key/query norms'.
+    After each call ``last_gate_mean`` holds the detached mean gate, for metrics.
+    """
+
     def __init__(self, hidden_size: int, hc_mult: int, table_sizes: Sequence[int], n_embed_per_ngram: int,
                  heads_per_ngram: int, max_ngram: int, kernel_size: int = 4, norm_eps: float = REFERENCE_NORM_EPS,
                  table: Optional[nn.Module] = None, table_init_std: float = 1.0,
@@ -147,11 +164,11 @@ class EngramBlock(nn.Module):
         }
         for i in range(G):
             rows = slice(i * H, (i + 1) * H)
-            views[f"short_conv.norms.{i}.weight"] = self.conv_norm.weight[i]
+            views[f"short_conv.norms.{i}.weight"] = self.conv_norm.branch_weight(i)
             views[f"key_projs.{i}.weight"] = self.key_proj.weight[rows]
             views[f"key_projs.{i}.bias"] = self.key_proj.bias[rows]
-            views[f"norm1.{i}.weight"] = self.key_norm.weight[i]
-            views[f"norm2.{i}.weight"] = self.query_norm.weight[i]
+            views[f"norm1.{i}.weight"] = self.key_norm.branch_weight(i)
+            views[f"norm2.{i}.weight"] = self.query_norm.branch_weight(i)
         return views
 
     def reference_state_dict(self) -> Dict[str, torch.Tensor]:

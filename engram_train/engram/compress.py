@@ -136,13 +136,14 @@ def _write_cache(path: str, digest: str, lookup: np.ndarray, size: int) -> None:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, lookup=lookup, compressed_vocab_size=np.int64(size),
                      sha256=np.str_(digest), version=np.int64(CACHE_VERSION))
+        os.chmod(tmp, 0o644)    # mkstemp makes it private; other users of a shared tokenizer read it too
         os.replace(tmp, path)   # atomic: concurrent ranks see the old file or the whole new one
-    except BaseException:
+    except OSError as e:        # e.g. a full disk: the result is still valid, only the cache is lost
+        log.warning("could not write Engram compression cache %s (%s)", path, e)
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise
 
 
 def load_or_build_compression(tokenizer_path: str) -> Tuple[np.ndarray, int]:

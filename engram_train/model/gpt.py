@@ -253,6 +253,10 @@ def build_model(model_cfg: ModelConfig, engram_cfg: EngramConfig, parallel_cfg: 
         position_embedding_type="rope",
         rotary_base=model_cfg.rotary_base,
     )
+    # Experts start from the same values at every EP size (megatron draws them per EP rank).
+    from engram_train.parallel.sharding import init_experts_by_global_index
+
+    init_experts_by_global_index(gpt, torch.initial_seed())
     model = EngramGPTModel(gpt, config, context, vocab).to(get_device())
     if sequence_parallel_grad_hooks:
         from engram_train.parallel.sp_grads import install_sequence_parallel_grad_hooks

@@ -25,7 +25,10 @@ block's arguments passed as ``ModuleSpec.params``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Optional
+
+import torch
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
@@ -92,6 +95,34 @@ def _local_layer_spec(backend: LocalSpecProvider, num_experts: Optional[int]) ->
     )
 
 
+def _rng_neutral(cls: type) -> type:
+    """``cls`` whose construction leaves the default RNG stream untouched.
+
+    Expert weights are drawn afterwards by global expert index
+    (``parallel.sharding.init_experts_by_global_index``); constructing a rank's
+    *local* experts must not consume random numbers either, or every parameter
+    built after the first MoE layer would depend on the EP size.
+    """
+    def __init__(self, *args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            cls.__init__(self, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
+
+
+def with_rng_neutral_experts(layer_spec: ModuleSpec) -> ModuleSpec:
+    """``layer_spec`` with its MoE experts module made RNG-neutral (see :func:`_rng_neutral`)."""
+    mlp = getattr(layer_spec.submodules, "mlp", None)
+    experts = getattr(getattr(mlp, "submodules", None), "experts", None)
+    if isinstance(experts, ModuleSpec) and isinstance(experts.module, type):
+        experts = dataclasses.replace(experts, module=_rng_neutral(experts.module))
+        mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, experts=experts))
+        layer_spec = dataclasses.replace(
+            layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp))
+    return layer_spec
+
+
 def moe_layer_pattern(config: TransformerConfig) -> List[bool]:
     """Which layers are MoE (megatron's rule for an integer ``moe_layer_freq``: every k-th from 0)."""
     if not config.num_moe_experts:
@@ -136,6 +167,8 @@ def decoder_block_spec(config: TransformerConfig, engram_blocks: Dict[int, dict]
                if config.num_moe_experts else None)
         final_norm = TENorm
 
+    if moe is not None:
+        moe = with_rng_neutral_experts(moe)
     specs = [moe if is_moe else dense for is_moe in moe_layer_pattern(config)]
     for layer_id, kwargs in engram_blocks.items():
         specs[layer_id] = engram_layer_spec(specs[layer_id], layer_id, kwargs, context)

@@ -63,6 +63,57 @@ def register_expert_groups(expert_parallel: int) -> str:
     return name
 
 
+class MegatronMPU:
+    """DeepSpeed's ``mpu`` interface over megatron's ``parallel_state``.
+
+    DeepSpeed asks for "model parallel" rank/size/group (megatron calls it tensor x
+    pipeline parallel) and for the data-parallel group; megatron's module spells some
+    of these differently, so this adapter names each one DeepSpeed calls.
+    """
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self._ps = ps
+
+    # model parallel = tensor parallel here (no pipeline parallelism)
+    def get_model_parallel_rank(self):
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self):
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return self._ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group()
+
+    def get_data_parallel_group_ranks(self):
+        import torch.distributed as dist
+
+        return dist.get_process_group_ranks(self.get_data_parallel_group())
+
+    def get_pipeline_model_parallel_rank(self):
+        return 0
+
+    def get_pipeline_model_parallel_world_size(self):
+        return 1
+
+    def get_pipeline_model_parallel_group(self):
+        return None
+
+
 def _marker_class():
     from deepspeed.moe.layer import MoE
 
@@ -76,6 +127,9 @@ def _marker_class():
             self.num_local_experts = num_experts // ep_size
             self.expert_group_name = expert_group_name(ep_size)
             self.use_residual = False
+
+        def set_deepspeed_parallelism(self, *args, **kwargs):
+            pass  # the groups are megatron's, registered by register_expert_groups
 
         def forward(self, *args, **kwargs):  # pragma: no cover - never called
             raise RuntimeError("ExpertParallelMarker is a flag for DeepSpeed and is never run")
@@ -128,7 +182,6 @@ def param_groups(model: nn.Module, cfg: Config) -> List[Dict[str, Any]]:
 def build_engine(model: nn.Module, cfg: Config, dp_size: int, use_bf16: bool):
     """Wrap ``model`` in a DeepSpeed engine; returns (engine, optimizer)."""
     import deepspeed
-    from megatron.core import parallel_state as ps
 
     ep = cfg.parallel.expert_parallel
     if ep > 1:
@@ -145,5 +198,5 @@ def build_engine(model: nn.Module, cfg: Config, dp_size: int, use_bf16: bool):
     # deepspeed.initialize expects the launcher's env; a process started without torchrun has none.
     os.environ.setdefault("LOCAL_RANK", "0")
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, model_parameters=groups, config=ds_cfg, mpu=ps, dist_init_required=False)
+        model=model, model_parameters=groups, config=ds_cfg, mpu=MegatronMPU(), dist_init_required=False)
     return engine, optimizer

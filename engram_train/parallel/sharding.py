@@ -143,3 +143,41 @@ def local_to_full(local_sd: Dict[str, torch.Tensor], model: nn.Module) -> Dict[s
         else:
             full[name] = t
     return full
+
+
+def init_experts_by_global_index(model: nn.Module, seed: int) -> None:
+    """Re-draw expert weights from generators keyed by (seed, global parameter name).
+
+    megatron draws each rank's local experts from that rank's generator, so expert
+    ``e`` starts with different values at EP=1 and EP=2, and runs at different EP
+    sizes are different experiments.  Keyed by the global name (which holds the
+    global expert index), an expert's initial weights are the same wherever it
+    lives; under expert tensor parallelism the full weight is drawn and this rank
+    keeps its shard.  Same distributions as megatron: N(0, std) for ``linear_fc1``,
+    N(0, std / sqrt(2 * num_layers)) for ``linear_fc2`` (megatron's scaled init).
+    """
+    import math
+    import zlib
+
+    cfg = model.config
+    if not cfg.num_moe_experts:
+        return
+    g = _groups(model)
+    _, etp_rank, etp_size = g["etp"]
+    for name, p in model.named_parameters():
+        if not _EXPERT.match(name):
+            continue
+        full_name = _global_name(name, g["ep"][1], g["local_experts"])
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(full_name.encode())) % 2**63)
+        shape = list(p.shape)
+        tp_split = getattr(p, "tensor_model_parallel", False)
+        if tp_split:
+            shape[p.partition_dim] *= etp_size
+        std = cfg.init_method_std
+        if ".linear_fc2." in name:
+            std = std / math.sqrt(2.0 * cfg.num_layers)
+        full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+        if tp_split:
+            full = shard(full, etp_rank, etp_size, p.partition_dim, getattr(p, "partition_stride", 1))
+        with torch.no_grad():
+            p.copy_(full.to(p.dtype))

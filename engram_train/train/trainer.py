@@ -95,7 +95,7 @@ class Trainer:
             max_seq_length=cfg.model.max_seq_length)
         self.valid_batches = build_valid_batches(
             self.data, d, self.hasher, seq_length=d.seq_length, micro_batch_size=d.micro_batch_size,
-            num_batches=cfg.trainer.eval_iters, dp_rank=self.dp_rank, dp_size=self.dp_size,
+            num_batches=-(-cfg.trainer.eval_iters // self.dp_size), dp_rank=self.dp_rank, dp_size=self.dp_size,
             max_seq_length=cfg.model.max_seq_length)
         self.grad_accum = d.global_batch_size // (d.micro_batch_size * self.dp_size)
         self.logger = build_logger(self.run_dir, self.rank, wandb_mode=cfg.run.wandb_mode,
