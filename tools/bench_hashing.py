@@ -105,6 +105,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", help="device of the torch path (the numpy port is always CPU)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: leave torch's default; 1 = a data-loader worker)")
+    ap.add_argument("--backends", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+                    help="NgramHasher backends to time against the numpy reference")
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -118,44 +120,52 @@ def main(argv=None) -> None:
     pad_id = 2
     raw_np = rng.integers(0, args.vocab, size=(args.batch, args.seq), dtype=np.int64)
 
-    hasher = NgramHasher(lookup, args.layer_ids, args.max_ngram, args.heads, sizes, pad_id=pad_id,
-                         seed=args.seed, compressed_vocab_size=compressed)
+    hashers = {b: NgramHasher(lookup, args.layer_ids, args.max_ngram, args.heads, sizes, pad_id=pad_id,
+                              seed=args.seed, compressed_vocab_size=compressed, backend=b)
+               for b in args.backends}
     reference = NumpyReferenceHashing(lookup, compressed, args.layer_ids, args.max_ngram, args.heads, sizes,
                                       pad_id, args.seed)
     device = torch.device(args.device)
     raw_t = torch.from_numpy(raw_np).to(device)
 
-    def run_torch():
-        out = hasher(raw_t)
+    def run_torch(backend):
+        out = hashers[backend](raw_t)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return out
 
-    ours, ref = run_torch(), reference(raw_np)     # also the warm-up of both
-    for layer in args.layer_ids:
-        if not np.array_equal(ours[layer].cpu().numpy(), ref[layer]):
-            raise SystemExit(f"MISMATCH in layer {layer}: torch and numpy reference hashing disagree")
-    print(f"check: bit-for-bit equal for layers {args.layer_ids} "
-          f"({(args.max_ngram - 1) * args.heads} ids per token and layer)")
+    ref = reference(raw_np)
+    for backend in args.backends:
+        t0 = time.perf_counter()
+        ours = run_torch(backend)      # also the warm-up (and, for "compiled", the compilation)
+        first = time.perf_counter() - t0
+        for layer in args.layer_ids:
+            if not np.array_equal(ours[layer].cpu().numpy(), ref[layer]):
+                raise SystemExit(f"MISMATCH in layer {layer}: torch ({backend}) and numpy reference disagree")
+        print(f"check: torch {backend} is bit-for-bit equal to the numpy reference for layers {args.layer_ids} "
+              f"({(args.max_ngram - 1) * args.heads} ids per token and layer); first call {first:.1f}s")
 
-    t_ref, t_ours = [], []
-    for _ in range(args.repeats):       # interleaved, so that machine noise hits both alike
+    t_ref, t_ours = [], {b: [] for b in args.backends}
+    for _ in range(args.repeats):       # interleaved, so that machine noise hits all alike
         t0 = time.perf_counter()
         reference(raw_np)
-        t1 = time.perf_counter()
-        run_torch()
-        t2 = time.perf_counter()
-        t_ref.append(t1 - t0)
-        t_ours.append(t2 - t1)
+        t_ref.append(time.perf_counter() - t0)
+        for backend in args.backends:
+            t0 = time.perf_counter()
+            run_torch(backend)
+            t_ours[backend].append(time.perf_counter() - t0)
 
     tokens = args.batch * args.seq
     print(f"B={args.batch} T={args.seq} layers={args.layer_ids} N={args.max_ngram} K={args.heads} "
           f"V={args.vocab} V'={compressed} torch threads={torch.get_num_threads()} device={device} "
           f"repeats={args.repeats}")
     for label, pick in (("median", statistics.median), ("best", min)):
-        r, o = pick(t_ref), pick(t_ours)
-        print(f"{label:>6}: numpy reference {tokens / r / 1e6:8.2f} Mtok/s ({r * 1e3:7.1f} ms) | "
-              f"torch {tokens / o / 1e6:8.2f} Mtok/s ({o * 1e3:7.1f} ms) | speedup {r / o:5.2f}x")
+        r = pick(t_ref)
+        line = f"{label:>6}: numpy reference {tokens / r / 1e6:7.2f} Mtok/s ({r * 1e3:6.1f} ms)"
+        for backend in args.backends:
+            o = pick(t_ours[backend])
+            line += f" | torch {backend} {tokens / o / 1e6:7.2f} Mtok/s ({o * 1e3:6.1f} ms) {r / o:5.2f}x"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,17 @@ def count(overrides):
         vocab = padded_vocab_size(cfg.data.vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
         tables = None
         if cfg.engram.enabled:
-            # Table sizes depend on the compressed vocabulary; assume the usual ~85% of the raw one.
-            compressed = int(0.85 * cfg.data.vocab_size)
-            lookup = np.minimum(np.arange(cfg.data.vocab_size), compressed - 1).astype(np.int64)
+            # Table sizes depend on the compressed vocabulary: exact when the data is prepared,
+            # else estimated as 75% of the raw vocabulary (what a BPE on English text compresses to).
+            tok = os.path.join(cfg.data.dir, "tokenizer.json")
+            if os.path.isfile(tok):
+                from engram_train.engram.compress import load_or_build_compression
+
+                lookup, compressed = load_or_build_compression(tok)
+            else:
+                print(f"(no {tok}: estimating the compressed vocabulary)")
+                compressed = int(0.75 * cfg.data.vocab_size)
+                lookup = np.minimum(np.arange(cfg.data.vocab_size), compressed - 1).astype(np.int64)
             tables = hasher_from_config(cfg.engram, lookup, compressed, pad_id=1, eos_id=0).table_sizes
         model = build_model(cfg.model, cfg.engram, cfg.parallel, vocab, tables)
         counts = model.num_parameters()

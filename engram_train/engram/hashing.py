@@ -20,9 +20,17 @@ Invariants:
 - Pure tensor code on the input's device, int64 throughout, no Python loop over
   tokens; the object holds only CPU state plus per-device caches that are not
   pickled, so it can live in a data-loader worker.
+
+Cost: one int64 division per id, (N-1)*K per token and layer.  CPUs have no
+SIMD int64 division, so numpy and torch both pay ~2 ns per id; this path wins
+by skipping the reference's per-head arrays and strided ``np.stack`` and by
+using intra-op threads.  A division-free (float-reciprocal) kernel belongs in
+``kernels/`` with this module as its oracle.
 """
 
 from __future__ import annotations
+
+import logging
 
 from typing import Dict, List, Optional, Sequence
 
@@ -93,6 +101,59 @@ def prime_table_sizes(layer_ids: Sequence[int], max_ngram: int, heads_per_ngram:
     return sizes
 
 
+def _ngram_mixes(windows: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
+    """``[L, B, T, N-1]``: for each layer and order n=2..N, XOR of window[k] * m[k] over k < n (int64)."""
+    products = windows.unsqueeze(0) * multipliers        # [L, N, B, T], wraps like the reference's int64
+    mix = products[:, 0]
+    mixes = []
+    for n in range(1, products.shape[1]):
+        mix = torch.bitwise_xor(mix, products[:, n])
+        mixes.append(mix)
+    return torch.stack(mixes, dim=-1)
+
+
+def floor_mod_by_reciprocal(x: torch.Tensor, p: torch.Tensor, inv_p: torch.Tensor) -> torch.Tensor:
+    """``x mod p`` (floor semantics, like ``%``) for int64 ``x`` and 2 <= p < 2**40, without division.
+
+    CPUs have no vector int64 division; a multiply by the float64 reciprocal is
+    vectorizable.  Exactness: the float quotient of ``x`` (|x| < 2**63) is off by
+    at most ~2**12 / p + 2**9 / p < 2**11, so ``r = x - q*p`` (exact in wrapping
+    int64) has |r| < 2**11 * p < 2**53: exactly representable, and the second
+    quotient is off by at most one, which the two final selects fix.  Worth it
+    only fused (``torch.compile``): eager, the extra passes cost more than ``%``.
+    """
+    q = torch.floor(x.to(torch.float64) * inv_p).to(torch.int64)
+    r = x - q * p
+    q = torch.floor(r.to(torch.float64) * inv_p).to(torch.int64)
+    r = r - q * p
+    r = torch.where(r < 0, r + p, r)
+    return torch.where(r >= p, r - p, r)
+
+
+def _hash_fused(windows: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor,
+                inv_primes: torch.Tensor) -> torch.Tensor:
+    """``[L, B, T, N-1, K]`` hash ids of every layer, order and head in one fusable expression."""
+    mix = _ngram_mixes(windows, multipliers).unsqueeze(-1)           # [L, B, T, N-1, 1]
+    return floor_mod_by_reciprocal(mix, primes[:, None, None], inv_primes[:, None, None])
+
+
+_COMPILED: Dict[str, object] = {}
+
+
+def _compiled_hash_fused():
+    """``_hash_fused`` compiled by TorchInductor (C++/OpenMP on CPU, Triton on CUDA); None if unavailable."""
+    if "fn" not in _COMPILED:
+        try:
+            _COMPILED["fn"] = torch.compile(_hash_fused, dynamic=False, fullgraph=True)
+        except Exception as e:  # pragma: no cover - depends on the installation
+            logging.getLogger(__name__).warning("n-gram hashing: torch.compile unavailable (%s); using eager", e)
+            _COMPILED["fn"] = None
+    return _COMPILED["fn"]
+
+
+HASH_BACKENDS = ("auto", "eager", "compiled")
+
+
 def _check(cond: bool, key: str, value, why: str) -> None:
     if not cond:
         raise ConfigError(f"{key}={value!r}: {why}")
@@ -110,7 +171,9 @@ class NgramHasher:
     def __init__(self, lookup, layer_ids: Sequence[int], max_ngram: int, heads_per_ngram: int,
                  table_size_per_ngram: Sequence[int], pad_id: int, seed: int = 0, *,
                  reset_at_doc_boundary: bool = False, eos_id: Optional[int] = None,
-                 compressed_vocab_size: Optional[int] = None):
+                 compressed_vocab_size: Optional[int] = None, backend: str = "auto"):
+        _check(backend in HASH_BACKENDS, "backend", backend,
+               "choose 'eager' (torch %, the reference path), 'compiled' (fused, division-free) or 'auto'")
         lookup_t = torch.as_tensor(np.asarray(lookup) if not torch.is_tensor(lookup) else lookup)
         _check(lookup_t.ndim == 1 and lookup_t.numel() > 0 and not lookup_t.is_floating_point(),
                "lookup", f"tensor of shape {tuple(lookup_t.shape)} and dtype {lookup_t.dtype}",
@@ -125,8 +188,8 @@ class NgramHasher:
 
         layer_ids = [int(i) for i in layer_ids]
         _check(len(layer_ids) > 0, "layer_ids", layer_ids, "list at least one Engram layer")
-        _check(len(set(layer_ids)) == len(layer_ids), "layer_ids", layer_ids,
-               f"layer ids must be distinct; remove the duplicates {sorted({i for i in layer_ids if layer_ids.count(i) > 1})}")
+        duplicates = sorted({i for i in layer_ids if layer_ids.count(i) > 1})
+        _check(not duplicates, "layer_ids", layer_ids, f"layer ids must be distinct; remove the duplicates {duplicates}")
         _check(min(layer_ids) >= 0, "layer_ids", layer_ids, "layer ids are 0-based and must be >= 0")
         _check(isinstance(max_ngram, (int, np.integer)) and max_ngram >= 2, "max_ngram", max_ngram,
                "must be an integer >= 2 (bigrams at least)")
@@ -166,8 +229,13 @@ class NgramHasher:
         L, N, K = len(layer_ids), self.max_ngram, self.heads_per_ngram
         self._lookup = lookup_t
         self._multipliers = torch.tensor([self.multipliers[l] for l in layer_ids], dtype=torch.int64).view(L, N, 1, 1)
-        self._prime_list = [self.table_sizes[l] for l in layer_ids]
+        self._primes = torch.tensor([self.table_sizes[l] for l in layer_ids], dtype=torch.int64).view(L, N - 1, K)
+        self._inv_primes = 1.0 / self._primes.to(torch.float64)
         self._device_cache: Dict[torch.device, tuple] = {}
+        # One dispatch point: "eager" is exact torch `%` (and the oracle of "compiled"); "compiled" fuses
+        # all layers, orders and heads into one division-free kernel; "auto" tries compiled, falls back.
+        self.backend = backend
+        self._compile_failed = False
 
     @property
     def num_heads(self) -> int:
@@ -182,22 +250,26 @@ class NgramHasher:
     def _constants(self, device: torch.device):
         consts = self._device_cache.get(device)
         if consts is None:
-            consts = tuple(t.to(device) for t in (self._lookup, self._multipliers))
+            consts = tuple(t.to(device) for t in (self._lookup, self._multipliers, self._primes,
+                                                   self._inv_primes))
             self._device_cache[device] = consts
         return consts
 
-    def compress(self, raw_ids: torch.Tensor) -> torch.Tensor:
+    def compress(self, raw_ids: torch.Tensor, any_negative: bool = True) -> torch.Tensor:
         """Canonical ids of ``raw_ids`` (negative ids pass through unchanged, as in the reference)."""
         lookup = self._constants(raw_ids.device)[0]
+        if not any_negative:
+            return lookup[raw_ids]
         return torch.where(raw_ids >= 0, lookup[raw_ids.clamp_min(0)], raw_ids)
 
     def _windows(self, raw_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``[N, B, T]``: window k holds the token k positions back, pad where that is out of range."""
         B, T = x.shape
         N = self.max_ngram
-        windows = torch.full((N, B, T), self.compressed_pad_id, dtype=torch.int64, device=x.device)
+        windows = torch.empty((N, B, T), dtype=torch.int64, device=x.device)
         windows[0] = x
-        for k in range(1, min(N, T + 1)):
+        for k in range(1, N):
+            windows[k, :, :k] = self.compressed_pad_id
             windows[k, :, k:] = x[:, : T - k]
         if self.reset_at_doc_boundary and T > 1:
             pos = torch.arange(T, device=x.device)
@@ -221,29 +293,38 @@ class NgramHasher:
         if raw_ids.numel() == 0:
             empty = torch.empty((B, T, (N - 1) * K), dtype=torch.int64, device=raw_ids.device)
             return {l: empty.clone() for l in self.layer_ids}
-        top = int(raw_ids.max())
+        low, top = (int(v) for v in torch.aminmax(raw_ids))
         if top >= self.vocab_size:
             raise ValueError(f"raw_ids: holds token id {top}, outside the tokenizer vocabulary of {self.vocab_size} "
                              f"ids the compression lookup was built for; rebuild it from this tokenizer")
-        multipliers = self._constants(raw_ids.device)[1]
-        x = self.compress(raw_ids)
+        _, multipliers, primes, inv_primes = self._constants(raw_ids.device)   # [L, N, 1, 1], [L, N-1, K] x2
+        x = self.compress(raw_ids, any_negative=low < 0)
         windows = self._windows(raw_ids, x)                        # [N, B, T]
+        if self.backend != "eager" and not self._compile_failed:
+            fused = _compiled_hash_fused()
+            if fused is not None:
+                try:
+                    ids = fused(windows, multipliers, primes, inv_primes)        # [L, B, T, N-1, K]
+                    return {l: ids[i].reshape(B, T, (N - 1) * K) for i, l in enumerate(self.layer_ids)}
+                except Exception as e:
+                    if self.backend == "compiled":
+                        raise
+                    logging.getLogger(__name__).warning(
+                        "n-gram hashing: compiled path failed (%s: %s); using eager", type(e).__name__, e)
+            self._compile_failed = True
+            if self.backend == "compiled":
+                raise RuntimeError("n-gram hashing: backend='compiled' but torch.compile is unavailable")
         products = windows.unsqueeze(0) * multipliers              # [L, N, B, T]
         result = {}
         for i, layer_id in enumerate(self.layer_ids):
-            out = torch.empty((B, T, (N - 1) * K), dtype=torch.int64, device=x.device)
+            out = torch.empty((B, T, N - 1, K), dtype=torch.int64, device=x.device)
             mix = products[i, 0]
             for n in range(2, N + 1):                              # order n XORs in one more window token
                 mix = torch.bitwise_xor(mix, products[i, n - 1])
-                # One division per head, written straight into its output column.  int64 division has no
-                # SIMD form, so every id costs one scalar divide whatever the layout; a long inner loop with
-                # a scalar divisor is the cheapest way to issue them (broadcasting over heads gives
-                # TensorIterator an 8-long inner loop, measured ~1.5x slower on CPU) and the strided
-                # write spares the transposing copy that a head-major result would need.
-                for k in range(K):
-                    j = (n - 2) * K + k
-                    torch.remainder(mix, self._prime_list[i][j], out=out[..., j])
-            result[layer_id] = out
+                # All heads of this order at once, written straight into their slice of the output:
+                # no transposing copy, and few enough ops that intra-op threads rarely wait on each other.
+                torch.remainder(mix.unsqueeze(-1), primes[i, n - 2], out=out[:, :, n - 2])
+            result[layer_id] = out.view(B, T, (N - 1) * K)
         return result
 
 

@@ -230,6 +230,13 @@ def test_doc_reset_makes_a_document_independent_of_what_precedes_it(compression)
     np.testing.assert_array_equal(h(torch.from_numpy(b))[1][:, 8:].numpy(), alone.numpy())
 
 
+def test_miller_rabin_agrees_with_trial_division():
+    from engram_train.engram.hashing import is_prime
+
+    assert [n for n in range(20000) if is_prime(n)] == [n for n in range(20000) if ref_isprime(n)]
+    assert is_prime(2**61 - 1) and not is_prime(2**61 + 1) and not is_prime(3215031751)   # a strong pseudoprime
+
+
 # ---- API ---------------------------------------------------------------------------------------------------------
 
 def test_picklable_and_same_device_int64(compression):
