@@ -152,6 +152,8 @@ def _compiled_hash_fused():
 
 
 HASH_BACKENDS = ("auto", "eager", "compiled")
+# "auto" compiles only for batches this large: below it the one-off compile (seconds) never pays back.
+AUTO_COMPILE_MIN_TOKENS = 1 << 16
 
 
 def _check(cond: bool, key: str, value, why: str) -> None:
@@ -233,7 +235,8 @@ class NgramHasher:
         self._inv_primes = 1.0 / self._primes.to(torch.float64)
         self._device_cache: Dict[torch.device, tuple] = {}
         # One dispatch point: "eager" is exact torch `%` (and the oracle of "compiled"); "compiled" fuses
-        # all layers, orders and heads into one division-free kernel; "auto" tries compiled, falls back.
+        # all layers, orders and heads into one division-free kernel; "auto" uses compiled for large
+        # batches (AUTO_COMPILE_MIN_TOKENS) and falls back to eager if compilation is unavailable.
         self.backend = backend
         self._compile_failed = False
 
@@ -300,7 +303,8 @@ class NgramHasher:
         _, multipliers, primes, inv_primes = self._constants(raw_ids.device)   # [L, N, 1, 1], [L, N-1, K] x2
         x = self.compress(raw_ids, any_negative=low < 0)
         windows = self._windows(raw_ids, x)                        # [N, B, T]
-        if self.backend != "eager" and not self._compile_failed:
+        use_compiled = self.backend == "compiled" or (self.backend == "auto" and B * T >= AUTO_COMPILE_MIN_TOKENS)
+        if use_compiled and not self._compile_failed:
             fused = _compiled_hash_fused()
             if fused is not None:
                 try:

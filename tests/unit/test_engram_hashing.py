@@ -294,3 +294,37 @@ def test_rejects_ids_outside_vocabulary_and_bad_shapes(compression):
         h(torch.tensor([[0, len(lookup)]]))
     with pytest.raises(ValueError, match=r"raw_ids: expected integer token ids of shape \[B, T\]"):
         h(torch.tensor([1, 2, 3]))
+
+
+# ---- the compiled, division-free backend ---------------------------------------------------------------------------
+
+def test_floor_mod_by_reciprocal_is_exact_over_the_int64_range():
+    from engram_train.engram.hashing import floor_mod_by_reciprocal
+
+    g = torch.Generator().manual_seed(0)
+    extremes = torch.tensor([-2**63, -2**63 + 1, -1, 0, 1, 2**63 - 1, 2**62, -2**62], dtype=torch.int64)
+    x = torch.cat([extremes, torch.randint(-2**63, 2**63 - 1, (20000,), generator=g, dtype=torch.int64)])
+    primes = torch.tensor([2, 3, 5, 65537, 163847, 2**31 - 1, 1099511627689], dtype=torch.int64)  # up to ~2**40
+    got = floor_mod_by_reciprocal(x[:, None], primes, 1.0 / primes.double())
+    want = torch.remainder(x[:, None], primes)   # floor semantics, like numpy's % in the reference
+    assert torch.equal(got, want)
+    # multiples of p and their neighbours, where a quotient off by one would show
+    p = primes[4]
+    k = torch.randint(-2**40, 2**40, (5000,), generator=g, dtype=torch.int64)
+    near = torch.cat([k * p - 1, k * p, k * p + 1])
+    assert torch.equal(floor_mod_by_reciprocal(near, p, 1.0 / p.double()), torch.remainder(near, p))
+
+
+@pytest.mark.slow
+def test_compiled_backend_equals_eager(compression):
+    lookup, size, ids, pad, eos = compression
+    kw = dict(layer_ids=[1, 15], max_ngram=3, heads_per_ngram=8, table_size_per_ngram=[size * 5, size * 7],
+              pad_id=pad, seed=3)
+    raw = torch.from_numpy(batch(ids, B=16, T=64, seed=11))
+    eager = NgramHasher(lookup, backend="eager", **kw)(raw)
+    compiled = NgramHasher(lookup, backend="compiled", **kw)(raw)
+    for layer in (1, 15):
+        assert torch.equal(compiled[layer], eager[layer])
+        assert compiled[layer].is_contiguous() and compiled[layer].dtype == torch.int64
+    with pytest.raises(ValueError, match="backend='fast'"):
+        NgramHasher(lookup, backend="fast", **kw)
