@@ -18,21 +18,10 @@ import time
 import numpy as np
 import torch
 
-from engram_train.engram.hashing import NgramHasher
+from engram_train.engram.hashing import NgramHasher, prime_table_sizes
 
 
 # ---- numpy port of engram_demo_v1.py's NgramHashMapping (per-layer loops, as in the demo) ----------------------
-
-def _isprime(n: int) -> bool:
-    if n < 2:
-        return False
-    i = 2
-    while i * i <= n:
-        if n % i == 0:
-            return False
-        i += 1
-    return True
-
 
 class NumpyReferenceHashing:
     def __init__(self, lookup, compressed_vocab_size, layer_ids, max_ngram, heads, table_size_per_ngram, pad_id, seed):
@@ -46,20 +35,10 @@ class NumpyReferenceHashing:
         for layer in layer_ids:
             g = np.random.default_rng(int(seed + 10007 * int(layer)))
             self.multipliers[layer] = g.integers(0, half_bound, size=(max_ngram,), dtype=np.int64) * 2 + 1
-        seen, self.primes = set(), {}
-        for layer in layer_ids:
-            per_layer = []
-            for n in range(2, max_ngram + 1):
-                start, sizes = table_size_per_ngram[n - 2] - 1, []
-                for _ in range(heads):
-                    cand = start + 1
-                    while not (_isprime(cand) and cand not in seen):
-                        cand += 1
-                    seen.add(cand)
-                    sizes.append(cand)
-                    start = cand
-                per_layer.append(sizes)
-            self.primes[layer] = per_layer
+        # The prime sizes are not timed; tests/unit/test_engram_hashing.py pins them to an independent port.
+        sizes = prime_table_sizes(layer_ids, max_ngram, heads, table_size_per_ngram)
+        self.primes = {layer: [sizes[layer][i * heads:(i + 1) * heads] for i in range(max_ngram - 1)]
+                       for layer in layer_ids}
 
     def _layer(self, x, layer):
         B, T = x.shape
