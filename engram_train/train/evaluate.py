@@ -26,10 +26,13 @@ def to_device(batch: Dict, device) -> Dict:
     return out
 
 
+def forward_per_token(model, batch: Dict) -> torch.Tensor:
+    return model(batch["tokens"], batch["position_ids"], batch["labels"],
+                 engram_hash_ids=batch.get("engram_hash_ids") or None)
+
+
 def forward_loss(model, batch: Dict) -> torch.Tensor:
-    per_token = model(batch["tokens"], batch["position_ids"], batch["labels"],
-                      engram_hash_ids=batch.get("engram_hash_ids") or None)
-    return masked_mean(per_token.float(), batch["loss_mask"])
+    return masked_mean(forward_per_token(model, batch).float(), batch["loss_mask"])
 
 
 @torch.no_grad()
@@ -37,14 +40,14 @@ def evaluate(model, batches: Iterable[Dict], device, dp_group=None) -> Dict[str,
     """Token-weighted mean loss over every DP rank's share of the validation batches."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    # On the model's device: NCCL reduces only device tensors, and summing there avoids a sync per batch.
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
         batch = to_device(batch, device)
-        per_token = model(batch["tokens"], batch["position_ids"], batch["labels"],
-                          engram_hash_ids=batch.get("engram_hash_ids") or None).float()
+        per_token = forward_per_token(model, batch).float()
         mask = batch["loss_mask"].to(per_token.dtype)
-        total[0] += (per_token * mask).sum().double().cpu()
-        total[1] += mask.sum().double().cpu()
+        total[0] += (per_token * mask).sum().double()
+        total[1] += mask.sum().double()
     if dist.is_initialized() and dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(total, group=dp_group)
     model.train(was_training)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import time
 from dataclasses import asdict
 from typing import Dict, List, Optional
@@ -74,12 +75,16 @@ class Trainer:
             self.data.tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)
         check_vocab(self.data, vocab)
         self.vocab_size = vocab
+        d = cfg.data
+        self.grad_accum = d.global_batch_size // (d.micro_batch_size * self.dp_size)
         table_sizes = self.hasher.table_sizes if self.hasher is not None else None
         model = build_model(cfg.model, cfg.engram, cfg.parallel, vocab, table_sizes,
                             params_dtype=torch.bfloat16 if self.use_bf16 else torch.float32)
         self.engine, self.optimizer = build_engine(model, cfg, self.dp_size, self.use_bf16)
         self.model = self.engine.module
-        self._configure_aux_loss_scale()
+        # DeepSpeed scales the LM loss by 1/grad_accum in engine.backward; the MoE aux loss enters the
+        # graph through megatron's autoscaler, whose gradient scale must match.
+        self.model.set_aux_loss_scale(1.0 / self.grad_accum)
 
         self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), cfg.trainer.keep_last)
         self.state = TrainState()
@@ -87,7 +92,6 @@ class Trainer:
             self.state = self.checkpointer.load(self.engine, dp_size=self.dp_size,
                                                 expect={"data_fingerprint": self.data.fingerprint}) or TrainState()
 
-        d = cfg.data
         self.train_iter = build_train_loader(
             self.data, d, self.hasher, seq_length=d.seq_length, micro_batch_size=d.micro_batch_size,
             global_batch_size=d.global_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
@@ -97,7 +101,6 @@ class Trainer:
             self.data, d, self.hasher, seq_length=d.seq_length, micro_batch_size=d.micro_batch_size,
             num_batches=-(-cfg.trainer.eval_iters // self.dp_size), dp_rank=self.dp_rank, dp_size=self.dp_size,
             max_seq_length=cfg.model.max_seq_length)
-        self.grad_accum = d.global_batch_size // (d.micro_batch_size * self.dp_size)
         self.logger = build_logger(self.run_dir, self.rank, wandb_mode=cfg.run.wandb_mode,
                                    wandb_project=cfg.run.wandb_project, name=cfg.run.name,
                                    config=asdict(cfg), resume_step=self.state.step if self.state.step else None)
@@ -105,14 +108,18 @@ class Trainer:
             counts = self.model.num_parameters()
             log.info("model parameters: %s", {k: f"{v / 1e6:.2f}M" for k, v in counts.items()})
 
-    def _configure_aux_loss_scale(self):
-        # DeepSpeed scales the LM loss by 1/grad_accum in engine.backward; the MoE aux loss enters the
-        # graph through megatron's autoscaler, whose gradient scale must match.
-        self.model.set_aux_loss_scale(1.0 / self.grad_accum_steps())
+        self._stop_signal: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):   # SLURM preemption / time limit warnings
+            signal.signal(sig, self._on_signal)
 
-    def grad_accum_steps(self) -> int:
-        d = self.cfg.data
-        return d.global_batch_size // (d.micro_batch_size * self.dp_size)
+    def _on_signal(self, signum, _frame):
+        self._stop_signal = signum
+
+    def _stop_requested(self) -> bool:
+        """True on every rank once any rank got SIGTERM/SIGUSR1 (checked between steps)."""
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # -- one optimizer step ------------------------------------------------------------------------
     def train_step(self) -> Dict[str, float]:
@@ -169,26 +176,30 @@ class Trainer:
                 last["tokens_per_s"] = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
                 steps_since_log = 0
                 if step % t.eval_interval == 0 or done:
-                    last.update(self._evaluate(log=False))
+                    last.update(self._evaluate(record=False))
                     tic = time.time()  # evaluation time is not training throughput
                 self.logger.log(step, last)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
-            if step % t.save_interval == 0 or step == stop:
+            preempted = self._stop_requested()
+            if step % t.save_interval == 0 or step == stop or preempted:
                 self.checkpointer.save(self.engine, self.state,
                                        extra={"loss": last["loss"], "data_fingerprint": self.data.fingerprint})
+            if preempted:
+                log.warning("signal %s: stopped at step %d with a checkpoint; relaunch to resume",
+                            self._stop_signal, step)
+                break
         if bar is not None:
             bar.close()
         self.logger.close()
         return last
 
-    def _evaluate(self, log: bool = True) -> Dict[str, float]:
+    def _evaluate(self, record: bool = True) -> Dict[str, float]:
         out = evaluate(self.model, self.valid_batches, self.device, self.dp_group)
         if self.rank == 0:
-            logging.getLogger(__name__).info("step %d: val_loss %.4f (ppl %.1f)", self.state.step,
-                                             out["val_loss"], out["val_ppl"])
-        if log:
+            log.info("step %d: val_loss %.4f (ppl %.1f)", self.state.step, out["val_loss"], out["val_ppl"])
+        if record:
             self.logger.log(self.state.step, out)
         return out
 

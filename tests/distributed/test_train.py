@@ -140,3 +140,41 @@ def test_zero_stages_train(tmp_path, oracle, data_overrides, name, extra):
     assert got[4] < got[1]
     # DP=2 with the same global batch is the same optimization problem as the single process.
     _assert_close(got, want, rtol=1e-3)
+
+
+def test_sigterm_stops_with_a_checkpoint_and_the_run_resumes(tmp_path, data_overrides):
+    """Preemption (SLURM sends SIGTERM): the step in flight finishes, a checkpoint is written, exit 0;
+    a relaunch resumes right after that step."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "preempted"
+    overrides = [*TINY, *data_overrides, "trainer.max_steps=100000", f"run.dir={run_dir}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
+    log_path = tmp_path / "preempted.log"   # a file, not a pipe: a full pipe would stall the run
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "engram_train.train.main", *overrides], env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(losses(run_dir)) >= 2:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, log_path.read_text()[-4000:]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    err = log_path.read_text()
+    assert proc.returncode == 0, err[-4000:]
+    stopped_at = max(losses(run_dir))
+    assert 2 <= stopped_at < 100000
+    assert f"stopped at step {stopped_at} with a checkpoint" in err
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{stopped_at:08d}"
+    meta = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())
+    assert meta["step"] == stopped_at and meta["consumed_samples"] == stopped_at * 8
+
+    launch(1, overrides + [f"trainer.stop_at_step={stopped_at + 2}"])
+    assert sorted(losses(run_dir)) == list(range(1, stopped_at + 3))
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{stopped_at + 2:08d}"
