@@ -92,6 +92,8 @@ class EngramConfig:
     kernel_size: int = 4
     seed: int = 0
     reset_at_doc_boundary: bool = False   # False = reference-exact (n-grams may cross EOS)
+    # "auto": the native CPU kernel for CPU tensors when it builds, else torch | "torch" | "cpu_kernel"
+    hash_backend: str = "auto"
     # The reference's nn.Embedding draws N(0, 1); megatron's residual stream starts at std 0.02 and
     # such rows drown it (debug_cpu, 300 steps: val_loss 5.61 at std 1.0 vs 4.98 at 0.02).
     table_init_std: float = 0.02
@@ -122,6 +124,8 @@ class EngramConfig:
         _require(self.hc_mult >= 1, "engram.hc_mult", self.hc_mult, "must be >= 1")
         _require(self.kernel_size >= 1, "engram.kernel_size", self.kernel_size, "must be >= 1")
         _require(self.table_lr_mult > 0, "engram.table_lr_mult", self.table_lr_mult, "must be > 0")
+        _require(self.hash_backend in ("auto", "torch", "cpu_kernel"), "engram.hash_backend", self.hash_backend,
+                 "choose 'auto', 'torch' (the reference) or 'cpu_kernel' (native, CPU)")
 
 
 @dataclass

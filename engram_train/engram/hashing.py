@@ -21,16 +21,18 @@ Invariants:
   tokens; the object holds only CPU state plus per-device caches that are not
   pickled, so it can live in a data-loader worker.
 
-Cost: one int64 division per id, (N-1)*K per token and layer.  CPUs have no
-SIMD int64 division, so numpy and torch both pay ~2 ns per id; this path wins
-by skipping the reference's per-head arrays and strided ``np.stack`` and by
-using intra-op threads.  A division-free (float-reciprocal) kernel belongs in
-``kernels/`` with this module as its oracle.
+Backends (one dispatch point, ``NgramHasher(backend=...)``):
+- ``"torch"``: tensor code on the input's device, exact int64 ``%``.  The
+  reference: the golden tests pin it to an independent port of the demo, and
+  it is the oracle of the kernel.
+- ``"cpu_kernel"``: ``kernels/ngram_hash.py``, a native kernel for CPU tensors
+  (one pass per token, vectorized division-free modulo, threads split tokens).
+  CPUs have no SIMD int64 division: torch's ``%`` costs ~2 ns per id and
+  thread here (numpy's ~10 ns), most of the torch path's time.
+- ``"auto"`` (default): the kernel for CPU tensors when it builds here, else torch.
 """
 
 from __future__ import annotations
-
-import logging
 
 from typing import Dict, List, Optional, Sequence
 
@@ -101,59 +103,7 @@ def prime_table_sizes(layer_ids: Sequence[int], max_ngram: int, heads_per_ngram:
     return sizes
 
 
-def _ngram_mixes(windows: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
-    """``[L, B, T, N-1]``: for each layer and order n=2..N, XOR of window[k] * m[k] over k < n (int64)."""
-    products = windows.unsqueeze(0) * multipliers        # [L, N, B, T], wraps like the reference's int64
-    mix = products[:, 0]
-    mixes = []
-    for n in range(1, products.shape[1]):
-        mix = torch.bitwise_xor(mix, products[:, n])
-        mixes.append(mix)
-    return torch.stack(mixes, dim=-1)
-
-
-def floor_mod_by_reciprocal(x: torch.Tensor, p: torch.Tensor, inv_p: torch.Tensor) -> torch.Tensor:
-    """``x mod p`` (floor semantics, like ``%``) for int64 ``x`` and 2 <= p < 2**40, without division.
-
-    CPUs have no vector int64 division; a multiply by the float64 reciprocal is
-    vectorizable.  Exactness: the float quotient of ``x`` (|x| < 2**63) is off by
-    at most ~2**12 / p + 2**9 / p < 2**11, so ``r = x - q*p`` (exact in wrapping
-    int64) has |r| < 2**11 * p < 2**53: exactly representable, and the second
-    quotient is off by at most one, which the two final selects fix.  Worth it
-    only fused (``torch.compile``): eager, the extra passes cost more than ``%``.
-    """
-    q = torch.floor(x.to(torch.float64) * inv_p).to(torch.int64)
-    r = x - q * p
-    q = torch.floor(r.to(torch.float64) * inv_p).to(torch.int64)
-    r = r - q * p
-    r = torch.where(r < 0, r + p, r)
-    return torch.where(r >= p, r - p, r)
-
-
-def _hash_fused(windows: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor,
-                inv_primes: torch.Tensor) -> torch.Tensor:
-    """``[L, B, T, N-1, K]`` hash ids of every layer, order and head in one fusable expression."""
-    mix = _ngram_mixes(windows, multipliers).unsqueeze(-1)           # [L, B, T, N-1, 1]
-    return floor_mod_by_reciprocal(mix, primes[:, None, None], inv_primes[:, None, None])
-
-
-_COMPILED: Dict[str, object] = {}
-
-
-def _compiled_hash_fused():
-    """``_hash_fused`` compiled by TorchInductor (C++/OpenMP on CPU, Triton on CUDA); None if unavailable."""
-    if "fn" not in _COMPILED:
-        try:
-            _COMPILED["fn"] = torch.compile(_hash_fused, dynamic=False, fullgraph=True)
-        except Exception as e:  # pragma: no cover - depends on the installation
-            logging.getLogger(__name__).warning("n-gram hashing: torch.compile unavailable (%s); using eager", e)
-            _COMPILED["fn"] = None
-    return _COMPILED["fn"]
-
-
-HASH_BACKENDS = ("auto", "eager", "compiled")
-# "auto" compiles only for batches this large: below it the one-off compile (seconds) never pays back.
-AUTO_COMPILE_MIN_TOKENS = 1 << 16
+HASH_BACKENDS = ("auto", "torch", "cpu_kernel")
 
 
 def _check(cond: bool, key: str, value, why: str) -> None:
@@ -175,7 +125,7 @@ class NgramHasher:
                  reset_at_doc_boundary: bool = False, eos_id: Optional[int] = None,
                  compressed_vocab_size: Optional[int] = None, backend: str = "auto"):
         _check(backend in HASH_BACKENDS, "backend", backend,
-               "choose 'eager' (torch %, the reference path), 'compiled' (fused, division-free) or 'auto'")
+               "choose 'torch' (exact %, the reference), 'cpu_kernel' (native, CPU tensors) or 'auto'")
         lookup_t = torch.as_tensor(np.asarray(lookup) if not torch.is_tensor(lookup) else lookup)
         _check(lookup_t.ndim == 1 and lookup_t.numel() > 0 and not lookup_t.is_floating_point(),
                "lookup", f"tensor of shape {tuple(lookup_t.shape)} and dtype {lookup_t.dtype}",
@@ -234,11 +184,13 @@ class NgramHasher:
         self._primes = torch.tensor([self.table_sizes[l] for l in layer_ids], dtype=torch.int64).view(L, N - 1, K)
         self._inv_primes = 1.0 / self._primes.to(torch.float64)
         self._device_cache: Dict[torch.device, tuple] = {}
-        # One dispatch point: "eager" is exact torch `%` (and the oracle of "compiled"); "compiled" fuses
-        # all layers, orders and heads into one division-free kernel; "auto" uses compiled for large
-        # batches (AUTO_COMPILE_MIN_TOKENS) and falls back to eager if compilation is unavailable.
         self.backend = backend
-        self._compile_failed = False
+        if backend == "cpu_kernel":
+            from kernels import ngram_hash
+
+            ngram_hash._require(ngram_hash.library())   # fail at construction, with the reason
+            _check(max(max(v) for v in self.table_sizes.values()) < ngram_hash.MAX_TABLE_SIZE, "table_sizes",
+                   "a prime >= 2**40", "backend='cpu_kernel' is exact below 2**40 rows per head; use 'torch'")
 
     @property
     def num_heads(self) -> int:
@@ -284,7 +236,39 @@ class NgramHasher:
             windows = torch.where(offset_in_doc.unsqueeze(0) >= k, windows, self.compressed_pad_id)
         return windows
 
-    def __call__(self, raw_ids) -> Dict[int, torch.Tensor]:
+    def _use_kernel(self, device: torch.device) -> bool:
+        if self.backend == "torch":
+            return False
+        if self.backend == "cpu_kernel":
+            if device.type != "cpu":
+                raise ValueError(f"raw_ids on {device}: backend='cpu_kernel' hashes CPU tensors; use 'auto' or "
+                                 "'torch' for other devices")
+            return True
+        if device.type != "cpu":
+            return False
+        from kernels import ngram_hash
+
+        return ngram_hash.available() and max(max(v) for v in self.table_sizes.values()) < ngram_hash.MAX_TABLE_SIZE
+
+    def _check_out(self, out, B: int, T: int, device: torch.device) -> Dict[int, torch.Tensor]:
+        want = (B, T, self.num_heads)
+        if not isinstance(out, dict) or sorted(out) != sorted(self.layer_ids):
+            got = sorted(out) if isinstance(out, dict) else type(out).__name__
+            raise ValueError(f"out: expected a dict with one tensor per Engram layer {sorted(self.layer_ids)}, "
+                             f"got {got}")
+        for layer_id, t in out.items():
+            if t.dtype != torch.int64 or tuple(t.shape) != want or t.device != device or not t.is_contiguous():
+                raise ValueError(f"out[{layer_id}]: expected a contiguous int64 tensor of shape {list(want)} on "
+                                 f"{device}, got {t.dtype} {list(t.shape)} on {t.device} "
+                                 f"(contiguous={t.is_contiguous()})")
+        return out
+
+    def __call__(self, raw_ids, out: Optional[Dict[int, torch.Tensor]] = None) -> Dict[int, torch.Tensor]:
+        """Hash ids ``{layer_id: LongTensor[B, T, (N-1)*K]}`` of ``raw_ids [B, T]``, on its device.
+
+        ``out``: optional preallocated outputs (same dict layout, contiguous int64), e.g. reused
+        or pinned buffers of a data pipeline; the ids are written there and ``out`` is returned.
+        """
         if not torch.is_tensor(raw_ids):
             raw_ids = torch.as_tensor(np.asarray(raw_ids))
         if raw_ids.ndim != 2 or raw_ids.is_floating_point() or raw_ids.is_complex():
@@ -293,43 +277,45 @@ class NgramHasher:
         raw_ids = raw_ids.to(torch.int64)
         B, T = raw_ids.shape
         N, K = self.max_ngram, self.heads_per_ngram
+        if out is None:
+            out = {l: torch.empty((B, T, (N - 1) * K), dtype=torch.int64, device=raw_ids.device)
+                   for l in self.layer_ids}
+        else:
+            out = self._check_out(out, B, T, raw_ids.device)
         if raw_ids.numel() == 0:
-            empty = torch.empty((B, T, (N - 1) * K), dtype=torch.int64, device=raw_ids.device)
-            return {l: empty.clone() for l in self.layer_ids}
+            return out
         low, top = (int(v) for v in torch.aminmax(raw_ids))
         if top >= self.vocab_size:
             raise ValueError(f"raw_ids: holds token id {top}, outside the tokenizer vocabulary of {self.vocab_size} "
                              f"ids the compression lookup was built for; rebuild it from this tokenizer")
-        _, multipliers, primes, inv_primes = self._constants(raw_ids.device)   # [L, N, 1, 1], [L, N-1, K] x2
         x = self.compress(raw_ids, any_negative=low < 0)
-        windows = self._windows(raw_ids, x)                        # [N, B, T]
-        use_compiled = self.backend == "compiled" or (self.backend == "auto" and B * T >= AUTO_COMPILE_MIN_TOKENS)
-        if use_compiled and not self._compile_failed:
-            fused = _compiled_hash_fused()
-            if fused is not None:
-                try:
-                    ids = fused(windows, multipliers, primes, inv_primes)        # [L, B, T, N-1, K]
-                    return {l: ids[i].reshape(B, T, (N - 1) * K) for i, l in enumerate(self.layer_ids)}
-                except Exception as e:
-                    if self.backend == "compiled":
-                        raise
-                    logging.getLogger(__name__).warning(
-                        "n-gram hashing: compiled path failed (%s: %s); using eager", type(e).__name__, e)
-            self._compile_failed = True
-            if self.backend == "compiled":
-                raise RuntimeError("n-gram hashing: backend='compiled' but torch.compile is unavailable")
-        products = windows.unsqueeze(0) * multipliers              # [L, N, B, T]
-        result = {}
+        if self._use_kernel(raw_ids.device):
+            from kernels import ngram_hash
+
+            _, multipliers, primes, inv_primes = self._constants(raw_ids.device)
+            ngram_hash.ngram_hash(
+                x.contiguous(), raw_ids.contiguous(), self.eos_id if self.reset_at_doc_boundary else None,
+                self.compressed_pad_id, multipliers.view(len(self.layer_ids), N),
+                primes.view(len(self.layer_ids), -1), inv_primes.view(len(self.layer_ids), -1),
+                [out[l] for l in self.layer_ids])
+            return out
+        return self._hash_torch(raw_ids, x, out)
+
+    def _hash_torch(self, raw_ids: torch.Tensor, x: torch.Tensor, out: Dict[int, torch.Tensor]):
+        """The reference path: exact int64 ``%`` on any device."""
+        B, T = x.shape
+        N, K = self.max_ngram, self.heads_per_ngram
+        _, multipliers, primes, _ = self._constants(x.device)        # [L, N, 1, 1], [L, N-1, K]
+        windows = self._windows(raw_ids, x)                          # [N, B, T]
+        products = windows.unsqueeze(0) * multipliers                # [L, N, B, T], wraps like int64 in numpy
         for i, layer_id in enumerate(self.layer_ids):
-            out = torch.empty((B, T, N - 1, K), dtype=torch.int64, device=x.device)
+            dst = out[layer_id].view(B, T, N - 1, K)
             mix = products[i, 0]
-            for n in range(2, N + 1):                              # order n XORs in one more window token
+            for n in range(2, N + 1):                                # order n XORs in one more window token
                 mix = torch.bitwise_xor(mix, products[i, n - 1])
-                # All heads of this order at once, written straight into their slice of the output:
-                # no transposing copy, and few enough ops that intra-op threads rarely wait on each other.
-                torch.remainder(mix.unsqueeze(-1), primes[i, n - 2], out=out[:, :, n - 2])
-            result[layer_id] = out.view(B, T, (N - 1) * K)
-        return result
+                # All heads of this order at once, written straight into their slice of the output.
+                torch.remainder(mix.unsqueeze(-1), primes[i, n - 2], out=dst[:, :, n - 2])
+        return out
 
 
 def hasher_from_config(cfg: EngramConfig, lookup, compressed_vocab_size: int, pad_id: int,
@@ -340,4 +326,4 @@ def hasher_from_config(cfg: EngramConfig, lookup, compressed_vocab_size: int, pa
     return NgramHasher(lookup, layer_ids=list(cfg.layer_ids), max_ngram=cfg.max_ngram,
                        heads_per_ngram=cfg.heads_per_ngram, table_size_per_ngram=sizes, pad_id=pad_id,
                        seed=cfg.seed, reset_at_doc_boundary=cfg.reset_at_doc_boundary, eos_id=eos_id,
-                       compressed_vocab_size=compressed_vocab_size)
+                       compressed_vocab_size=compressed_vocab_size, backend=cfg.hash_backend)

@@ -17,6 +17,11 @@ import torch
 from engram_train.config.schema import EngramConfig
 from engram_train.engram.compress import build_compression
 from engram_train.engram.hashing import NgramHasher, hasher_from_config
+from kernels import ngram_hash as ngram_kernel
+
+needs_kernel = pytest.mark.skipif(not ngram_kernel.available(), reason="no C compiler: the CPU kernel is unavailable")
+# Every golden test runs the reference torch path and the native kernel.
+BACKENDS = ["torch", pytest.param("cpu_kernel", marks=needs_kernel)]
 
 TEXT = (
     "The Café on Rue Saint-Honoré opened at 7:45.   THE CAFÉ, the café!\n"
@@ -142,11 +147,12 @@ def batch(ids, B, T, seed, eos=None, extra=()):
 @pytest.mark.parametrize("layer_ids", [[1, 15], [0], [7, 2, 5]])
 @pytest.mark.parametrize("max_ngram", [2, 3, 4])
 @pytest.mark.parametrize("heads", [1, 3, 8])
-def test_hash_ids_and_primes_equal_reference(compression, layer_ids, max_ngram, heads):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hash_ids_and_primes_equal_reference(compression, layer_ids, max_ngram, heads, backend):
     lookup, size, ids, pad, eos = compression
     sizes = [size * 5 + 3 * n for n in range(max_ngram - 1)]
     h = NgramHasher(lookup, layer_ids=layer_ids, max_ngram=max_ngram, heads_per_ngram=heads,
-                    table_size_per_ngram=sizes, pad_id=pad, seed=0)
+                    table_size_per_ngram=sizes, pad_id=pad, seed=0, backend=backend)
     raw = batch(ids, B=3, T=29, seed=len(layer_ids) * 10 + max_ngram + heads)
     ref, primes, mults = ref_hash(lookup, raw, layer_ids, max_ngram, heads, sizes, pad, seed=0)
     out = h(torch.from_numpy(raw))
@@ -174,10 +180,11 @@ def test_small_tables_force_prime_skips_across_orders_and_layers(compression):
         np.testing.assert_array_equal(h(torch.from_numpy(raw))[layer].numpy(), ref[layer])
 
 
-def test_edge_inputs_equal_reference(compression):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_inputs_equal_reference(compression, backend):
     lookup, size, ids, pad, _ = compression
     sizes = [size * 5, size * 5 + 100, size * 5 + 200]
-    h = NgramHasher(lookup, [1, 15], 4, 8, sizes, pad_id=pad, seed=3)
+    h = NgramHasher(lookup, [1, 15], 4, 8, sizes, pad_id=pad, seed=3, backend=backend)
     # sequences shorter than the n-gram, pad ids inside, negative ids (pass through), the largest id
     for raw in (np.array([[5]]), np.array([[pad, 7]]), np.array([[1, -1, 4, len(lookup) - 1, pad, 9]])):
         ref, _, _ = ref_hash(lookup, raw, [1, 15], 4, 8, sizes, pad, seed=3)
@@ -201,17 +208,19 @@ def test_pad_id_is_compressed_before_padding(compression):
 # ---- document-boundary reset -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("max_ngram", [2, 3, 4])
-def test_doc_boundary_reset_equals_reference(compression, max_ngram):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_doc_boundary_reset_equals_reference(compression, max_ngram, backend):
     lookup, size, ids, pad, eos = compression
     sizes = [size * 7] * (max_ngram - 1)
     raw = batch(ids, B=4, T=33, seed=max_ngram, eos=eos, extra=[(0, 0, eos), (1, 32, eos), (2, 5, eos), (2, 6, eos)])
-    h = NgramHasher(lookup, [4, 9], max_ngram, 5, sizes, pad_id=pad, seed=2, reset_at_doc_boundary=True, eos_id=eos)
+    h = NgramHasher(lookup, [4, 9], max_ngram, 5, sizes, pad_id=pad, seed=2, reset_at_doc_boundary=True, eos_id=eos,
+                    backend=backend)
     ref, _, _ = ref_hash(lookup, raw, [4, 9], max_ngram, 5, sizes, pad, seed=2, eos_raw=eos)
     out = h(torch.from_numpy(raw))
     for layer in (4, 9):
         np.testing.assert_array_equal(out[layer].numpy(), ref[layer])
     # reset off is the reference exactly, and differs from reset on where documents are packed
-    h_off = NgramHasher(lookup, [4, 9], max_ngram, 5, sizes, pad_id=pad, seed=2, eos_id=eos)
+    h_off = NgramHasher(lookup, [4, 9], max_ngram, 5, sizes, pad_id=pad, seed=2, eos_id=eos, backend=backend)
     ref_off, _, _ = ref_hash(lookup, raw, [4, 9], max_ngram, 5, sizes, pad, seed=2)
     off = h_off(torch.from_numpy(raw))
     for layer in (4, 9):
@@ -296,35 +305,68 @@ def test_rejects_ids_outside_vocabulary_and_bad_shapes(compression):
         h(torch.tensor([1, 2, 3]))
 
 
-# ---- the compiled, division-free backend ---------------------------------------------------------------------------
+# ---- the native CPU kernel (oracle: the torch path, pinned above to the independent port) -------------------------
 
-def test_floor_mod_by_reciprocal_is_exact_over_the_int64_range():
-    from engram_train.engram.hashing import floor_mod_by_reciprocal
 
+
+@needs_kernel
+def test_kernel_modulo_is_exact_over_the_int64_range():
     g = torch.Generator().manual_seed(0)
     extremes = torch.tensor([-2**63, -2**63 + 1, -1, 0, 1, 2**63 - 1, 2**62, -2**62], dtype=torch.int64)
     x = torch.cat([extremes, torch.randint(-2**63, 2**63 - 1, (20000,), generator=g, dtype=torch.int64)])
-    primes = torch.tensor([2, 3, 5, 65537, 163847, 2**31 - 1, 1099511627689], dtype=torch.int64)  # up to ~2**40
-    got = floor_mod_by_reciprocal(x[:, None], primes, 1.0 / primes.double())
-    want = torch.remainder(x[:, None], primes)   # floor semantics, like numpy's % in the reference
-    assert torch.equal(got, want)
-    # multiples of p and their neighbours, where a quotient off by one would show
-    p = primes[4]
-    k = torch.randint(-2**40, 2**40, (5000,), generator=g, dtype=torch.int64)
-    near = torch.cat([k * p - 1, k * p, k * p + 1])
-    assert torch.equal(floor_mod_by_reciprocal(near, p, 1.0 / p.double()), torch.remainder(near, p))
+    for p in (2, 3, 5, 65537, 163847, 2**31 - 1, 1099511627689):   # the last is just below 2**40
+        assert torch.equal(ngram_kernel.floor_mod(x, p), torch.remainder(x, p)), p
+        # multiples of p and their neighbours, where a quotient off by one would show
+        k = torch.randint(-(2**62 // p), 2**62 // p, (5000,), generator=g, dtype=torch.int64)
+        near = torch.cat([k * p - 1, k * p, k * p + 1])
+        assert torch.equal(ngram_kernel.floor_mod(near, p), torch.remainder(near, p)), p
+    with pytest.raises(ValueError, match="exact for 2 <= p < 2"):
+        ngram_kernel.floor_mod(x, 2**40)
 
 
-@pytest.mark.slow
-def test_compiled_backend_equals_eager(compression):
+@needs_kernel
+@pytest.mark.parametrize("layer_ids", [[1, 15], [3]])
+@pytest.mark.parametrize("max_ngram", [2, 3, 4])
+@pytest.mark.parametrize("heads", [1, 5, 8])
+@pytest.mark.parametrize("reset", [False, True])
+def test_kernel_equals_torch_path(compression, layer_ids, max_ngram, heads, reset):
     lookup, size, ids, pad, eos = compression
-    kw = dict(layer_ids=[1, 15], max_ngram=3, heads_per_ngram=8, table_size_per_ngram=[size * 5, size * 7],
-              pad_id=pad, seed=3)
-    raw = torch.from_numpy(batch(ids, B=16, T=64, seed=11))
-    eager = NgramHasher(lookup, backend="eager", **kw)(raw)
-    compiled = NgramHasher(lookup, backend="compiled", **kw)(raw)
-    for layer in (1, 15):
-        assert torch.equal(compiled[layer], eager[layer])
-        assert compiled[layer].is_contiguous() and compiled[layer].dtype == torch.int64
-    with pytest.raises(ValueError, match="backend='fast'"):
-        NgramHasher(lookup, backend="fast", **kw)
+    kw = dict(layer_ids=layer_ids, max_ngram=max_ngram, heads_per_ngram=heads,
+              table_size_per_ngram=[size * (3 + n) for n in range(max_ngram - 1)], pad_id=pad, seed=7,
+              reset_at_doc_boundary=reset, eos_id=eos)
+    # EOS right at row starts and in runs; negative ids pass through like in the reference.
+    raw = torch.from_numpy(batch(ids, B=6, T=41, seed=max_ngram * 10 + heads, eos=eos,
+                                 extra=[(0, 0, eos), (1, 1, eos), (1, 2, eos), (2, 5, -1)]))
+    want = NgramHasher(lookup, backend="torch", **kw)(raw)
+    for threads in (1, 3):   # the token range split over threads, cutting rows mid-way
+        from unittest import mock
+
+        with mock.patch.object(ngram_kernel, "MIN_TOKENS_PER_THREAD", 1), mock.patch.object(
+                torch, "get_num_threads", return_value=threads):
+            got = NgramHasher(lookup, backend="cpu_kernel", **kw)(raw)
+        for layer in layer_ids:
+            assert got[layer].dtype == torch.int64 and got[layer].is_contiguous()
+            assert torch.equal(got[layer], want[layer]), (layer, threads)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu_kernel", marks=needs_kernel)])
+def test_out_buffers_are_filled_and_checked(compression, backend):
+    lookup, size, ids, pad, _ = compression
+    h = NgramHasher(lookup, [1, 4], 3, 2, [size * 5, size * 5], pad_id=pad, backend=backend)
+    raw = torch.from_numpy(batch(ids, B=3, T=17, seed=5))
+    want = NgramHasher(lookup, [1, 4], 3, 2, [size * 5, size * 5], pad_id=pad, backend="torch")(raw)
+    out = {l: torch.full((3, 17, 4), -7, dtype=torch.int64) for l in (1, 4)}
+    got = h(raw, out=out)
+    assert got is out
+    for l in (1, 4):
+        assert torch.equal(out[l], want[l])
+    with pytest.raises(ValueError, match=r"out: expected a dict with one tensor per Engram layer \[1, 4\]"):
+        h(raw, out={1: out[1]})
+    with pytest.raises(ValueError, match=r"out\[4\]: expected a contiguous int64 tensor of shape \[3, 17, 4\]"):
+        h(raw, out={1: out[1], 4: torch.empty(3, 17, 4, dtype=torch.int32)})
+
+
+def test_backend_validation(compression):
+    lookup, size, _, pad, _ = compression
+    with pytest.raises(ValueError, match="backend='fast': choose 'torch'"):
+        NgramHasher(lookup, [1], 2, 2, [500], pad_id=pad, backend="fast")
