@@ -139,6 +139,8 @@ def unavailable_reason() -> Optional[str]:
 def _executor(size: int) -> ThreadPoolExecutor:
     # A pool made before a fork (data-loader workers) has no threads in the child: make a new one.
     if _pool["pid"] != os.getpid() or _pool["size"] != size:
+        if _pool["pid"] == os.getpid() and _pool["executor"] is not None:
+            _pool["executor"].shutdown(wait=False)   # resized (torch.set_num_threads changed)
         _pool.update(pid=os.getpid(), size=size,
                      executor=ThreadPoolExecutor(max_workers=size, thread_name_prefix="engram-hash"))
     return _pool["executor"]
