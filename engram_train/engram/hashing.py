@@ -184,13 +184,16 @@ class NgramHasher:
         self._primes = torch.tensor([self.table_sizes[l] for l in layer_ids], dtype=torch.int64).view(L, N - 1, K)
         self._inv_primes = 1.0 / self._primes.to(torch.float64)
         self._device_cache: Dict[torch.device, tuple] = {}
+        from kernels.ngram_hash import MAX_TABLE_SIZE
+
         self.backend = backend
+        self._kernel_exact = max(max(v) for v in self.table_sizes.values()) < MAX_TABLE_SIZE
         if backend == "cpu_kernel":
             from kernels import ngram_hash
 
             ngram_hash._require(ngram_hash.library())   # fail at construction, with the reason
-            _check(max(max(v) for v in self.table_sizes.values()) < ngram_hash.MAX_TABLE_SIZE, "table_sizes",
-                   "a prime >= 2**40", "backend='cpu_kernel' is exact below 2**40 rows per head; use 'torch'")
+            _check(self._kernel_exact, "table_sizes", "a prime >= 2**40",
+                   "backend='cpu_kernel' is exact below 2**40 rows per head; use 'torch'")
 
     @property
     def num_heads(self) -> int:
@@ -244,11 +247,11 @@ class NgramHasher:
                 raise ValueError(f"raw_ids on {device}: backend='cpu_kernel' hashes CPU tensors; use 'auto' or "
                                  "'torch' for other devices")
             return True
-        if device.type != "cpu":
+        if device.type != "cpu" or not self._kernel_exact:
             return False
         from kernels import ngram_hash
 
-        return ngram_hash.available() and max(max(v) for v in self.table_sizes.values()) < ngram_hash.MAX_TABLE_SIZE
+        return ngram_hash.available()   # built (or found unbuildable) once per process
 
     def _check_out(self, out, B: int, T: int, device: torch.device) -> Dict[int, torch.Tensor]:
         want = (B, T, self.num_heads)

@@ -117,6 +117,8 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """True on every rank once any rank got SIGTERM/SIGUSR1 (checked between steps)."""
+        if self.world == 1:
+            return self._stop_signal is not None
         flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -60,8 +60,12 @@ def data_overrides(tmp_path_factory):
     return [f"data.corpus=files", f"data.files=[{corpus}]", f"data.dir={root / 'prepared'}"]
 
 
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
+
+
 def launch(nproc: int, overrides, timeout: int = 600) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
+    env = _env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "engram_train.train.main", *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -150,7 +154,7 @@ def test_sigterm_stops_with_a_checkpoint_and_the_run_resumes(tmp_path, data_over
 
     run_dir = tmp_path / "preempted"
     overrides = [*TINY, *data_overrides, "trainer.max_steps=100000", f"run.dir={run_dir}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
+    env = _env()
     log_path = tmp_path / "preempted.log"   # a file, not a pipe: a full pipe would stall the run
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "engram_train.train.main", *overrides], env=env,
