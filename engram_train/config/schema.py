@@ -17,6 +17,10 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message says which and why."""
 
 
+PARTITIONS = ("auto", "replicated", "tp", "all")
+TABLE_OPTIMIZERS = ("adam", "sparse_adam")
+
+
 def _require(cond: bool, key: str, value, why: str) -> None:
     if not cond:
         raise ConfigError(f"{key}={value!r}: {why}")
@@ -99,8 +103,20 @@ class EngramConfig:
     table_init_std: float = 0.02
     table_lr_mult: float = 5.0
     table_weight_decay: float = 0.0
+    # Where table rows live (engram_train/memory, docs/tables.md):
+    # "auto": "tp" when parallel.tensor_parallel > 1, else "replicated" | "replicated" | "tp" (rows split
+    # over the tensor-parallel group) | "all" (rows split over every rank, all-to-all lookups)
+    partition: str = "auto"
+    # "adam": torch.optim.AdamW over the whole table (untouched rows' moments decay) |
+    # "sparse_adam": lazy row-wise Adam, only the rows a step touched change (per-row step count)
+    optimizer: str = "adam"
 
     def __post_init__(self):
+        _require(self.partition in PARTITIONS, "engram.partition", self.partition,
+                 "choose 'auto', 'replicated', 'tp' (rows split over tensor parallelism) or 'all' "
+                 "(rows split over every rank)")
+        _require(self.optimizer in TABLE_OPTIMIZERS, "engram.optimizer", self.optimizer,
+                 "choose 'adam' (dense Adam over the table) or 'sparse_adam' (lazy row-wise Adam)")
         if not self.enabled:
             return
         _require(len(self.layer_ids) > 0, "engram.layer_ids", self.layer_ids,
@@ -258,6 +274,10 @@ class Config:
             _require(m.is_moe, "parallel.expert_parallel", p.expert_parallel, "needs model.num_experts > 0")
             _require(m.num_experts % p.expert_parallel == 0, "parallel.expert_parallel", p.expert_parallel,
                      f"must divide model.num_experts={m.num_experts}")
+        if e.enabled:
+            _require(p.zero_stage in (1, 2), "parallel.zero_stage", p.zero_stage,
+                     "Engram tables live in the table store, whose gradient norm joins the dense one inside "
+                     "DeepSpeed's ZeRO-1/2 optimizer (gradient clipping); set parallel.zero_stage=1 or 2")
         if p.use_sequence_parallel:
             _require(d.seq_length % p.tensor_parallel == 0, "data.seq_length", d.seq_length,
                      f"sequence parallelism needs it divisible by parallel.tensor_parallel={p.tensor_parallel}")

@@ -26,6 +26,29 @@ class HashIdOutOfRangeError(ValueError):
     """Hash ids that address no row of their head's table (hashed for other table sizes)."""
 
 
+def check_hash_ids(hash_ids: torch.Tensor, sizes: torch.Tensor, table_sizes: Sequence[int]) -> None:
+    """Raise :class:`HashIdOutOfRangeError` unless ``hash_ids [..., heads]`` address rows of their heads.
+
+    ``sizes`` is ``table_sizes`` as a tensor on the ids' device.  Costs one
+    min/max pass over the ids (and a device sync on GPU).
+    """
+    heads = len(table_sizes)
+    if hash_ids.shape[-1] != heads:
+        raise HashIdOutOfRangeError(
+            f"hash_ids: last dimension is {hash_ids.shape[-1]} but the table has {heads} heads; "
+            f"pass the hasher's ids of this layer, shape [..., (max_ngram-1)*heads_per_ngram]")
+    if hash_ids.numel() == 0:
+        return
+    lo, hi = torch.aminmax(hash_ids.reshape(-1, heads), dim=0)
+    bad = (lo < 0) | (hi >= sizes)
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0, 0])
+        raise HashIdOutOfRangeError(
+            f"hash_ids: head {j} holds ids in [{int(lo[j])}, {int(hi[j])}] but its table has "
+            f"{table_sizes[j]} rows (valid ids 0..{table_sizes[j] - 1}); build the table with "
+            f"the same hasher's table_sizes[layer_id] that produced the ids")
+
+
 class MultiHeadEmbeddingTable(nn.Module):
     # The range check costs one min/max pass over the ids (and a device sync on GPU);
     # callers that guarantee their ids (e.g. a fused kernel path) may set this to False.
@@ -60,25 +83,9 @@ class MultiHeadEmbeddingTable(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
 
-    def _check_ids(self, hash_ids: torch.Tensor) -> None:
-        if hash_ids.shape[-1] != self.num_heads:
-            raise HashIdOutOfRangeError(
-                f"hash_ids: last dimension is {hash_ids.shape[-1]} but the table has {self.num_heads} heads; "
-                f"pass the hasher's ids of this layer, shape [..., (max_ngram-1)*heads_per_ngram]")
-        if hash_ids.numel() == 0:
-            return
-        lo, hi = torch.aminmax(hash_ids.reshape(-1, self.num_heads), dim=0)
-        bad = (lo < 0) | (hi >= self.sizes)
-        if bool(bad.any()):
-            j = int(bad.nonzero()[0, 0])
-            raise HashIdOutOfRangeError(
-                f"hash_ids: head {j} holds ids in [{int(lo[j])}, {int(hi[j])}] but its table has "
-                f"{self.table_sizes[j]} rows (valid ids 0..{self.table_sizes[j] - 1}); build the table with "
-                f"the same hasher's table_sizes[layer_id] that produced the ids")
-
     def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
         if self.check_ids:
-            self._check_ids(hash_ids)
+            check_hash_ids(hash_ids, self.sizes, self.table_sizes)
         rows = F.embedding(hash_ids + self.offsets, self.weight)   # [..., heads, embed_dim]
         return rows.flatten(-2)
 

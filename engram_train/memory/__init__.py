@@ -1,0 +1,12 @@
+"""The home of Engram tables: where their rows live, how lookups reach them, how they train.
+
+- ``layout``: placements (``engram.partition``: replicated, tp, all) as row ranges; sizing arithmetic.
+- ``store``: :class:`TableStore`, the owner of every table shard, its sparse gradients and its
+  optimizer; :class:`StoreTable`, the table module it supplies to each Engram block.
+- ``exchange``: how a lookup reaches rows of other ranks (all-reduce under TP, all-to-all over all ranks).
+- ``optim``: the table optimizers ``adam`` and ``sparse_adam``.
+- ``checkpoint``: sharded, reshardable table checkpoints (torch.distributed.checkpoint).
+
+The model never imports this package: ``engram_train.parallel.parallelize`` builds the store and
+passes ``store.table`` to the model's layer spec.  docs/tables.md explains the design.
+"""

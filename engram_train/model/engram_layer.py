@@ -84,11 +84,14 @@ class EngramTransformerLayer(TransformerLayer):
 
     Built from a spec like any layer; the extra keyword arguments come from
     ``ModuleSpec.params`` (see :func:`engram_train.model.spec.engram_layer_spec`).
+    ``engram_table_provider(layer_id, table_sizes, embed_dim) -> table module``
+    supplies the block's table (the table store's); without one the block
+    builds its own ``MultiHeadEmbeddingTable``.
     """
 
     def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout=None,
                  pg_collection=None, vp_stage=None, *, engram_layer_id: int,
-                 engram_block_kwargs: dict, engram_context: EngramContext):
+                 engram_block_kwargs: dict, engram_context: EngramContext, engram_table_provider=None):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          hidden_dropout=hidden_dropout, pg_collection=pg_collection, vp_stage=vp_stage)
         if self.layer_number != layer_number_of(engram_layer_id):
@@ -97,7 +100,14 @@ class EngramTransformerLayer(TransformerLayer):
         from engram_train.engram.block import EngramBlock
 
         self.engram_layer_id = engram_layer_id
-        self.engram = EngramBlock(**engram_block_kwargs).to(dtype=config.params_dtype)
+        kwargs = dict(engram_block_kwargs)
+        if engram_table_provider is not None:
+            # The table comes from outside (memory/: partitioned, or elsewhere); the block never
+            # allocates one of its own, so no rank holds a whole partitioned table, even briefly.
+            kwargs["table"] = engram_table_provider(
+                engram_layer_id, kwargs["table_sizes"], kwargs["n_embed_per_ngram"] // kwargs["heads_per_ngram"])
+        # .to(dtype) casts floating-point parameters and buffers only: a store table has neither.
+        self.engram = EngramBlock(**kwargs).to(dtype=config.params_dtype)
         self.engram_context = engram_context
 
     def engram_residual(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,9 @@ the per-token loss.
 Call :func:`engram_train.parallel.state.init_parallel` first: megatron needs
 its process groups to build layers, and on CPU that call activates the CPU
 backend.  The model is not parallelism-aware beyond what megatron's layers
-already are; the sequence-parallel gradient fix-up lives in
-:mod:`engram_train.parallel.sp_grads` (``build_model`` installs it) and the
-optimizer wiring in ``parallel/``.
+already are: ``engram_train.parallel.parallelize`` builds it with the table
+store's tables (``table_provider``) and then applies expert placement and the
+sequence-parallel gradient hooks from outside.
 
 The MoE load-balancing loss is not part of the returned loss: megatron's
 router attaches it to the graph (``MoEAuxLossAutoScaler``), so it adds its
@@ -32,7 +32,7 @@ from torch import nn
 
 from engram_train.config.schema import ConfigError, EngramConfig, ModelConfig, ParallelConfig
 from engram_train.model.engram_layer import EngramContext, EngramTransformerLayer, layer_id_of
-from engram_train.parallel.device import get_device, is_cpu
+from engram_train.platform.device import get_device, is_cpu
 
 _EXPERT_PARAM = re.compile(r"\.mlp\.experts\.")
 
@@ -114,7 +114,7 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
             moe_router_dtype="fp32",
         )
     if is_cpu():
-        from engram_train.model import cpu_backend
+        from engram_train.platform import cpu_backend
 
         cpu_backend.check_supported(model_cfg.moe_token_dispatcher_type if model_cfg.is_moe else "allgather")
         kwargs.update(cpu_backend.CPU_CONFIG_OVERRIDES)
@@ -213,17 +213,17 @@ class EngramGPTModel(nn.Module):
 
 def build_model(model_cfg: ModelConfig, engram_cfg: EngramConfig, parallel_cfg: ParallelConfig,
                 vocab_size: int, engram_table_sizes: Optional[Dict[int, List[int]]],
-                params_dtype: torch.dtype = torch.float32,
-                sequence_parallel_grad_hooks: bool = True) -> EngramGPTModel:
+                params_dtype: torch.dtype = torch.float32, table_provider=None) -> EngramGPTModel:
     """Build this rank's part of the model (needs ``init_parallel`` first).
 
     ``vocab_size`` is the tokenizer's; ``model.vocab_size`` overrides it.  The
     embedding is padded to a multiple of ``model.make_vocab_size_divisible_by``.
     ``engram_table_sizes``: ``{layer_id: [prime per (n-gram order, head)]}``
-    from the hashing component (DESIGN.md 1.3).  Under sequence parallelism
-    the gradient hooks of :mod:`engram_train.parallel.sp_grads` are installed
-    unless ``sequence_parallel_grad_hooks=False`` (only for an optimizer that
-    all-reduces sequence-parallel gradients itself, like megatron's DDP).
+    from the hashing component (DESIGN.md 1.3).  ``table_provider(layer_id,
+    table_sizes, embed_dim)`` supplies each Engram block's table (the table
+    store's); without it every block builds a whole table of its own.  Call
+    :func:`engram_train.parallel.parallelize.parallelize` on the result before
+    training under TP or EP.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -246,20 +246,11 @@ def build_model(model_cfg: ModelConfig, engram_cfg: EngramConfig, parallel_cfg: 
     context = EngramContext()
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=decoder_block_spec(config, blocks, context),
+        transformer_layer_spec=decoder_block_spec(config, blocks, context, table_provider),
         vocab_size=vocab,
         max_sequence_length=model_cfg.max_seq_length,
         share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=model_cfg.rotary_base,
     )
-    # Experts start from the same values at every EP size (megatron draws them per EP rank).
-    from engram_train.parallel.sharding import init_experts_by_global_index
-
-    init_experts_by_global_index(gpt, torch.initial_seed())
-    model = EngramGPTModel(gpt, config, context, vocab).to(get_device())
-    if sequence_parallel_grad_hooks:
-        from engram_train.parallel.sp_grads import install_sequence_parallel_grad_hooks
-
-        install_sequence_parallel_grad_hooks(model)
-    return model
+    return EngramGPTModel(gpt, config, context, vocab).to(get_device())

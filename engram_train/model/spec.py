@@ -41,9 +41,9 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from engram_train.model.cpu_backend import RMSNorm, SDPAttention, ensure_te_optional
+from engram_train.platform.cpu_backend import RMSNorm, SDPAttention, ensure_te_optional
 from engram_train.model.engram_layer import EngramContext, EngramTransformerLayer
-from engram_train.parallel.device import is_cpu
+from engram_train.platform.device import is_cpu
 
 
 def have_transformer_engine() -> bool:
@@ -134,22 +134,23 @@ def moe_layer_pattern(config: TransformerConfig) -> List[bool]:
 
 
 def engram_layer_spec(base: ModuleSpec, layer_id: int, block_kwargs: dict,
-                      context: EngramContext) -> ModuleSpec:
+                      context: EngramContext, table_provider=None) -> ModuleSpec:
     """``base`` with the Engram block in front (``layer_id`` is the 0-based config id)."""
     return ModuleSpec(
         module=EngramTransformerLayer,
         submodules=base.submodules,
         params=dict(base.params or {}, engram_layer_id=layer_id, engram_block_kwargs=block_kwargs,
-                    engram_context=context),
+                    engram_context=context, engram_table_provider=table_provider),
         metainfo=dict(base.metainfo or {}),
     )
 
 
 def decoder_block_spec(config: TransformerConfig, engram_blocks: Dict[int, dict],
-                       context: EngramContext) -> TransformerBlockSubmodules:
+                       context: EngramContext, table_provider=None) -> TransformerBlockSubmodules:
     """The decoder's spec: one layer spec per layer (MoE or dense, Engram or not) and the final norm.
 
-    ``engram_blocks`` maps 0-based layer ids to :class:`EngramBlock` keyword arguments.
+    ``engram_blocks`` maps 0-based layer ids to :class:`EngramBlock` keyword arguments;
+    ``table_provider`` (see :class:`EngramTransformerLayer`) supplies their tables.
     """
     if is_cpu() or not have_transformer_engine():
         ensure_te_optional()   # megatron's router reads a name that only a TE import binds
@@ -171,5 +172,5 @@ def decoder_block_spec(config: TransformerConfig, engram_blocks: Dict[int, dict]
         moe = with_rng_neutral_experts(moe)
     specs = [moe if is_moe else dense for is_moe in moe_layer_pattern(config)]
     for layer_id, kwargs in engram_blocks.items():
-        specs[layer_id] = engram_layer_spec(specs[layer_id], layer_id, kwargs, context)
+        specs[layer_id] = engram_layer_spec(specs[layer_id], layer_id, kwargs, context, table_provider)
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)

@@ -21,6 +21,12 @@ DeepSpeed divides expert gradients by the dense DP size, which is exactly the
 full-batch average (each expert already summed the contributions of every DP
 rank's tokens through the token dispatcher).
 
+Engram tables are not DeepSpeed's (the table store owns them, see
+``parallel.parallelize.owner``), but gradient clipping keeps its meaning: the
+global norm covers dense and table gradients.  :func:`include_in_grad_norm`
+adds the store's squared norm to the one norm the ZeRO-1/2 optimizer computes
+(``scaled_global_norm``, used both to clip and for ``get_global_grad_norm``).
+
 Checkpoints do not use ``engine.save_checkpoint`` (its MoE path assumes
 DeepSpeed's own expert layout): see ``engram_train.train.checkpoint``.
 """
@@ -29,12 +35,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 from torch import nn
 
-from engram_train.config.schema import Config
+from engram_train.config.schema import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +185,43 @@ def param_groups(model: nn.Module, cfg: Config) -> List[Dict[str, Any]]:
     return groups
 
 
-def build_engine(model: nn.Module, cfg: Config, dp_size: int, use_bf16: bool):
-    """Wrap ``model`` in a DeepSpeed engine; returns (engine, optimizer)."""
+def include_in_grad_norm(optimizer, extra_sq_norm: Callable[[], torch.Tensor]) -> None:
+    """Make ``optimizer``'s global gradient norm ``sqrt(dense^2 + extra_sq_norm())``.
+
+    ``extra_sq_norm`` returns the squared norm of gradients DeepSpeed does not
+    hold (the table store's), already summed over all ranks.  Supported: the
+    ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer``), whose ``scaled_global_norm``
+    feeds both clipping and the reported norm; anything else fails here.
+    """
+    from deepspeed.runtime.utils import is_invalid_grad_norm
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer):
+        raise ConfigError(f"parallel.zero_stage: DeepSpeed built a {type(optimizer).__name__}, whose gradient "
+                          "norm cannot include the Engram table gradients; use parallel.zero_stage=2, or "
+                          "parallel.zero_stage=1 with parallel.offload_optimizer=cpu or trainer.precision=fp32")
+    dense_norm = optimizer.scaled_global_norm
+
+    def scaled_global_norm(norm_type=2):
+        norm = dense_norm(norm_type)
+        if is_invalid_grad_norm(norm):
+            return norm
+        extra = extra_sq_norm().to(device=norm.device, dtype=torch.float64) * float(optimizer.loss_scale) ** 2
+        return (norm.double().square() + extra).sqrt().to(norm.dtype)
+
+    optimizer.scaled_global_norm = scaled_global_norm
+
+
+def build_engine(model: nn.Module, cfg: Config, dp_size: int, use_bf16: bool, table_store=None):
+    """Wrap ``model`` in a DeepSpeed engine; returns (engine, optimizer).
+
+    With a ``table_store`` its gradients join DeepSpeed's global norm (clipping).
+    """
     import deepspeed
+
+    from engram_train.parallel.parallelize import deepspeed_parameters
+
+    deepspeed_parameters(model)   # raises if an Engram table weight slipped into the model's parameters
 
     ep = cfg.parallel.expert_parallel
     if ep > 1:
@@ -199,4 +239,6 @@ def build_engine(model: nn.Module, cfg: Config, dp_size: int, use_bf16: bool):
     os.environ.setdefault("LOCAL_RANK", "0")
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, model_parameters=groups, config=ds_cfg, mpu=MegatronMPU(), dist_init_required=False)
+    if table_store is not None:
+        include_in_grad_norm(optimizer, table_store.grad_sq_norm)
     return engine, optimizer

@@ -5,7 +5,7 @@
 plain ``python`` process becomes a one-rank job on a private file store, so
 megatron-core (which needs ``torch.distributed``) works in notebooks and unit
 tests without torchrun.  On a machine without CUDA it also activates the CPU
-backend for megatron-core (:mod:`engram_train.model.cpu_backend`) before any
+backend for megatron-core (:mod:`engram_train.platform.cpu_backend`) before any
 model is built.
 
 The group layout is megatron's (order ``tp-cp-ep-dp-pp``): TP ranks are
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from engram_train.config.schema import ConfigError, ParallelConfig
-from engram_train.parallel.device import get_device, is_cpu
+from engram_train.platform.device import get_device, is_cpu
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def init_parallel(parallel_cfg: ParallelConfig, seed: int) -> None:
 
     cpu = is_cpu()
     if cpu:
-        from engram_train.model.cpu_backend import activate_cpu_backend
+        from engram_train.platform.cpu_backend import activate_cpu_backend
 
         activate_cpu_backend()
     else:
@@ -98,7 +98,7 @@ def init_parallel(parallel_cfg: ParallelConfig, seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if cpu:
-        from engram_train.model.cpu_backend import cpu_model_parallel_manual_seed
+        from engram_train.platform.cpu_backend import cpu_model_parallel_manual_seed
 
         cpu_model_parallel_manual_seed(seed)
     else:

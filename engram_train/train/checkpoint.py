@@ -8,6 +8,9 @@ Layout of ``<run.dir>/checkpoints``::
         model.pt                FULL (single-rank layout) model state: independent of TP/EP/DP sizes
         optim/rank_00000.pt     each rank's optimizer shard (ZeRO partition) - same world layout to resume
         rng/rank_00000.pt       each rank's RNG states (torch, numpy, python, megatron's tracker)
+        tables/                 the Engram table store: each rank's rows and their optimizer state
+                                (torch.distributed.checkpoint, global shapes; loads at any layout,
+                                see engram_train.memory.checkpoint)
 
 Invariants:
 * a checkpoint is written into ``step_N.partial`` and renamed only when every
@@ -123,7 +126,7 @@ class Checkpointer:
         return os.path.join(self.root, names[-1]) if names else None
 
     # -- save -----------------------------------------------------------------------------------
-    def save(self, engine, state: TrainState, extra: Optional[Dict[str, Any]] = None) -> str:
+    def save(self, engine, state: TrainState, extra: Optional[Dict[str, Any]] = None, table_store=None) -> str:
         from engram_train.parallel.sharding import local_to_full
 
         t0 = time.time()
@@ -142,6 +145,10 @@ class Checkpointer:
             _torch_save(full, os.path.join(partial, "model.pt"))
         _torch_save(engine.optimizer.state_dict(), os.path.join(partial, "optim", f"rank_{self.rank:05d}.pt"))
         _torch_save(_rng_state(), os.path.join(partial, "rng", f"rank_{self.rank:05d}.pt"))
+        if table_store is not None:
+            from engram_train.memory import checkpoint as table_checkpoint
+
+            table_checkpoint.save(table_store, os.path.join(partial, "tables"))
         _barrier()
 
         if self.rank == 0:
@@ -164,7 +171,7 @@ class Checkpointer:
 
     # -- load -----------------------------------------------------------------------------------
     def load(self, engine, path: Optional[str] = None, dp_size: int = 1,
-             expect: Optional[Dict[str, Any]] = None) -> Optional[TrainState]:
+             expect: Optional[Dict[str, Any]] = None, table_store=None) -> Optional[TrainState]:
         """Restore model, optimizer and RNG from ``path`` (default: latest). Returns None if there is none.
 
         ``expect``: metadata that must match (e.g. the prepared data's fingerprint: a checkpoint
@@ -199,6 +206,10 @@ class Checkpointer:
                                              load_from_fp32_weights=True)
         else:
             engine.optimizer.load_state_dict(opt_sd)
+        if table_store is not None:
+            from engram_train.memory import checkpoint as table_checkpoint
+
+            table_checkpoint.load(table_store, os.path.join(path, "tables"))
         _set_rng_state(torch.load(os.path.join(path, "rng", f"rank_{self.rank:05d}.pt"), weights_only=False))
         log.info("resumed from %s (step %d)", path, meta["step"])
         return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"])

@@ -44,9 +44,10 @@ class Trainer:
         from engram_train.data.loader import (build_engram_hasher, build_train_loader, build_valid_batches,
                                               check_vocab)
         from engram_train.data.prepare import PreparedData, prepare_data
-        from engram_train.model.gpt import build_model, padded_vocab_size
+        from engram_train.model.gpt import padded_vocab_size
         from engram_train.parallel.deepspeed_engine import build_engine
-        from engram_train.parallel.device import get_device
+        from engram_train.parallel.parallelize import build_parallel_model
+        from engram_train.platform.device import get_device
         from engram_train.parallel.state import init_parallel
 
         self.cfg = cfg
@@ -78,9 +79,9 @@ class Trainer:
         d = cfg.data
         self.grad_accum = d.global_batch_size // (d.micro_batch_size * self.dp_size)
         table_sizes = self.hasher.table_sizes if self.hasher is not None else None
-        model = build_model(cfg.model, cfg.engram, cfg.parallel, vocab, table_sizes,
-                            params_dtype=torch.bfloat16 if self.use_bf16 else torch.float32)
-        self.engine, self.optimizer = build_engine(model, cfg, self.dp_size, self.use_bf16)
+        model, self.table_store = build_parallel_model(
+            cfg, vocab, table_sizes, params_dtype=torch.bfloat16 if self.use_bf16 else torch.float32)
+        self.engine, self.optimizer = build_engine(model, cfg, self.dp_size, self.use_bf16, self.table_store)
         self.model = self.engine.module
         # DeepSpeed scales the LM loss by 1/grad_accum in engine.backward; the MoE aux loss enters the
         # graph through megatron's autoscaler, whose gradient scale must match.
@@ -90,7 +91,8 @@ class Trainer:
         self.state = TrainState()
         if cfg.trainer.resume:
             self.state = self.checkpointer.load(self.engine, dp_size=self.dp_size,
-                                                expect={"data_fingerprint": self.data.fingerprint}) or TrainState()
+                                                expect={"data_fingerprint": self.data.fingerprint},
+                                                table_store=self.table_store) or TrainState()
 
         self.train_iter = build_train_loader(
             self.data, d, self.hasher, seq_length=d.seq_length, micro_batch_size=d.micro_batch_size,
@@ -106,7 +108,11 @@ class Trainer:
                                    config=asdict(cfg), resume_step=self.state.step if self.state.step else None)
         if self.rank == 0:
             counts = self.model.num_parameters()
+            if self.table_store is not None:
+                counts["engram_tables"] = self.table_store.num_parameters()["global"]
+                counts["total"] += counts["engram_tables"]
             log.info("model parameters: %s", {k: f"{v / 1e6:.2f}M" for k, v in counts.items()})
+        log_memory(self.model, self.optimizer, self.table_store, self.rank)
 
         self._stop_signal: Optional[int] = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):   # SLURM preemption / time limit warnings
@@ -129,10 +135,12 @@ class Trainer:
                    warmup_steps=self.cfg.trainer.warmup_steps, max_steps=self.cfg.trainer.max_steps)
         apply_lr(self.optimizer, lr)
         losses: List[torch.Tensor] = []
-        for _ in range(self.grad_accum):
+        for micro in range(self.grad_accum):
             batch = to_device(next(self.train_iter), self.device)
             loss = forward_loss(self.engine, batch)
             self.engine.backward(loss)
+            if self.table_store is not None and micro == self.grad_accum - 1:
+                self.table_store.reduce_gradients()   # before DeepSpeed's step: its norm includes the tables
             self.engine.step()
             losses.append(loss.detach())
         loss = torch.stack(losses).mean()
@@ -140,6 +148,8 @@ class Trainer:
             dist.all_reduce(loss, group=self.dp_group)
             loss /= self.dp_size
         grad_norm = self.engine.get_global_grad_norm()
+        if self.table_store is not None:
+            self.table_store.step(lr, grad_norm=grad_norm, max_norm=self.cfg.trainer.grad_clip)
         self.state.step += 1
         self.state.consumed_samples += self.cfg.data.global_batch_size
         metrics = {"loss": loss.item(), "lr": lr,
@@ -186,7 +196,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
             preempted = self._stop_requested()
             if step % t.save_interval == 0 or step == stop or preempted:
-                self.checkpointer.save(self.engine, self.state,
+                self.checkpointer.save(self.engine, self.state, table_store=self.table_store,
                                        extra={"loss": last["loss"], "data_fingerprint": self.data.fingerprint})
             if preempted:
                 log.warning("signal %s: stopped at step %d with a checkpoint; relaunch to resume",
@@ -204,6 +214,26 @@ class Trainer:
         if record:
             self.logger.log(self.state.step, out)
         return out
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def log_memory(model, optimizer, table_store, rank: int) -> None:
+    """Each rank logs what it holds: Engram tables (weights, optimizer state) and dense parameters apart."""
+    dense_params = sum(p.numel() * p.element_size() for p in model.parameters())
+    dense_opt = 0
+    for group in getattr(optimizer, "single_partition_of_fp32_groups", []):   # ZeRO-1/2: fp32 master + 2 moments
+        dense_opt += 3 * group.numel() * group.element_size()
+    msg = f"rank {rank} memory: dense parameters {_mib(dense_params)}, dense optimizer state {_mib(dense_opt)}"
+    if table_store is not None:
+        t = table_store.memory_bytes()
+        n = table_store.num_parameters()
+        msg += (f"; Engram tables ({table_store.placement.partition}, {n['local'] / 1e6:.2f}M of "
+                f"{n['global'] / 1e6:.2f}M parameters) {_mib(t['weight'])}, table optimizer state "
+                f"{_mib(t['optimizer'])}, table gradients sparse (rows of one step)")
+    log.info(msg)
 
 
 def seed_everything(seed: int) -> None:

@@ -167,7 +167,7 @@ def test_missing_hash_ids_fail_clearly():
 def test_sdp_attention_matches_naive_causal_gqa():
     from megatron.core.transformer.enums import AttnMaskType
 
-    from engram_train.model.cpu_backend import SDPAttention
+    from engram_train.platform.cpu_backend import SDPAttention
     from engram_train.model.gpt import transformer_config
 
     m, _, p = _cfgs()
@@ -185,7 +185,7 @@ def test_sdp_attention_matches_naive_causal_gqa():
 
 
 def test_rmsnorm_matches_torch_and_is_marked_for_sp():
-    from engram_train.model.cpu_backend import RMSNorm
+    from engram_train.platform.cpu_backend import RMSNorm
     from engram_train.model.gpt import transformer_config
 
     m, _, p = _cfgs()
@@ -200,7 +200,7 @@ def test_rmsnorm_matches_torch_and_is_marked_for_sp():
 def test_cpu_rng_tracker_streams():
     from megatron.core import tensor_parallel
 
-    from engram_train.model import cpu_backend
+    from engram_train.platform import cpu_backend
 
     cpu_backend.activate_cpu_backend()                                      # idempotent
     assert cpu_backend.is_active() and torch.cuda.current_device() == torch.device("cpu")

@@ -1,0 +1,140 @@
+"""Checkpoints of the table store: each rank writes its own rows, any layout reads them back.
+
+Format: ``torch.distributed.checkpoint`` (DCP) in a directory, plus a
+human-readable ``manifest.json``.  Every table tensor is saved with its true
+global shape as a ``DTensor`` whose placement describes the writer's row range
+(``Shard(0)`` over the ranks that split the rows, ``Replicate()`` over
+replicas, which DCP writes once)::
+
+    engram_tables.layer{l}.weight        [rows, embed_dim]   fp32
+    engram_tables.layer{l}.exp_avg       [rows, embed_dim]   fp32
+    engram_tables.layer{l}.exp_avg_sq    [rows, embed_dim]   fp32
+    engram_tables.layer{l}.row_steps     [rows]              int64   (sparse_adam only)
+    engram_tables.layer{l}.num_steps     int                          (adam only)
+
+Loading builds the same keys over the *current* store's shards and lets DCP
+read the overlapping chunks of whatever ranks wrote them, so a checkpoint
+saved with ``partition=all`` on 4 ranks loads with ``partition=tp`` at TP=2,
+or into one process.  Row ranges follow ``torch.chunk`` (see ``layout``),
+which is also ``DTensor``'s rule for uneven ``Shard(0)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict
+
+import torch
+import torch.distributed as dist
+
+from engram_train.config.schema import ConfigError
+from engram_train.memory.layout import row_range
+
+PREFIX = "engram_tables"
+MANIFEST = "manifest.json"
+
+
+def _mesh(store):
+    """The device mesh and placements that describe this rank's shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    cached = getattr(store, "_checkpoint_mesh", None)
+    if cached is not None:
+        return cached
+    world = dist.get_world_size()
+    device = store.device.type
+    p = store.placement
+    if p.partition == "tp" and p.tp_size > 1:
+        # megatron's layout: TP ranks adjacent, so rank r sits at (r // tp, r % tp).
+        mesh = init_device_mesh(device, (world // p.tp_size, p.tp_size))
+        placements = [Replicate(), Shard(0)]
+    elif p.partition == "all":
+        mesh = init_device_mesh(device, (world,))
+        placements = [Shard(0)]
+    else:
+        mesh = init_device_mesh(device, (world,))
+        placements = [Replicate()]
+    store._checkpoint_mesh = (mesh, placements)
+    return mesh, placements
+
+
+def _global(local: torch.Tensor, rows: int, mesh, placements):
+    from torch.distributed.tensor import DTensor
+
+    shape = (rows,) + tuple(local.shape[1:])
+    stride = (local.shape[1], 1) if local.ndim == 2 else (1,)
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
+
+
+def state_dict(store) -> Dict[str, Any]:
+    """DCP state dict of ``store``: global-shaped DTensors over its own tensors (no copies)."""
+    mesh, placements = _mesh(store)
+    sd: Dict[str, Any] = {}
+    for layer_id, shard in store.shards.items():
+        key = f"{PREFIX}.layer{layer_id}"
+        sd[f"{key}.weight"] = _global(shard.weight, shard.spec.rows, mesh, placements)
+        for name, t in shard.optimizer.state_tensors().items():
+            sd[f"{key}.{name}"] = _global(t, shard.spec.rows, mesh, placements)
+        for name, v in shard.optimizer.scalars().items():
+            sd[f"{key}.{name}"] = v
+    return sd
+
+
+def manifest(store) -> Dict[str, Any]:
+    p = store.placement
+    return {
+        "format": "torch.distributed.checkpoint, DTensor rows; see engram_train/memory/checkpoint.py",
+        "partition": p.partition, "parts": p.parts, "world_size": dist.get_world_size(), "tp_size": p.tp_size,
+        "optimizer": store.optimizer_name,
+        "layers": {str(l): {"table_sizes": list(s.spec.table_sizes), "rows": s.spec.rows,
+                            "embed_dim": s.spec.embed_dim,
+                            "row_ranges": [list(row_range(s.spec.rows, p.parts, i)) for i in range(p.parts)]}
+                   for l, s in store.shards.items()},
+    }
+
+
+def save(store, path: str) -> None:
+    """Write the store into directory ``path`` (collective over all ranks)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state_dict(store), checkpoint_id=path)
+    if dist.get_rank() == 0:
+        with open(os.path.join(path, MANIFEST), "w") as f:
+            json.dump(manifest(store), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def check_compatible(store, path: str) -> None:
+    """Raise a clear error if the checkpoint's tables cannot load into ``store``."""
+    with open(os.path.join(path, MANIFEST)) as f:
+        saved = json.load(f)
+    if saved["optimizer"] != store.optimizer_name:
+        raise ConfigError(f"engram.optimizer={store.optimizer_name!r}: the checkpoint {path} holds "
+                          f"{saved['optimizer']!r} table optimizer state; resume with "
+                          f"engram.optimizer={saved['optimizer']}")
+    for layer_id, shard in store.shards.items():
+        got = saved["layers"].get(str(layer_id))
+        if got is None or got["table_sizes"] != list(shard.spec.table_sizes) or \
+                got["embed_dim"] != shard.spec.embed_dim:
+            raise ConfigError(f"engram: the checkpoint {path} has other tables for layer {layer_id} "
+                              f"({got and got['table_sizes']} x {got and got['embed_dim']}, this run "
+                              f"{list(shard.spec.table_sizes)} x {shard.spec.embed_dim}); the Engram settings "
+                              "(layer_ids, max_ngram, heads_per_ngram, n_embed_per_ngram, table sizes, seed) "
+                              "and the tokenizer must match the checkpoint's")
+
+
+def load(store, path: str) -> None:
+    """Read ``path`` into ``store``'s shards, at this run's layout (collective over all ranks)."""
+    import torch.distributed.checkpoint as dcp
+
+    check_compatible(store, path)
+    sd = state_dict(store)
+    dcp.load(sd, checkpoint_id=path)
+    for layer_id, shard in store.shards.items():
+        key = f"{PREFIX}.layer{layer_id}"
+        shard.optimizer.load_scalars({n: sd[f"{key}.{n}"] for n in shard.optimizer.scalars()})
+        # DCP fills the DTensors' local tensors, which are the store's own; check it did not copy instead.
+        assert sd[f"{key}.weight"].to_local().data_ptr() == shard.weight.data_ptr()

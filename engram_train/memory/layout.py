@@ -1,0 +1,136 @@
+"""Where the rows of each Engram table live: pure arithmetic, no process groups, no tensors.
+
+A layer's table is one array of ``rows = sum(table_sizes)`` rows of width
+``embed_dim`` (all heads, head ``j`` at ``offsets[j]``, as in
+:class:`engram_train.engram.table.MultiHeadEmbeddingTable`).  A *placement*
+cuts it into ``parts`` contiguous row ranges and gives this process range
+``index``:
+
+==============  =========  ===================  ==================================================
+partition       parts      index                replicas of a shard (they average gradients)
+==============  =========  ===================  ==================================================
+``replicated``  1          0                    the data-parallel group (every rank of a TP group
+                                                holds the same table and sees the same tokens)
+``tp``          TP         tensor-parallel rank the data-parallel group
+``all``         world      global rank          none: every shard has one owner
+==============  =========  ===================  ==================================================
+
+Ranges follow ``torch.chunk``: ``ceil(rows / parts)`` rows each, the last ones
+shorter or empty.  Prime table sizes never divide evenly, so uneven shards are
+the normal case.  It is also ``DTensor``'s rule for an uneven ``Shard(0)``,
+which lets checkpoints describe a shard by its placement alone
+(:mod:`engram_train.memory.checkpoint`).
+
+This module is imported by the sizing tool (``tools/plan_memory.py``), so it
+must never allocate or touch ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+from engram_train.config.schema import ConfigError
+
+#: Bytes per table parameter held by each table optimizer, weight included (fp32 weight + fp32 moments).
+OPTIMIZER_STATE_BYTES = {"adam": 12, "sparse_adam": 12}
+#: Bytes per row of the per-row step counter of ``sparse_adam`` (int64).
+SPARSE_ADAM_ROW_STEP_BYTES = 8
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One Engram layer's table, globally: head sizes (primes) and row width."""
+
+    layer_id: int
+    table_sizes: Tuple[int, ...]
+    embed_dim: int
+
+    @property
+    def rows(self) -> int:
+        return sum(self.table_sizes)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.table_sizes)
+
+    @property
+    def offsets(self) -> List[int]:
+        out = [0]
+        for s in self.table_sizes[:-1]:
+            out.append(out[-1] + s)
+        return out
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.embed_dim
+
+
+def table_specs(table_sizes: Dict[int, Sequence[int]], n_embed_per_ngram: int,
+                heads_per_ngram: int) -> Dict[int, TableSpec]:
+    """``{layer_id: TableSpec}`` from the hasher's ``table_sizes`` and the Engram config."""
+    dim = n_embed_per_ngram // heads_per_ngram
+    return {l: TableSpec(int(l), tuple(int(s) for s in sizes), dim) for l, sizes in table_sizes.items()}
+
+
+def row_range(rows: int, parts: int, index: int) -> Tuple[int, int]:
+    """``[lo, hi)`` of shard ``index`` of ``parts`` (``torch.chunk`` sizes; may be empty)."""
+    if not 0 <= index < parts:
+        raise ValueError(f"shard index {index} out of range for {parts} parts")
+    chunk = -(-rows // parts)
+    lo = min(index * chunk, rows)
+    return lo, min(lo + chunk, rows)
+
+
+def shard_bounds(rows: int, parts: int) -> List[int]:
+    """``[lo_0, lo_1, ..., lo_{parts-1}, rows]``: shard ``i`` is ``[b[i], b[i+1])``."""
+    return [row_range(rows, parts, i)[0] for i in range(parts)] + [rows]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """This process's place in a partition: ``parts`` shards, it holds shard ``index``."""
+
+    partition: str       # "replicated" | "tp" | "all"
+    parts: int
+    index: int
+    tp_size: int
+    tp_rank: int
+    world_size: int
+
+    def rows_of(self, spec: TableSpec) -> Tuple[int, int]:
+        return row_range(spec.rows, self.parts, self.index)
+
+
+def resolve_partition(partition: str, tensor_parallel: int) -> str:
+    """``engram.partition`` with ``auto`` resolved: ``tp`` under tensor parallelism, else ``replicated``."""
+    if partition == "auto":
+        return "tp" if tensor_parallel > 1 else "replicated"
+    if partition not in ("replicated", "tp", "all"):
+        raise ConfigError(f"engram.partition={partition!r}: choose 'auto', 'replicated', 'tp' or 'all'")
+    return partition
+
+
+def placement_for(partition: str, world_size: int, rank: int, tp_size: int, tp_rank: int) -> Placement:
+    """The placement of global rank ``rank`` (megatron's layout: TP ranks adjacent)."""
+    partition = resolve_partition(partition, tp_size)
+    if partition == "replicated":
+        parts, index = 1, 0
+    elif partition == "tp":
+        parts, index = tp_size, tp_rank
+    else:
+        parts, index = world_size, rank
+    return Placement(partition, parts, index, tp_size, tp_rank, world_size)
+
+
+def shard_bytes(spec: TableSpec, placement: Placement, optimizer: str) -> Dict[str, int]:
+    """Bytes this placement's shard holds: ``weight``, ``optimizer`` state and the worst-case ``grad`` rows.
+
+    Gradients are sparse: at most every row of the shard is touched in a step.
+    """
+    lo, hi = placement.rows_of(spec)
+    n = (hi - lo) * spec.embed_dim
+    state = (OPTIMIZER_STATE_BYTES[optimizer] - 4) * n
+    if optimizer == "sparse_adam":
+        state += SPARSE_ADAM_ROW_STEP_BYTES * (hi - lo)
+    return {"weight": 4 * n, "optimizer": state, "grad_max": 4 * n + 8 * (hi - lo)}

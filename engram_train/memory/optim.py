@@ -1,0 +1,133 @@
+"""Table optimizers: they update one shard from its gradient rows ``(unique local row ids, rows)``.
+
+Both keep fp32 first and second moments of the shard's shape (12 bytes per
+table parameter with the fp32 weight) and apply decoupled weight decay like
+``torch.optim.AdamW`` (the paper's default for tables is 0).
+
+``adam``
+    ``torch.optim.AdamW`` over the whole shard, as if the gradient were dense
+    with zeros at the untouched rows: every row's moments decay every step and
+    every row with a non-zero first moment keeps moving.  One global step
+    count.  This is what the paper trains with on device; it never builds a
+    dense gradient (moments decay in place, touched rows are added).
+``sparse_adam``
+    Lazy row-wise Adam: only the rows a step touched change, weight and
+    moments alike, and each row counts its own steps for bias correction (a
+    row seen for the first time at step 1000 gets the bias correction of a
+    first step).  Untouched rows cost nothing, which is the only affordable
+    rule when tables live in host RAM.  It is a different optimizer, not an
+    approximation of ``adam``: on rows touched every step the two agree.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import torch
+
+_CHUNK_ROWS = 1 << 18   # the dense update works through the shard in blocks of rows (bounded temporaries)
+
+
+class TableOptimizer:
+    name = ""
+
+    def __init__(self, weight: torch.Tensor, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
+        self.weight = weight
+        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
+        self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+        self.exp_avg = torch.zeros_like(weight, dtype=torch.float32)
+        self.exp_avg_sq = torch.zeros_like(weight, dtype=torch.float32)
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, grads: torch.Tensor, lr: float) -> None:
+        raise NotImplementedError
+
+    def state_tensors(self) -> Dict[str, torch.Tensor]:
+        """Row-shaped state (``[shard rows, ...]``), checkpointed with the weight's row range."""
+        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    def scalars(self) -> Dict[str, int]:
+        return {}
+
+    def load_scalars(self, scalars: Dict[str, int]) -> None:
+        pass
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
+
+
+class TableAdam(TableOptimizer):
+    name = "adam"
+
+    def __init__(self, weight, **kw):
+        super().__init__(weight, **kw)
+        self.num_steps = 0
+
+    @torch.no_grad()
+    def step(self, ids, grads, lr):
+        self.num_steps += 1
+        b1, b2 = self.beta1, self.beta2
+        bc1 = 1.0 - b1 ** self.num_steps
+        bc2_sqrt = math.sqrt(1.0 - b2 ** self.num_steps)
+        grads = grads.to(torch.float32)
+        for lo in range(0, self.weight.shape[0], _CHUNK_ROWS):
+            hi = min(lo + _CHUNK_ROWS, self.weight.shape[0])
+            w, m, v = self.weight[lo:hi], self.exp_avg[lo:hi], self.exp_avg_sq[lo:hi]
+            m.mul_(b1)
+            v.mul_(b2)
+            sel = (ids >= lo) & (ids < hi)
+            if bool(sel.any()):
+                local, g = ids[sel] - lo, grads[sel]
+                m.index_add_(0, local, g, alpha=1.0 - b1)
+                v.index_add_(0, local, g * g, alpha=1.0 - b2)
+            if self.weight_decay:
+                w.mul_(1.0 - lr * self.weight_decay)
+            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+            w.addcdiv_(m, denom, value=-lr / bc1)
+
+    def scalars(self):
+        return {"num_steps": self.num_steps}
+
+    def load_scalars(self, scalars):
+        self.num_steps = int(scalars["num_steps"])
+
+
+class TableSparseAdam(TableOptimizer):
+    name = "sparse_adam"
+
+    def __init__(self, weight, **kw):
+        super().__init__(weight, **kw)
+        self.row_steps = torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device)
+
+    @torch.no_grad()
+    def step(self, ids, grads, lr):
+        if ids.numel() == 0:
+            return
+        b1, b2 = self.beta1, self.beta2
+        g = grads.to(torch.float32)
+        steps = self.row_steps[ids] + 1
+        self.row_steps[ids] = steps
+        m = self.exp_avg[ids].mul_(b1).add_(g, alpha=1.0 - b1)
+        v = self.exp_avg_sq[ids].mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        self.exp_avg[ids] = m
+        self.exp_avg_sq[ids] = v
+        t = steps.to(torch.float64).unsqueeze(1)
+        bc1 = (1.0 - torch.pow(b1, t)).to(torch.float32)
+        bc2_sqrt = (1.0 - torch.pow(b2, t)).sqrt().to(torch.float32)
+        w = self.weight[ids]
+        if self.weight_decay:
+            w.mul_(1.0 - lr * self.weight_decay)
+        w.addcdiv_(m * (lr / bc1), (v.sqrt() / bc2_sqrt).add_(self.eps), value=-1.0)
+        self.weight[ids] = w
+
+    def state_tensors(self):
+        return {**super().state_tensors(), "row_steps": self.row_steps}
+
+
+TABLE_OPTIMIZERS = {"adam": TableAdam, "sparse_adam": TableSparseAdam}
+
+
+def build_table_optimizer(name: str, weight: torch.Tensor, **kw) -> TableOptimizer:
+    return TABLE_OPTIMIZERS[name](weight, **kw)

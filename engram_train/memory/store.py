@@ -1,0 +1,323 @@
+"""The table store: owner of every Engram table's rows, their gradients and their optimizer.
+
+One :class:`TableShard` per Engram layer holds this rank's contiguous row range
+(:mod:`engram_train.memory.layout`) as a plain fp32 tensor: not an
+``nn.Parameter``, so DeepSpeed never sees, broadcasts, reduces or checkpoints
+it.  The model gets a :class:`StoreTable` per layer through its layer spec
+(``build_model(table_provider=store.table)``); the Engram block calls it like
+its own table: ``table(hash_ids [..., heads]) -> [..., heads * embed_dim]``.
+
+A training step, seen from the store::
+
+    forward      StoreTable -> exchange.gather          rows of this rank's tokens
+    backward     exchange.scatter_grad -> accumulate    (local ids, rows) per micro-batch, sparse
+    reduce_gradients()                                  sum duplicates, average over replicas, norm^2
+    <DeepSpeed step: clips with the norm of dense + table gradients>
+    step(lr, grad_norm)                                 clip, table optimizer, drop the gradients
+
+Invariants:
+- no rank ever holds more rows than its shard, not even at start: rows are
+  initialized per block of rows from generators keyed by (seed, layer, block),
+  so a row's initial value does not depend on the layout and the global RNG
+  is not touched;
+- gradients are reduced only across replicas of the same shard, in rank order
+  (deterministic), and divided by the data-parallel size like DeepSpeed does
+  for dense gradients;
+- the squared gradient norm counts each row once over all shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engram_train.config.schema import ConfigError
+from engram_train.engram.table import check_hash_ids
+from engram_train.memory.exchange import AllExchange, ReplicatedExchange, TPExchange, sum_rows, unique_rows
+from engram_train.memory.layout import Placement, TableSpec, shard_bounds
+from engram_train.memory.optim import TableOptimizer, build_table_optimizer
+
+log = logging.getLogger(__name__)
+
+_INIT_BLOCK_ROWS = 4096
+
+
+def init_rows(spec: TableSpec, lo: int, hi: int, std: float, seed: int) -> torch.Tensor:
+    """Rows ``[lo, hi)`` of the table's initial value, N(0, std), identical for every layout.
+
+    Block ``b`` (rows ``b*4096 ..``) is drawn from its own generator keyed by
+    ``(seed, layer_id, b)``; a shard draws only the blocks it overlaps.
+    """
+    out = torch.empty(hi - lo, spec.embed_dim, dtype=torch.float32)
+    if hi <= lo:
+        return out
+    gen = torch.Generator()
+    for b in range(lo // _INIT_BLOCK_ROWS, (hi - 1) // _INIT_BLOCK_ROWS + 1):
+        start = b * _INIT_BLOCK_ROWS
+        n = min(_INIT_BLOCK_ROWS, spec.rows - start)
+        gen.manual_seed((seed * 0x9E3779B97F4A7C15 + spec.layer_id * 0xBF58476D1CE4E5B9 + b) % (1 << 63))
+        block = torch.randn(n, spec.embed_dim, generator=gen).mul_(std)
+        a, z = max(lo, start), min(hi, start + n)
+        out[a - lo:z - lo] = block[a - start:z - start]
+    return out
+
+
+class TableShard:
+    """Rows ``[lo, hi)`` of one layer's table, their pending gradient rows and their optimizer."""
+
+    def __init__(self, spec: TableSpec, lo: int, hi: int, weight: torch.Tensor, exchange):
+        self.spec = spec
+        self.lo, self.hi = lo, hi
+        self.weight = weight
+        self.exchange = exchange
+        self.optimizer: Optional[TableOptimizer] = None
+        self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self.grad: Optional[Tuple[torch.Tensor, torch.Tensor]] = None   # (unique local ids, rows) after reduce
+
+    @property
+    def num_rows(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def embed_dim(self) -> int:
+        return self.spec.embed_dim
+
+    def accumulate(self, local_ids: torch.Tensor, rows: torch.Tensor) -> None:
+        self._pending.append((local_ids, rows.to(torch.float32)))
+
+    def take_pending(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        pending, self._pending = self._pending, []
+        if not pending:
+            dev = self.weight.device
+            return torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, self.embed_dim, device=dev)
+        return torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
+
+
+class _Lookup(torch.autograd.Function):
+    """Rows of global ids; backward hands sparse gradient rows to the owning shard, not to autograd."""
+
+    @staticmethod
+    def forward(ctx, anchor, ids, shard):
+        rows, ctx.saved = shard.exchange.gather(shard, ids)
+        ctx.shard = shard
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.shard.exchange.scatter_grad(ctx.shard, ctx.saved, grad.contiguous())
+        return None, None, None
+
+
+class StoreTable(nn.Module):
+    """What the Engram block calls as its table: a view of one layer's shard in the store.
+
+    ``forward(hash_ids [..., heads]) -> [..., heads * embed_dim]`` (fp32), the
+    lookup contract of ``MultiHeadEmbeddingTable``.  Holds no parameters: the
+    ``_anchor`` only makes autograd call the lookup's backward.
+    """
+
+    check_ids: bool = True
+
+    def __init__(self, shard: TableShard):
+        super().__init__()
+        self.shard = shard
+        self.table_sizes = list(shard.spec.table_sizes)
+        self.embed_dim = shard.spec.embed_dim
+        self.register_buffer("offsets", torch.tensor(shard.spec.offsets, dtype=torch.int64), persistent=False)
+        self.register_buffer("sizes", torch.tensor(self.table_sizes, dtype=torch.int64), persistent=False)
+        self._anchor = torch.empty(0, requires_grad=True)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.table_sizes)
+
+    def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
+        if self.check_ids:
+            check_hash_ids(hash_ids, self.sizes, self.table_sizes)
+        ids = (hash_ids + self.offsets).reshape(-1)
+        anchor = self._anchor if torch.is_grad_enabled() else self._anchor.detach()
+        rows = _Lookup.apply(anchor, ids, self.shard)
+        return rows.reshape(*hash_ids.shape[:-1], self.num_heads * self.embed_dim)
+
+    def extra_repr(self) -> str:
+        s = self.shard
+        return (f"layer={s.spec.layer_id}, heads={self.num_heads}, rows={s.spec.rows}, shard=[{s.lo}, {s.hi}), "
+                f"embed_dim={self.embed_dim}")
+
+
+def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's ``(ids, rows)`` of ``group``, concatenated in rank order (variable sizes)."""
+    size = dist.get_world_size(group)
+    n = torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
+    counts = [torch.empty_like(n) for _ in range(size)]
+    dist.all_gather(counts, n, group=group)
+    counts = [int(c) for c in counts]
+    m = max(counts)
+    pad_ids = torch.cat([ids, ids.new_zeros(m - ids.numel())])
+    pad_rows = torch.cat([rows, rows.new_zeros(m - rows.shape[0], rows.shape[1])])
+    all_ids = [torch.empty_like(pad_ids) for _ in range(size)]
+    all_rows = [torch.empty_like(pad_rows) for _ in range(size)]
+    dist.all_gather(all_ids, pad_ids, group=group)
+    dist.all_gather(all_rows, pad_rows, group=group)
+    return (torch.cat([t[:c] for t, c in zip(all_ids, counts)]),
+            torch.cat([t[:c] for t, c in zip(all_rows, counts)]))
+
+
+class TableStore:
+    """Every Engram layer's shard on this rank, and the collective steps that train them.
+
+    ``placement`` says which rows this rank holds; ``tp_group`` / ``replica_group``
+    / ``world_group`` are the process groups the exchanges and reductions use
+    (``from_parallel_state`` takes megatron's).  ``lr_mult`` and
+    ``weight_decay`` are the paper's table policy (5x, 0).
+    """
+
+    def __init__(self, specs: Dict[int, TableSpec], placement: Placement, *, optimizer: str = "adam",
+                 lr_mult: float = 5.0, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8,
+                 init_std: float = 0.02, seed: int = 0, device=None, tp_group=None, replica_group=None,
+                 world_group=None, dp_size: int = 1):
+        self.specs = dict(sorted(specs.items()))
+        self.placement = placement
+        self.optimizer_name = optimizer
+        self.lr_mult = float(lr_mult)
+        self.dp_size = int(dp_size)
+        self.replica_group = replica_group
+        self.tp_group = tp_group
+        self.world_group = world_group
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.shards: Dict[int, TableShard] = {}
+        self.tables: Dict[int, StoreTable] = {}
+        self._grad_sq_norm: Optional[torch.Tensor] = None
+        for layer_id, spec in self.specs.items():
+            lo, hi = placement.rows_of(spec)
+            weight = init_rows(spec, lo, hi, init_std, seed).to(self.device)
+            shard = TableShard(spec, lo, hi, weight, self._exchange(spec))
+            shard.optimizer = build_table_optimizer(optimizer, weight, betas=betas, eps=eps,
+                                                    weight_decay=weight_decay)
+            self.shards[layer_id] = shard
+            self.tables[layer_id] = StoreTable(shard)
+
+    def _exchange(self, spec: TableSpec):
+        p = self.placement.partition
+        if p == "replicated":
+            return ReplicatedExchange()
+        if p == "tp":
+            return TPExchange(self.tp_group)
+        return AllExchange(self.world_group, shard_bounds(spec.rows, self.placement.parts),
+                           self.placement.tp_size, self.placement.tp_rank)
+
+    # -- the model's side -------------------------------------------------------------------------
+    def table(self, layer_id: int, table_sizes: Sequence[int], embed_dim: int) -> StoreTable:
+        """The table module of Engram layer ``layer_id`` (the layer spec's ``table_provider``)."""
+        spec = self.specs.get(layer_id)
+        if spec is None:
+            raise ConfigError(f"engram.layer_ids: layer {layer_id} has no table in the store "
+                              f"(it holds layers {sorted(self.specs)}); build both from the same config")
+        if tuple(table_sizes) != spec.table_sizes or embed_dim != spec.embed_dim:
+            raise ConfigError(f"Engram layer {layer_id}: the block wants table sizes {list(table_sizes)} x "
+                              f"{embed_dim} but the store holds {list(spec.table_sizes)} x {spec.embed_dim}; "
+                              "build both from the same hasher and engram config")
+        return self.tables[layer_id]
+
+    # -- the trainer's side -----------------------------------------------------------------------
+    @torch.no_grad()
+    def reduce_gradients(self) -> torch.Tensor:
+        """Finish this step's table gradients (collective); returns and keeps the global squared norm."""
+        sq = []
+        for shard in self.shards.values():
+            ids, rows = shard.take_pending()
+            if self.replica_group is not None and dist.get_world_size(self.replica_group) > 1:
+                ids, rows = _all_gather_rows(ids, rows, self.replica_group)
+            uniq, inv = unique_rows(ids)
+            rows = sum_rows(inv, rows, uniq.numel())
+            if self.dp_size > 1:
+                rows.div_(self.dp_size)
+            shard.grad = (uniq, rows)
+            sq.append(rows.double().pow(2).sum())
+        total = torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64)
+        total = total.to(self.device)
+        group = {"tp": self.tp_group, "all": self.world_group}.get(self.placement.partition)
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(total, group=group)
+        self._grad_sq_norm = total
+        return total
+
+    def grad_sq_norm(self) -> torch.Tensor:
+        """The squared norm of the table gradients of this step (after :meth:`reduce_gradients`)."""
+        if self._grad_sq_norm is None:
+            raise RuntimeError("TableStore.grad_sq_norm() before reduce_gradients(): reduce the table "
+                               "gradients after the last backward of the step, before the optimizer step")
+        return self._grad_sq_norm
+
+    @torch.no_grad()
+    def step(self, lr: float, grad_norm: Optional[float] = None, max_norm: float = 0.0) -> None:
+        """Apply the table optimizer at ``lr * lr_mult``, clipped like DeepSpeed clips dense gradients.
+
+        ``grad_norm`` is the global norm of dense and table gradients together;
+        with ``max_norm > 0`` gradients are scaled by ``1 / max(1, (norm + 1e-6) / max_norm)``
+        (DeepSpeed's ``unscale_and_clip_grads``).  A non-finite norm skips the step.
+        """
+        if self._grad_sq_norm is None:
+            raise RuntimeError("TableStore.step() before reduce_gradients()")
+        scale = 1.0
+        if grad_norm is not None:
+            if not math.isfinite(float(grad_norm)):
+                log.warning("non-finite gradient norm %s: table step skipped", grad_norm)
+                self.zero_grad()
+                return
+            if max_norm > 0:
+                scale = 1.0 / max(1.0, (float(grad_norm) + 1e-6) / max_norm)
+        for shard in self.shards.values():
+            ids, rows = shard.grad
+            if scale != 1.0:
+                rows = rows * scale
+            shard.optimizer.step(ids, rows, lr * self.lr_mult)
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        for shard in self.shards.values():
+            shard._pending = []
+            shard.grad = None
+        self._grad_sq_norm = None
+
+    # -- introspection ----------------------------------------------------------------------------
+    def num_parameters(self) -> Dict[str, int]:
+        """Table parameters held here and in the whole table (``local``, ``global``)."""
+        return {"local": sum(s.weight.numel() for s in self.shards.values()),
+                "global": sum(s.spec.numel for s in self.shards.values())}
+
+    def memory_bytes(self) -> Dict[str, int]:
+        """Bytes this rank holds: table ``weight``, ``optimizer`` state, last step's sparse ``grad`` rows."""
+        w = sum(s.weight.numel() * s.weight.element_size() for s in self.shards.values())
+        o = sum(s.optimizer.nbytes() for s in self.shards.values())
+        g = 0
+        for s in self.shards.values():
+            for ids, rows in ([s.grad] if s.grad is not None else []) + s._pending:
+                g += ids.numel() * ids.element_size() + rows.numel() * rows.element_size()
+        return {"weight": w, "optimizer": o, "grad": g}
+
+
+def build_table_store(engram_cfg, trainer_cfg, table_sizes: Dict[int, Sequence[int]], partition: str,
+                      seed: int) -> TableStore:
+    """The store of a training run, on megatron's process groups (needs ``init_parallel`` first)."""
+    from megatron.core import parallel_state as ps
+
+    from engram_train.memory.layout import placement_for, table_specs
+    from engram_train.platform.device import get_device
+
+    specs = table_specs(table_sizes, engram_cfg.n_embed_per_ngram, engram_cfg.heads_per_ngram)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    tp_size, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    placement = placement_for(partition, world, rank, tp_size, tp_rank)
+    return TableStore(
+        specs, placement, optimizer=engram_cfg.optimizer, lr_mult=engram_cfg.table_lr_mult,
+        weight_decay=engram_cfg.table_weight_decay, betas=(trainer_cfg.adam_beta1, trainer_cfg.adam_beta2),
+        eps=trainer_cfg.adam_eps, init_std=engram_cfg.table_init_std, seed=seed, device=get_device(),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        replica_group=None if placement.partition == "all" else ps.get_data_parallel_group(),
+        world_group=dist.group.WORLD, dp_size=ps.get_data_parallel_world_size())
