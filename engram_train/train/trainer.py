@@ -220,8 +220,21 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (``VmHWM``), 0 where ``/proc`` has none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def log_memory(model, optimizer, table_store, rank: int) -> None:
-    """Each rank logs what it holds: Engram tables (weights, optimizer state) and dense parameters apart."""
+    """Each rank logs what it holds: Engram tables (weights, optimizer state) and dense parameters apart,
+    and its peak resident memory so far (VmHWM; ``tools/measure_table_memory.py`` reads it)."""
     dense_params = sum(p.numel() * p.element_size() for p in model.parameters())
     dense_opt = 0
     for group in getattr(optimizer, "single_partition_of_fp32_groups", []):   # ZeRO-1/2: fp32 master + 2 moments
@@ -233,7 +246,7 @@ def log_memory(model, optimizer, table_store, rank: int) -> None:
         msg += (f"; Engram tables ({table_store.placement.partition}, {n['local'] / 1e6:.2f}M of "
                 f"{n['global'] / 1e6:.2f}M parameters) {_mib(t['weight'])}, table optimizer state "
                 f"{_mib(t['optimizer'])}, table gradients sparse (rows of one step)")
-    log.info(msg)
+    log.info(msg + f"; peak RSS {_mib(peak_rss_bytes())}")
 
 
 def seed_everything(seed: int) -> None:
