@@ -1,0 +1,199 @@
+"""Dense parameters and their ZeRO optimizer state in global coordinates: save at one layout, load at any.
+
+What is saved (``torch.distributed.checkpoint``, one directory), per DeepSpeed
+parameter under its *global* name (experts renamed by global expert index,
+``parallel.sharding``)::
+
+    model.<name>               fp32 master weight, the full (TP=1, EP=1) shape
+    optim.exp_avg.<name>       Adam first moment, same shape
+    optim.exp_avg_sq.<name>    Adam second moment, same shape
+    optim.step                 Adam step count (one for all groups)
+
+Each tensor is a ``DTensor`` on the ``(data parallel, tensor parallel)`` mesh
+whose placement is megatron's split of that parameter (``Shard(partition_dim)``
+over TP, ``Replicate()`` over data parallelism, where DCP writes it once).
+megatron's SwiGLU ``linear_fc1`` (``partition_stride=2``: a rank holds
+``[gate_r; up_r]``) is saved as two tensors, ``<name>.gate`` and ``<name>.up``,
+each an ordinary row split, so the format knows nothing of the kernel layout.
+
+Where the values come from: under ZeRO-1/2 every data-parallel rank holds a
+flat fragment of each parameter's fp32 state.  Saving assembles one parameter
+at a time from its fragments (DeepSpeed's ``safe_get_full_fp32_param`` /
+``safe_get_full_optimizer_state``: an all-reduce over the parameter's
+data-parallel group); loading reads the parameter's TP-local block and keeps
+this rank's fragment, the way DeepSpeed's universal checkpoint loads
+(``_hp_mapping.optim_fragment`` + ``map_to_flat_opt_states``).  Known cost:
+both hold the TP-local fp32 state (x3) of the dense model on each rank while
+they run (expert weights are split by EP already); a later step can slice it
+over data parallelism.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Tuple
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _mesh():
+    from megatron.core import parallel_state as ps
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from engram_train.platform.device import get_device
+
+    global _MESH
+    tp = ps.get_tensor_model_parallel_world_size()
+    key = (dist.get_world_size(), tp)
+    if _MESH is None or _MESH[0] != key:
+        # megatron's layout: TP ranks adjacent, so rank r sits at (r // tp, r % tp).
+        _MESH = (key, init_device_mesh(get_device().type, (key[0] // tp, tp)))
+    return _MESH[1]
+
+
+_MESH = None
+
+
+def _pieces(name: str, param, local: torch.Tensor, mesh) -> Dict[str, object]:
+    """``{global key: DTensor}`` for a TP-local tensor ``local`` shaped like ``param``."""
+    from megatron.core import parallel_state as ps
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from engram_train.parallel.sharding import _EXPERT
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    if _EXPERT.match(name):
+        # Expert tensor parallelism is megatron's default (= TP), so the same mesh coordinates hold.
+        assert ps.get_expert_tensor_parallel_world_size() == tp, "expert TP must equal TP"
+    # megatron marks its parallel layers' weights at every TP size (TP=1 included), so the keys do not
+    # depend on the TP size.
+    split = bool(getattr(param, "tensor_model_parallel", False))
+    dim = getattr(param, "partition_dim", 0)
+    stride = getattr(param, "partition_stride", 1) if split else 1
+    parts = {name: local} if stride == 1 else dict(zip((f"{name}.gate", f"{name}.up"), torch.chunk(local, 2, dim)))
+    if stride not in (1, 2):
+        raise NotImplementedError(f"{name}: partition_stride={stride} is not supported by the checkpoint")
+    out = {}
+    for key, t in parts.items():
+        shape = list(t.shape)
+        if split:
+            shape[dim] *= tp
+        placements = [Replicate(), Shard(dim) if split else Replicate()]
+        strides = tuple(int(torch.Size(shape[i + 1:]).numel()) for i in range(len(shape)))
+        out[key] = DTensor.from_local(t.contiguous(), mesh, placements, run_check=False,
+                                      shape=torch.Size(shape), stride=strides)
+    return out
+
+
+def _named_params(engine) -> List[Tuple[str, torch.nn.Parameter]]:
+    """``(global name, parameter)`` of every parameter DeepSpeed trains, in a rank-independent order."""
+    from megatron.core import parallel_state as ps
+
+    from engram_train.parallel.sharding import _global_name
+
+    model = engine.module
+    local_experts = (model.config.num_moe_experts or 0) // ps.get_expert_model_parallel_world_size()
+    ep_rank = ps.get_expert_model_parallel_rank()
+    return [(_global_name(n, ep_rank, local_experts), p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _inner(engine):
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    opt = engine.optimizer
+    if not isinstance(opt, DeepSpeedZeroOptimizer):
+        raise NotImplementedError(f"dense checkpoints need DeepSpeed's ZeRO-1/2 optimizer, got {type(opt).__name__}")
+    return opt
+
+
+def _adam_step(opt) -> int:
+    for hp in opt.single_partition_of_fp32_groups:
+        st = opt.optimizer.state.get(hp, {})
+        if "step" in st:
+            return int(st["step"])
+    return 0
+
+
+def save(engine, path: str) -> None:
+    """Write the dense model and its ZeRO optimizer state into ``path`` (collective over all ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+    opt = _inner(engine)
+    mesh = _mesh()
+    step = _adam_step(opt)
+    if step:
+        # DeepSpeed links each parameter to its optimizer-state fragments once, right after the first
+        # group's first step, when later groups have no state yet; link every group now.
+        for i, hp in enumerate(opt.single_partition_of_fp32_groups):
+            lazy_init_hp_params_optimizer_state(opt.bit16_groups[i], hp, opt.optimizer.state)
+    sd: Dict[str, object] = {"optim.step": step}
+    for name, p in _named_params(engine):
+        sd.update({f"model.{k}": v for k, v in _pieces(name, p, safe_get_full_fp32_param(p), mesh).items()})
+        if step:
+            for m in MOMENTS:
+                sd.update({f"optim.{m}.{k}": v for k, v in
+                           _pieces(name, p, safe_get_full_optimizer_state(p, m), mesh).items()})
+    dcp.save(sd, checkpoint_id=path)
+
+
+@torch.no_grad()
+def load(engine, path: str) -> None:
+    """Read ``path`` into the engine at this run's layout: model weights, fp32 masters, Adam moments, step."""
+    import torch.distributed.checkpoint as dcp
+    from deepspeed.utils import safe_set_full_fp32_param
+    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
+
+    opt = _inner(engine)
+    mesh = _mesh()
+    params = _named_params(engine)
+    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    step = 0
+    sd: Dict[str, object] = {"optim.step": step} if "optim.step" in meta else {}
+    values: Dict[str, Dict[str, torch.Tensor]] = {}
+    for name, p in params:
+        keys = ["model"] + ([f"optim.{m}" for m in MOMENTS] if f"optim.exp_avg.{name}" in meta or
+                            f"optim.exp_avg.{name}.gate" in meta else [])
+        values[name] = {}
+        for k in keys:
+            buf = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+            values[name][k] = buf
+            sd.update({f"{k}.{key}": v for key, v in _pieces(name, p, buf, mesh).items()})
+    missing = sorted(k for k in sd if k not in meta)
+    if missing:
+        raise KeyError(f"the checkpoint {path} lacks {len(missing)} dense tensors this model has "
+                       f"(first: {missing[:3]}); it was written for another model configuration")
+    dcp.load(sd, checkpoint_id=path)
+    _unsplit_into(values, params, sd, mesh)
+    step = int(sd.get("optim.step", 0))
+
+    for name, p in params:
+        v = values[name]
+        p.data.copy_(v["model"].to(p.dtype))
+        safe_set_full_fp32_param(p, v["model"])
+        if step and p._hp_mapping is not None:
+            lp = p._hp_mapping.lp_fragment_address
+            p._hp_mapping.optim_fragment = {
+                m: v[f"optim.{m}"].flatten().narrow(0, lp.start, lp.numel).clone() for m in MOMENTS}
+    if step:
+        for i, hp in enumerate(opt.single_partition_of_fp32_groups):
+            map_to_flat_opt_states(hp, opt.bit16_groups[i], opt.optimizer.state, list(MOMENTS))
+            opt.optimizer.state[hp]["step"] = torch.tensor(float(step))
+    log.info("dense state loaded from %s (Adam step %d)", path, step)
+
+
+def _unsplit_into(values, params, sd, mesh) -> None:
+    """Copy the loaded ``.gate``/``.up`` halves back into their TP-local ``[gate_r; up_r]`` buffers."""
+    for name, p in params:
+        for k, buf in values[name].items():
+            gate, up = sd.get(f"{k}.{name}.gate"), sd.get(f"{k}.{name}.up")
+            if gate is not None:
+                dim = getattr(p, "partition_dim", 0)
+                buf.copy_(torch.cat([gate.to_local(), up.to_local()], dim=dim))
