@@ -33,10 +33,28 @@ Exchanges, with the bytes they move per looked-up id (``d`` floats per row):
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.distributed as dist
+
+
+class CommCounter:
+    """Bytes this rank sends through collectives (ring all-reduce: ``2 (n-1)/n`` of the buffer;
+    all-to-all: what goes to other ranks), for ``tools/bench_lookup.py``.  Plain integers, no sync."""
+
+    def __init__(self):
+        self.sent_bytes = 0
+
+    def all_reduce(self, t: torch.Tensor, n: int) -> None:
+        self.sent_bytes += int(2 * (n - 1) * t.numel() * t.element_size() // max(n, 1))
+
+    def all_to_all(self, t: torch.Tensor, splits: List[int], rank: int) -> None:
+        row = t.element_size() * torch.Size(t.shape[1:]).numel()
+        self.sent_bytes += row * (sum(splits) - splits[rank])
+
+    def all_gather(self, tensors: List[torch.Tensor], n: int) -> None:
+        self.sent_bytes += (n - 1) * sum(t.numel() * t.element_size() for t in tensors)
 
 
 def unique_rows(ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -51,6 +69,9 @@ def sum_rows(inv: torch.Tensor, grad: torch.Tensor, num_unique: int) -> torch.Te
 
 
 class ReplicatedExchange:
+    def __init__(self):
+        self.comm = CommCounter()
+
     def gather(self, shard, ids):
         return shard.weight.index_select(0, ids), ids
 
@@ -62,6 +83,8 @@ class ReplicatedExchange:
 class TPExchange:
     def __init__(self, tp_group):
         self.group = tp_group
+        self.size = dist.get_world_size(tp_group)
+        self.comm = CommCounter()
 
     def gather(self, shard, ids):
         uniq, inv = unique_rows(ids)
@@ -70,6 +93,7 @@ class TPExchange:
         rows = shard.weight.new_zeros(uniq.numel(), shard.embed_dim)
         rows[own] = shard.weight.index_select(0, local[own])
         dist.all_reduce(rows, group=self.group)
+        self.comm.all_reduce(rows, self.size)
         return rows.index_select(0, inv), (inv, uniq.numel(), local[own], own)
 
     def scatter_grad(self, shard, ctx, grad):
@@ -81,6 +105,8 @@ class AllExchange:
     def __init__(self, world_group, bounds, tp_size: int, tp_rank: int):
         self.group = world_group
         self.world = dist.get_world_size(world_group)
+        self.rank = dist.get_rank(world_group)
+        self.comm = CommCounter()
         # bounds[i] = first row of shard i (shard i of `world` is owned by global rank i).
         self.upper = torch.tensor(bounds[1:-1], dtype=torch.int64)
         self.tp_rank = tp_rank
@@ -103,7 +129,10 @@ class AllExchange:
         dist.all_to_all_single(requested, uniq, recv, send, group=self.group)
         local = requested - shard.lo
         rows = shard.weight.new_empty(uniq.numel(), shard.embed_dim)
-        dist.all_to_all_single(rows, shard.weight.index_select(0, local), send, recv, group=self.group)
+        served = shard.weight.index_select(0, local)
+        dist.all_to_all_single(rows, served, send, recv, group=self.group)
+        self.comm.all_to_all(uniq, send, self.rank)
+        self.comm.all_to_all(served, recv, self.rank)
         return rows.index_select(0, inv), (inv, uniq.numel(), send_counts, recv_counts, local)
 
     def scatter_grad(self, shard, ctx, grad):
@@ -118,5 +147,6 @@ class AllExchange:
         recv = (recv_counts * senders).tolist()
         received = grad.new_empty(sum(recv), shard.embed_dim)
         dist.all_to_all_single(received, rows.contiguous(), recv, send, group=self.group)
+        self.comm.all_to_all(rows, send, self.rank)
         from_senders = torch.repeat_interleave(senders.bool(), recv_counts)
         shard.accumulate(local[from_senders], received)

@@ -38,7 +38,8 @@ from torch import nn
 
 from engram_train.config.schema import ConfigError
 from engram_train.engram.table import check_hash_ids
-from engram_train.memory.exchange import AllExchange, ReplicatedExchange, TPExchange, sum_rows, unique_rows
+from engram_train.memory.exchange import (AllExchange, CommCounter, ReplicatedExchange, TPExchange, sum_rows,
+                                          unique_rows)
 from engram_train.memory.layout import Placement, TableSpec, shard_bounds
 from engram_train.memory.optim import TableOptimizer, build_table_optimizer
 
@@ -150,7 +151,8 @@ class StoreTable(nn.Module):
                 f"embed_dim={self.embed_dim}")
 
 
-def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group) -> Tuple[torch.Tensor, torch.Tensor]:
+def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group,
+                     comm: CommCounter) -> Tuple[torch.Tensor, torch.Tensor]:
     """Every rank's ``(ids, rows)`` of ``group``, concatenated in rank order (variable sizes)."""
     size = dist.get_world_size(group)
     n = torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
@@ -164,6 +166,7 @@ def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group) -> Tuple[torc
     all_rows = [torch.empty_like(pad_rows) for _ in range(size)]
     dist.all_gather(all_ids, pad_ids, group=group)
     dist.all_gather(all_rows, pad_rows, group=group)
+    comm.all_gather([pad_ids, pad_rows], size)
     return (torch.cat([t[:c] for t, c in zip(all_ids, counts)]),
             torch.cat([t[:c] for t, c in zip(all_rows, counts)]))
 
@@ -193,6 +196,7 @@ class TableStore:
         self.shards: Dict[int, TableShard] = {}
         self.tables: Dict[int, StoreTable] = {}
         self._grad_sq_norm: Optional[torch.Tensor] = None
+        self.comm = CommCounter()   # bytes sent by the gradient reduction (lookups count in each exchange)
         for layer_id, spec in self.specs.items():
             lo, hi = placement.rows_of(spec)
             weight = init_rows(spec, lo, hi, init_std, seed).to(self.device)
@@ -232,7 +236,7 @@ class TableStore:
         for shard in self.shards.values():
             ids, rows = shard.take_pending()
             if self.replica_group is not None and dist.get_world_size(self.replica_group) > 1:
-                ids, rows = _all_gather_rows(ids, rows, self.replica_group)
+                ids, rows = _all_gather_rows(ids, rows, self.replica_group, self.comm)
             uniq, inv = unique_rows(ids)
             rows = sum_rows(inv, rows, uniq.numel())
             if self.dp_size > 1:
@@ -290,6 +294,10 @@ class TableStore:
         """Table parameters held here and in the whole table (``local``, ``global``)."""
         return {"local": sum(s.weight.numel() for s in self.shards.values()),
                 "global": sum(s.spec.numel for s in self.shards.values())}
+
+    def sent_bytes(self) -> int:
+        """Bytes this rank has sent for the tables so far: lookups, gradient returns and reductions."""
+        return self.comm.sent_bytes + sum(s.exchange.comm.sent_bytes for s in self.shards.values())
 
     def memory_bytes(self) -> Dict[str, int]:
         """Bytes this rank holds: table ``weight``, ``optimizer`` state, last step's sparse ``grad`` rows."""
