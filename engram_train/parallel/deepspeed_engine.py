@@ -190,26 +190,28 @@ def include_in_grad_norm(optimizer, extra_sq_norm: Callable[[], torch.Tensor]) -
 
     ``extra_sq_norm`` returns the squared norm of gradients DeepSpeed does not
     hold (the table store's), already summed over all ranks.  Supported: the
-    ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer``), whose ``scaled_global_norm``
-    feeds both clipping and the reported norm; anything else fails here.
+    ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer``, fp32 and bf16: our DeepSpeed
+    config accumulates gradients in the parameters' dtype, so bf16 never takes
+    DeepSpeed's separate ``BF16_Optimizer``), whose ``scaled_global_norm`` feeds
+    both clipping and the reported norm; anything else fails here.
     """
     from deepspeed.runtime.utils import is_invalid_grad_norm
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer):
+    if isinstance(optimizer, DeepSpeedZeroOptimizer):
+        dense_norm = optimizer.scaled_global_norm
+
+        def scaled_global_norm(norm_type=2):
+            norm = dense_norm(norm_type)
+            if is_invalid_grad_norm(norm):
+                return norm
+            extra = extra_sq_norm().to(device=norm.device, dtype=torch.float64) * float(optimizer.loss_scale) ** 2
+            return (norm.double().square() + extra).sqrt().to(norm.dtype)
+
+        optimizer.scaled_global_norm = scaled_global_norm
+    else:
         raise ConfigError(f"parallel.zero_stage: DeepSpeed built a {type(optimizer).__name__}, whose gradient "
-                          "norm cannot include the Engram table gradients; use parallel.zero_stage=2, or "
-                          "parallel.zero_stage=1 with parallel.offload_optimizer=cpu or trainer.precision=fp32")
-    dense_norm = optimizer.scaled_global_norm
-
-    def scaled_global_norm(norm_type=2):
-        norm = dense_norm(norm_type)
-        if is_invalid_grad_norm(norm):
-            return norm
-        extra = extra_sq_norm().to(device=norm.device, dtype=torch.float64) * float(optimizer.loss_scale) ** 2
-        return (norm.double().square() + extra).sqrt().to(norm.dtype)
-
-    optimizer.scaled_global_norm = scaled_global_norm
+                          "norm cannot include the Engram table gradients; use parallel.zero_stage=1 or 2")
 
 
 def build_engine(model: nn.Module, cfg: Config, dp_size: int, use_bf16: bool, table_store=None):

@@ -205,6 +205,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.logger.close()
+        log.info("rank %d finished at step %d: peak RSS %s", self.rank, self.state.step, _mib(peak_rss_bytes()))
         return last
 
     def _evaluate(self, record: bool = True) -> Dict[str, float]:

@@ -1,0 +1,146 @@
+"""tools/plan_memory.py: table bytes against an independent computation, dense counts against the real
+model, the 27B sizing recipe, and one-line errors."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(ROOT, "tools", "plan_memory.py")
+
+
+def run_tool(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+
+
+def plan_json(*args):
+    proc = run_tool(*args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("plan_memory", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _is_prime(n):
+    if n < 2:
+        return False
+    f = 2
+    while f * f <= n:
+        if n % f == 0:
+            return False
+        f += 1
+    return True
+
+
+def _primes(layer_ids, max_ngram, heads, starts):
+    """Distinct primes per (layer, order, head), each the next unused prime at or above its order's start."""
+    seen, out = set(), {}
+    for layer in layer_ids:
+        sizes = []
+        for start in starts[: max_ngram - 1]:
+            p = start
+            for _ in range(heads):
+                while not _is_prime(p) or p in seen:
+                    p += 1
+                seen.add(p)
+                sizes.append(p)
+        out[layer] = sizes
+    return out
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sparse_adam"])
+def test_debug_cpu_tp2_table_bytes_match_an_independent_computation(optimizer):
+    r = plan_json("experiment=debug_cpu", "parallel.tensor_parallel=2", f"engram.optimizer={optimizer}", "world=2")
+    # debug_cpu: Engram at layers [1, 3], orders 2..3, 4 heads of 64/4 = 16 floats, sizes 5 x 4096 (V' <= V);
+    # 8 sequences of 256 tokens per step, 8 ids per token and layer.
+    dim, ids_step = 16, 8 * 256 * 8
+    primes = _primes([1, 3], 3, 4, [5 * 4096, 5 * 4096])
+    rows = {l: sum(s) for l, s in primes.items()}
+    assert r["engram"]["table_sizes"] == {str(l): s for l, s in primes.items()}
+    assert r["engram"]["params"] == sum(rows.values()) * dim
+    assert r["default_partition"] == "tp" and r["engram"]["optimizer"] == optimizer
+    for name, parts in (("replicated", 1), ("tp", 2), ("all", 2)):
+        shard = {l: min(-(-n // parts), n) for l, n in rows.items()}        # rank 0: the first ceil-chunk
+        n = sum(shard.values())
+        got = r["placements"][name]
+        assert got["parts"] == parts and got["shard_rows"] == n
+        assert got["weight"] == 4 * dim * n
+        assert got["optimizer"] == 8 * dim * n + (8 * n if optimizer == "sparse_adam" else 0)
+        assert got["grad_max"] == sum(min(k, ids_step) * (4 * dim + 8) for k in shard.values())
+        assert r["totals"][name] == got["weight"] + got["optimizer"] + got["grad_max"] + r["dense"]["total"]
+
+
+SMALL = {
+    "gqa_moe_every_2nd_untied": ["experiment=debug_cpu", "model.num_query_groups=2", "model.moe_layer_freq=2",
+                                 "data.vocab_size=1000", "engram.layer_ids=[0,2]",
+                                 "engram.table_size_per_ngram=[31,37]"],
+    "dense_tied_4gram": ["experiment=debug_cpu", "model.num_experts=null", "data.vocab_size=300",
+                         "model.untie_embeddings_and_output_weights=false", "engram.max_ngram=4",
+                         "engram.n_embed_per_ngram=32", "engram.kernel_size=3",
+                         "engram.table_size_per_ngram=[31,37,41]"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_dense_parameter_count_matches_the_real_model(name):
+    from engram_train.config.store import compose
+    from engram_train.engram.hashing import prime_table_sizes
+    from engram_train.model.gpt import build_model
+    from engram_train.parallel.state import destroy_parallel, init_parallel
+
+    tool = load_tool()
+    cfg = compose(SMALL[name])
+    e = cfg.engram
+    sizes = prime_table_sizes(e.layer_ids, e.max_ngram, e.heads_per_ngram, e.table_size_per_ngram)
+    init_parallel(cfg.parallel, seed=0)
+    try:
+        model = build_model(cfg.model, e, cfg.parallel, cfg.data.vocab_size, sizes)
+        real = model.num_parameters()
+        # megatron marks the weights it splits over TP (column/row-parallel, vocab-parallel), even at TP=1
+        real_split = sum(p.numel() for n, p in model.named_parameters()
+                         if getattr(p, "tensor_model_parallel", False) and ".mlp.experts." not in n)
+    finally:
+        destroy_parallel()
+    want = tool.dense_param_counts(cfg.model, e, tool.padded_vocab(cfg))
+    assert (want["dense"], want["experts"]) == (real["dense"], real["experts"])
+    assert want["tp_split"] == real_split
+    assert want["total"] + real["engram_tables"] == real["total"]
+    tables, _ = tool.table_sizes(e, None, cfg.data.vocab_size)
+    assert real["engram_tables"] == sum(map(sum, tables.values())) * e.n_embed_per_ngram // e.heads_per_ngram
+
+
+def test_engram_27b_recipe_validates_and_holds_about_5_7b_table_parameters():
+    from engram_train.config.store import compose
+
+    cfg = compose(["experiment=engram_27b"])
+    cfg.validate(world_size=64)
+    assert cfg.engram.layer_ids == [1, 14] and cfg.engram.heads_per_ngram == 8 and cfg.engram.max_ngram == 3
+    r = plan_json("experiment=engram_27b", "world=64")
+    assert r["engram"]["params"] == pytest.approx(5.7e9, rel=0.05)
+    primes = [p for s in r["engram"]["table_sizes"].values() for p in s]
+    assert len(primes) == len(set(primes)) == 2 * 2 * 8
+    assert (r["tensor_parallel"], r["data_parallel"], r["expert_parallel"], r["zero_stage"]) == (4, 16, 8, 2)
+    assert r["precision"] == "bf16" and r["default_partition"] == "tp"
+    assert r["placements"]["tp"]["shard_rows"] * 4 == pytest.approx(r["engram"]["rows"], abs=8)
+
+
+@pytest.mark.parametrize("args,key", [
+    (["experiment=debug_cpu", "parallel.tensor_parallel=2", "world=3"], "parallel.tensor_parallel"),
+    (["experiment=debug_cpu", "engram.partition=rows", "world=1"], "engram.partition"),
+])
+def test_bad_config_exits_2_with_one_line_naming_the_key(args, key):
+    proc = run_tool(*args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0] and "Traceback" not in proc.stderr, proc.stderr
