@@ -12,17 +12,22 @@ placement of the same tables on the same token stream:
 * ``DP=<ranks>``: the ranks are data-parallel replicas (different tokens):
   ``replicated`` (sparse gradient rows all-gathered over the replicas) and ``all``.
 
-One step = the lookups of every Engram layer (forward), their backward with a random
-output gradient, the gradient reduction and the table optimizer: the whole table path of
-a training step, without the backbone.  Tokens are Zipf-distributed (like text) and
+One step = the lookups of every Engram layer, the block's key and value projections of the
+looked-up rows (``hc_mult=1``: ``2 * --hidden`` outputs), their backward with a random
+output gradient, the gradient reduction and the table optimizer: the table path of a
+training step, without the rest of the backbone.  Tokens are Zipf-distributed (like text) and
 hashed by the project's ``NgramHasher``, so deduplication sees realistic repeats.
 
 Columns: table MiB held per rank (weight + optimizer state), bytes sent per token per
 rank (lookups + gradient traffic; ring all-reduce counted as 2(n-1)/n of its buffer),
 median step time over ``--steps`` (slowest rank), and both relative to ``replicated`` of
-the same layout.  The TP partition *by head* (whole heads per rank, row-parallel key and
-value projections) is not built; its all-reduce would carry ``(hc_mult + 1) * hidden``
-values per token, printed for comparison (analytic, marked as such).
+the same layout.
+
+``tp-by-head (emulated)`` is the alternative TP partition the project does not build:
+each rank holds whole heads, projects its heads' rows with its slice of the key and value
+weights (row-parallel) and all-reduces the ``(hc_mult + 1) * hidden`` projected values per
+token.  The bench runs exactly that (its own heads in a store, real collectives), so the
+two TP partitions are compared by measurement.
 """
 
 from __future__ import annotations
@@ -53,9 +58,30 @@ def _hash_ids(args, rank: int, step: int, same_tokens: bool):
     return hasher, hasher(tokens.view(1, -1))
 
 
+def _reduce_from_group(x, group):
+    """All-reduce in forward, identity in backward (every rank holds the same output gradient)."""
+    import torch
+    import torch.distributed as dist
+
+    class _Reduce(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            t = t.clone()
+            dist.all_reduce(t, group=group)
+            return t
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    return _Reduce.apply(x)
+
+
 def _worker(rank: int, world: int, port: int, args, results) -> None:
     import torch
     import torch.distributed as dist
+
+    from engram_train.memory.exchange import CommCounter
 
     from engram_train.memory.layout import placement_for, table_specs
     from engram_train.memory.store import TableStore
@@ -67,27 +93,44 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     singles = [dist.new_group([r]) for r in range(world)]
     rows = []
-    for layout, cases in (("TP", ("replicated", "tp", "all")), ("DP", ("replicated", "all"))):
+    heads = (args.max_ngram - 1) * args.heads
+    for layout, cases in (("TP", ("replicated", "tp", "all", "tp-by-head (emulated)")),
+                          ("DP", ("replicated", "all"))):
         tp_size = world if layout == "TP" else 1
         tp_group = dist.group.WORLD if layout == "TP" else singles[rank]
         for partition in cases:
-            placement = placement_for(partition, world, rank, tp_size, rank % tp_size)
+            by_head = partition.startswith("tp-by-head")
+            placement = placement_for("replicated" if by_head else partition, world, rank, tp_size,
+                                      rank % tp_size)
             hasher, _ = _hash_ids(args, rank, 0, True)
-            specs = table_specs(hasher.table_sizes, args.dim * args.heads, args.heads)
+            # By head: this rank's whole heads (ceil split of the heads, like rows elsewhere).
+            h_lo = min(rank * -(-heads // world), heads) if by_head else 0
+            h_hi = min(h_lo + -(-heads // world), heads) if by_head else heads
+            sizes = {l: s[h_lo:h_hi] for l, s in hasher.table_sizes.items()}
+            specs = table_specs(sizes, args.dim * args.heads, args.heads)
             store = TableStore(specs, placement, optimizer=args.optimizer, device=device, tp_group=tp_group,
                                replica_group=singles[rank] if layout == "TP" or partition == "all" else dist.group.WORLD,
                                world_group=dist.group.WORLD, dp_size=1 if layout == "TP" else world)
+            g = torch.Generator().manual_seed(0)
+            proj = {l: (torch.randn(2 * args.hidden, heads * args.dim, generator=g) * 0.02)[:, h_lo * args.dim:
+                        h_hi * args.dim].contiguous().to(device).requires_grad_() for l in sizes}
+            extra = CommCounter()
             times, sent0 = [], 0
             for step in range(args.warmup + args.steps):
                 _, ids = _hash_ids(args, rank, step, same_tokens=layout == "TP")
-                ids = {l: t.to(device) for l, t in ids.items()}
+                ids = {l: t[..., h_lo:h_hi].to(device) for l, t in ids.items()}
                 if step == args.warmup:
-                    sent0 = store.sent_bytes()
+                    sent0 = store.sent_bytes() + extra.sent_bytes
                 dist.barrier()
                 t0 = time.perf_counter()
-                outs = [store.tables[l](ids[l]) for l in sorted(ids)]
-                grads = [torch.randn_like(o) for o in outs]
-                torch.autograd.backward(outs, grads)
+                outs = []
+                for l in sorted(ids):
+                    kv = store.tables[l](ids[l]) @ proj[l].t()          # key and value projections
+                    if by_head:
+                        kv = _reduce_from_group(kv, tp_group)
+                        extra.all_reduce(kv, world)
+                    outs.append(kv)
+                torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
                 store.reduce_gradients()
                 store.step(1e-3)
                 if device.type == "cuda":
@@ -99,7 +142,7 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
             mem = store.memory_bytes()
             rows.append(dict(layout=f"{layout}={world}", partition=partition,
                              table_mib=(mem["weight"] + mem["optimizer"]) / 2**20,
-                             bytes_per_token=(store.sent_bytes() - sent0) / (args.steps * args.tokens),
+                             bytes_per_token=(store.sent_bytes() + extra.sent_bytes - sent0) / (args.steps * args.tokens),
                              step_ms=1e3 * statistics.median(times)))
             del store
     if rank == 0:
@@ -147,12 +190,8 @@ def main(argv=None) -> None:
         print(f"| {r['layout']} | {r['partition']} | {r['table_mib']:.1f} | {r['bytes_per_token']:.0f} | "
               f"{r['step_ms']:.1f} | {r['table_mib'] / base['table_mib']:.2f}x | {rel} | "
               f"{r['step_ms'] / base['step_ms']:.2f}x |")
-    n = args.ranks
-    by_head = 2 * (n - 1) / n * 2 * args.hidden * 4 * args.layers
-    by_rows_upper = 2 * (n - 1) / n * heads * args.dim * 4 * args.layers
-    print(f"\nTP by head (not built; analytic, hc_mult=1, hidden={args.hidden}): {by_head:.0f} bytes/token/rank "
-          f"of all-reduce per step's lookups, against at most {by_rows_upper:.0f} for TP by rows before "
-          f"deduplication ((N-1)*n_embed_per_ngram = {heads * args.dim} values per token per layer).")
+    print(f"\nPer token and layer, TP by rows all-reduces at most (N-1)*n_embed_per_ngram = {heads * args.dim} values "
+          f"(fewer after deduplication); TP by head all-reduces (hc_mult+1)*hidden = {2 * args.hidden}.")
 
 
 if __name__ == "__main__":
