@@ -1,10 +1,10 @@
-"""Atomic, resumable checkpoints.
+"""Atomic, durable, resumable checkpoints.
 
 Layout of ``<run.dir>/checkpoints``::
 
     latest                      text file naming the newest complete checkpoint
     step_00000100/
-        meta.json               written last: its presence marks the checkpoint complete
+        meta.json               step, consumed samples, world size and the run's extra metadata
         model.pt                FULL (single-rank layout) model state: independent of TP/EP/DP sizes
         optim/rank_00000.pt     each rank's optimizer shard (ZeRO partition) - same world layout to resume
         rng/rank_00000.pt       each rank's RNG states (torch, numpy, python, megatron's tracker)
@@ -12,15 +12,24 @@ Layout of ``<run.dir>/checkpoints``::
                                 (torch.distributed.checkpoint, global shapes; loads at any layout,
                                 see engram_train.memory.checkpoint)
 
-Invariants:
-* a checkpoint is written into ``step_N.partial`` and renamed only when every
-  rank has finished, then ``latest`` is replaced atomically (``os.replace``):
-  a crash at any point leaves the previous ``latest`` intact;
-* the model file is the gathered full state dict (``parallel.sharding``), so
-  model weights load at any parallel layout; optimizer state is per rank and
-  needs the same layout (a resharding tool is a later step);
-* the learning rate is a function of the step and the data position is
-  ``step * global_batch_size``, so neither needs state of its own.
+Commit protocol (a crash or power loss at any point leaves the previous ``latest`` intact and loadable):
+* everything is written into ``step_N.partial``; each rank fsyncs every file it wrote (its DCP
+  table files included) before the barrier that ends the write phase;
+* rank 0 then writes ``meta.json``, fsyncs every directory of the checkpoint bottom-up, renames
+  ``step_N.partial -> step_N`` and fsyncs the checkpoints root, so the new name is durable;
+* only then is ``latest`` replaced atomically (tmp + fsync + ``os.replace`` + fsync of the root).
+  ``fsync_file`` and ``fsync_dir`` below do all of the syncing.
+
+Loading tries the checkpoint ``latest`` names, then each older complete one, newest first: a
+checkpoint that fails to load (truncated or missing file, I/O error) is skipped with a warning.
+Every rank takes part in each decision (a failure on one rank makes all ranks fall back), so all
+ranks always load the same step.  A checkpoint that cannot belong to this run's configuration
+(world size, data fingerprint, Engram tables) is a user error and raised, never skipped.
+
+The model file is the gathered full state dict (``parallel.sharding``), so model weights load at
+any parallel layout; optimizer state is per rank and needs the same layout (a resharding tool is
+a later step).  The learning rate is a function of the step and the data position is
+``step * global_batch_size``, so neither needs state of its own.
 """
 
 from __future__ import annotations
@@ -29,18 +38,24 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from engram_train.config.schema import ConfigError
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# torch.distributed.checkpoint's FileSystemWriter names rank r's data files "__<r>_<n>.distcp".
+_DCP_DATA_FILE = re.compile(r"^__(\d+)_")
 
 
 @dataclass
@@ -49,11 +64,79 @@ class TrainState:
     consumed_samples: int = 0     # global samples consumed by those steps
 
 
+class IncompatibleCheckpoint(RuntimeError):
+    """The checkpoint cannot belong to this run's configuration: a user error, never a reason to fall back."""
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint could be loaded although the run directory holds some."""
+
+
+class _LoadFailed(Exception):
+    """The checkpoint is damaged or unreadable (on at least one rank, for all ranks): try an older one."""
+
+
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
 
 
+# -- durability ---------------------------------------------------------------------------------
+def fsync_file(path: str) -> None:
+    """Flush ``path``'s data and metadata to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make the entries created in (or renamed into) directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dirs_bottom_up(top: str) -> None:
+    # Children first: a parent's fsync only covers its own entries, not what they contain.
+    for dirpath, _, _ in os.walk(top, topdown=False):
+        fsync_dir(dirpath)
+
+
+def _write_durably(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write ``path`` through a temporary file that is fsynced before it takes the name
+    (the directory entry is made durable by the caller's ``fsync_dir``)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, mode) as f:
+        write(f)
+    fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    _write_durably(path, lambda f: f.write(text), mode="w")
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def _torch_save(obj, path: str) -> None:
+    _write_durably(path, lambda f: torch.save(obj, f))
+
+
+def _own_table_files(tables_dir: str, rank: int, world: int) -> Iterator[str]:
+    """The files of the table checkpoint this rank fsyncs: the DCP data files it wrote; rank 0 also
+    every other file (DCP's ``.metadata``, the manifest), so each file has exactly one owner."""
+    for dirpath, _, files in os.walk(tables_dir):
+        for name in files:
+            m = _DCP_DATA_FILE.match(name)
+            owner = int(m.group(1)) if m and int(m.group(1)) < world else 0
+            if owner == rank:
+                yield os.path.join(dirpath, name)
+
+
+# -- RNG ----------------------------------------------------------------------------------------
 def _rng_state() -> Dict[str, Any]:
     from megatron.core import tensor_parallel
 
@@ -79,25 +162,56 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _torch_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _is_zero_optimizer(opt) -> bool:
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     return isinstance(opt, DeepSpeedZeroOptimizer)
+
+
+# -- load helpers -------------------------------------------------------------------------------
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line; for DCP's CheckpointException the first underlying failure."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank = min(failures)
+        wrapped = failures[rank]
+        inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+        return f"tables (torch.distributed.checkpoint, rank {rank}): {_one_line(inner, limit)}"
+    text = " ".join(str(e).split())
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text if isinstance(e, _LoadFailed) else f"{type(e).__name__}: {text}"
+
+
+def _read_file(path: str, what: str, read: Callable[[str], Any]) -> Any:
+    """``read(path)``, with a failure that names the file (``what``, relative to the checkpoint)."""
+    try:
+        return read(path)
+    except _fatal_errors():
+        raise
+    except Exception as e:
+        raise _LoadFailed(f"{what}: {_one_line(e)}") from e
+
+
+def _read_meta(path: str) -> Dict[str, Any]:
+    with open(path) as f:
+        meta = json.load(f)
+    missing = [k for k in ("step", "consumed_samples", "world_size") if k not in meta]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)}")
+    return meta
+
+
+def _fatal_errors() -> Tuple[type, ...]:
+    # Raised as they are: the configuration does not fit (user error), or the machine ran out of
+    # memory, which says nothing about the checkpoint (an older one would not fare better).
+    return (IncompatibleCheckpoint, ConfigError, MemoryError, torch.OutOfMemoryError)
+
+
+def _load_failures() -> Tuple[type, ...]:
+    from torch.distributed.checkpoint.api import CheckpointException   # a BaseException, not an Exception
+
+    return (Exception, CheckpointException)
 
 
 class Checkpointer:
@@ -106,24 +220,44 @@ class Checkpointer:
         self.keep_last = keep_last
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self._failed: set = set()   # checkpoints that failed to load in this process: never kept by _prune
 
     # -- discovery ------------------------------------------------------------------------------
     def _complete(self, name: str) -> bool:
-        return os.path.isfile(os.path.join(self.root, name, "meta.json"))
+        return bool(_STEP_DIR.match(name)) and os.path.isfile(os.path.join(self.root, name, "meta.json"))
+
+    def _step_names(self) -> List[str]:
+        """Every ``step_N`` directory (complete or not), oldest first."""
+        if not os.path.isdir(self.root):
+            return []
+        names = [n for n in os.listdir(self.root) if _STEP_DIR.match(n)]
+        return sorted(names, key=lambda n: int(_STEP_DIR.match(n).group(1)))
+
+    def _latest_name(self) -> Optional[str]:
+        path = os.path.join(self.root, LATEST)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return f.read().strip()
+
+    def candidates(self) -> List[str]:
+        """Complete checkpoints to try, best first: the one ``latest`` names, then the older
+        complete ones, newest first.  Newer directories than ``latest`` were never committed."""
+        complete = [n for n in reversed(self._step_names()) if self._complete(n)]
+        name = self._latest_name()
+        if name is not None:
+            if self._complete(name):
+                step = int(_STEP_DIR.match(name).group(1))
+                older = [n for n in complete if int(_STEP_DIR.match(n).group(1)) < step]
+                return [os.path.join(self.root, n) for n in [name] + older]
+            log.warning("%s names %r, which is incomplete or missing; looking for another",
+                        os.path.join(self.root, LATEST), name)
+        return [os.path.join(self.root, n) for n in complete]
 
     def latest_dir(self) -> Optional[str]:
         """The newest complete checkpoint: the one ``latest`` names, else the newest complete step dir."""
-        path = os.path.join(self.root, LATEST)
-        if os.path.isfile(path):
-            name = open(path).read().strip()
-            if self._complete(name):
-                return os.path.join(self.root, name)
-            log.warning("%s names %r, which is incomplete or missing; looking for another", path, name)
-        if not os.path.isdir(self.root):
-            return None
-        names = sorted(n for n in os.listdir(self.root) if n.startswith("step_") and "." not in n
-                       and self._complete(n))
-        return os.path.join(self.root, names[-1]) if names else None
+        found = self.candidates()
+        return found[0] if found else None
 
     # -- save -----------------------------------------------------------------------------------
     def save(self, engine, state: TrainState, extra: Optional[Dict[str, Any]] = None, table_store=None) -> str:
@@ -133,7 +267,9 @@ class Checkpointer:
         name = f"step_{state.step:08d}"
         final, partial = os.path.join(self.root, name), os.path.join(self.root, name + ".partial")
         if self.rank == 0:
-            os.makedirs(self.root, exist_ok=True)
+            if not os.path.isdir(self.root):
+                os.makedirs(self.root)
+                fsync_dir(os.path.dirname(os.path.abspath(self.root)))
             shutil.rmtree(partial, ignore_errors=True)
             os.makedirs(os.path.join(partial, "optim"))
             os.makedirs(os.path.join(partial, "rng"))
@@ -148,68 +284,179 @@ class Checkpointer:
         if table_store is not None:
             from engram_train.memory import checkpoint as table_checkpoint
 
-            table_checkpoint.save(table_store, os.path.join(partial, "tables"))
-        _barrier()
+            tables = os.path.join(partial, "tables")
+            table_checkpoint.save(table_store, tables)
+            for path in _own_table_files(tables, self.rank, self.world):
+                fsync_file(path)
+        _barrier()   # from here every rank's files are on stable storage
 
         if self.rank == 0:
             meta = {"step": state.step, "consumed_samples": state.consumed_samples,
                     "world_size": self.world, "time": time.time(), **(extra or {})}
-            _atomic_write_text(os.path.join(partial, "meta.json"), json.dumps(meta, indent=2))
+            _write_durably(os.path.join(partial, "meta.json"), lambda f: f.write(json.dumps(meta, indent=2)),
+                           mode="w")
+            _fsync_dirs_bottom_up(partial)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
+            fsync_dir(self.root)
             _atomic_write_text(os.path.join(self.root, LATEST), name)
+            self._failed.discard(final)
             self._prune(keep=name)
         _barrier()
         log.info("saved checkpoint %s in %.1fs", final, time.time() - t0)
         return final
 
     def _prune(self, keep: str) -> None:
-        names = sorted(n for n in os.listdir(self.root) if n.startswith("step_") and "." not in n)
+        # Only checkpoints up to the one just saved count: newer ones belong to work this run redoes
+        # (it fell back past them) and are overwritten when it gets there; ones that failed to load
+        # must not take the place of the good older ones.
+        limit = int(_STEP_DIR.match(keep).group(1))
+        names = [n for n in self._step_names() if int(_STEP_DIR.match(n).group(1)) <= limit
+                 and os.path.join(self.root, n) not in self._failed]
         for n in names[:-self.keep_last]:
             if n != keep:
                 shutil.rmtree(os.path.join(self.root, n), ignore_errors=True)
 
     # -- load -----------------------------------------------------------------------------------
-    def load(self, engine, path: Optional[str] = None, dp_size: int = 1,
-             expect: Optional[Dict[str, Any]] = None, table_store=None) -> Optional[TrainState]:
-        """Restore model, optimizer and RNG from ``path`` (default: latest). Returns None if there is none.
+    def _gather(self, obj) -> List[Any]:
+        if self.world == 1 or not dist.is_initialized():
+            return [obj]
+        out: List[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
-        ``expect``: metadata that must match (e.g. the prepared data's fingerprint: a checkpoint
-        trained on another tokenization cannot be resumed meaningfully).
-        """
-        from engram_train.parallel.sharding import full_to_local
+    def _agreed_candidates(self) -> List[str]:
+        """Rank 0's list for every rank: all ranks must try the same checkpoints in the same order."""
+        found = [self.candidates() if self.rank == 0 else None]
+        if self.world > 1 and dist.is_initialized():
+            dist.broadcast_object_list(found, src=0)
+        return found[0]
 
-        path = path or self.latest_dir()
-        if path is None:
-            return None
-        meta = json.load(open(os.path.join(path, "meta.json")))
+    def _on_every_rank(self, path: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on every rank, then agree: if it failed on any rank, every rank raises
+        ``_LoadFailed`` (so all fall back together); a fatal error on any rank stops every rank."""
+        result, own_fatal, outcome = None, None, None
+        try:
+            result = fn()
+        except _fatal_errors() as e:
+            own_fatal, outcome = e, ("fatal", _one_line(e))
+        except _load_failures() as e:
+            outcome = ("failed", _one_line(e))
+        outcomes = self._gather(outcome)
+        if own_fatal is not None:
+            raise own_fatal
+        for r, out in enumerate(outcomes):
+            if out is not None and out[0] == "fatal":
+                raise RuntimeError(f"rank {r} stopped loading checkpoint {path}: {out[1]}")
+        by_reason: Dict[str, List[int]] = {}
+        for r, out in enumerate(outcomes):
+            if out is not None:
+                by_reason.setdefault(out[1], []).append(r)
+        if by_reason:
+            if self.world == 1:
+                raise _LoadFailed(next(iter(by_reason)))
+            raise _LoadFailed("; ".join(f"rank {','.join(map(str, ranks))}: {reason}"
+                                        for reason, ranks in by_reason.items()))
+        return result
+
+    def _read(self, path: str, expect: Optional[Dict[str, Any]], table_store):
+        """Everything this rank needs from ``path``, in memory, without touching the run's state."""
+        meta = _read_file(os.path.join(path, "meta.json"), "meta.json", _read_meta)
         if meta["world_size"] != self.world:
-            raise RuntimeError(
+            raise IncompatibleCheckpoint(
                 f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {self.world}: "
                 "optimizer state is per rank; resume with the same launch layout")
         for key, want in (expect or {}).items():
             if key in meta and meta[key] != want:
-                raise RuntimeError(f"checkpoint {path} has {key}={meta[key]!r} but this run has {want!r}; "
-                                   "use the same data settings, or a new run.dir (or trainer.resume=false)")
+                raise IncompatibleCheckpoint(
+                    f"checkpoint {path} has {key}={meta[key]!r} but this run has {want!r}; "
+                    "use the same data settings, or a new run.dir (or trainer.resume=false)")
+        full = _read_file(os.path.join(path, "model.pt"), "model.pt",
+                          lambda p: torch.load(p, map_location="cpu", weights_only=False))
+        opt_name = os.path.join("optim", f"rank_{self.rank:05d}.pt")
+        opt_sd = _read_file(os.path.join(path, opt_name), opt_name,
+                            lambda p: torch.load(p, map_location="cpu", weights_only=False))
+        rng_name = os.path.join("rng", f"rank_{self.rank:05d}.pt")
+        rng = _read_file(os.path.join(path, rng_name), rng_name, lambda p: torch.load(p, weights_only=False))
+        if table_store is not None:
+            from engram_train.memory import checkpoint as table_checkpoint
+
+            # ConfigError (other tables) passes through _read_file: a user error, not damage.
+            _read_file(os.path.join(path, "tables"), os.path.join("tables", table_checkpoint.MANIFEST),
+                       lambda p: table_checkpoint.check_compatible(table_store, p))
+        return meta, full, opt_sd, rng
+
+    def _apply_dense(self, engine, path: str, full, opt_sd, dp_size: int) -> None:
+        from engram_train.parallel.sharding import full_to_local
+
         model = engine.module
-        full = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=False)
-        local = full_to_local(full, model)
+        fix = "use the model settings it was saved with, or a new run.dir"
+        try:
+            local = full_to_local(full, model)
+        except (KeyError, ValueError) as e:   # a model.pt that loads has every key it was saved with
+            raise IncompatibleCheckpoint(f"checkpoint {path} does not fit the model ({e}); {fix}") from e
         missing, unexpected = model.load_state_dict(local, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint {path} does not fit the model: missing={missing[:8]} "
-                               f"unexpected={unexpected[:8]}")
-        opt_sd = torch.load(os.path.join(path, "optim", f"rank_{self.rank:05d}.pt"), map_location="cpu",
-                            weights_only=False)
+            raise IncompatibleCheckpoint(f"checkpoint {path} does not fit the model: missing={missing[:8]} "
+                                         f"unexpected={unexpected[:8]}; {fix}")
         if _is_zero_optimizer(engine.optimizer):
             engine.optimizer.load_state_dict([opt_sd] * dp_size, load_optimizer_states=True,
                                              load_from_fp32_weights=True)
         else:
             engine.optimizer.load_state_dict(opt_sd)
+
+    def _load_one(self, engine, path: str, dp_size: int, expect, table_store) -> TrainState:
+        # Three agreed phases, so that no rank enters a collective (DCP's load, the agreement
+        # itself) while another has already given up on this checkpoint.  A failure after the first
+        # phase leaves the run's state half-loaded; the next candidate overwrites all of it.
+        meta, full, opt_sd, rng = self._on_every_rank(path, lambda: self._read(path, expect, table_store))
+        self._on_every_rank(path, lambda: self._apply_dense(engine, path, full, opt_sd, dp_size))
+        del full, opt_sd
         if table_store is not None:
             from engram_train.memory import checkpoint as table_checkpoint
 
-            table_checkpoint.load(table_store, os.path.join(path, "tables"))
-        _set_rng_state(torch.load(os.path.join(path, "rng", f"rank_{self.rank:05d}.pt"), weights_only=False))
-        log.info("resumed from %s (step %d)", path, meta["step"])
+            self._on_every_rank(path, lambda: table_checkpoint.load(table_store, os.path.join(path, "tables")))
+        _set_rng_state(rng)
         return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"])
+
+    def load(self, engine, path: Optional[str] = None, dp_size: int = 1,
+             expect: Optional[Dict[str, Any]] = None, table_store=None) -> Optional[TrainState]:
+        """Restore model, optimizer, tables and RNG; returns None if there is no checkpoint.
+
+        ``path``: that checkpoint and no other.  Default: the one ``latest`` names, falling back to
+        each older complete one in turn if it fails to load (a warning names it and the reason).
+        ``expect``: metadata that must match (e.g. the prepared data's fingerprint: a checkpoint
+        trained on another tokenization cannot be resumed meaningfully).
+        """
+        candidates = [path] if path is not None else self._agreed_candidates()
+        if not candidates:
+            name = self._latest_name()
+            if name is not None:
+                raise CheckpointError(
+                    f"{os.path.join(self.root, LATEST)} names {name!r} but {self.root} holds no complete "
+                    "checkpoint; restore the checkpoint directories, or start afresh with a new run.dir "
+                    "(or trainer.resume=false)")
+            return None
+        failures: List[Tuple[str, str]] = []
+        for i, cand in enumerate(candidates):
+            try:
+                state = self._load_one(engine, cand, dp_size, expect, table_store)
+            except _LoadFailed as e:
+                self._failed.add(cand)
+                failures.append((cand, str(e)))
+                if self.rank == 0 and path is None:
+                    nxt = (f"falling back to the older checkpoint {candidates[i + 1]}" if i + 1 < len(candidates)
+                           else "no older checkpoint to fall back to")
+                    log.warning("checkpoint %s failed to load (%s); %s", cand, e, nxt)
+                continue
+            log.info("resumed from %s (step %d)", cand, state.step)
+            return state
+        if path is not None:
+            raise CheckpointError(f"checkpoint {path} does not load ({failures[0][1]}); restore it, "
+                                  "or load another checkpoint")
+        tried = " | ".join(f"{os.path.basename(c)}: {reason}" for c, reason in failures)
+        raise CheckpointError(
+            f"no checkpoint under {self.root} loads ({tried}); restore a good checkpoint there "
+            "(or move the damaged step_* directories out), or start afresh with a new run.dir "
+            "(or trainer.resume=false)")

@@ -1,18 +1,23 @@
 """Metrics behind a tiny interface: ``log(step, dict)`` and ``close()``.
 
-Backends: ``metrics.jsonl`` (one JSON object per logged step) and Weights &
-Biases (offline unless ``WANDB_API_KEY`` is set; imported lazily).  Only rank 0
-writes; other ranks get a ``NullLogger``.
+Backends: ``metrics.jsonl`` (one JSON object per logged step, each step once
+across resumes; see ``JsonlLogger``) and Weights & Biases (offline unless
+``WANDB_API_KEY`` is set; imported lazily).  Only rank 0 writes; other ranks get
+a ``NullLogger``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional
 
 log = logging.getLogger(__name__)
+
+SUPERSEDED = "metrics.superseded.jsonl"   # next to metrics.jsonl: lines of steps a resumed run redid
 
 
 class Logger:
@@ -29,26 +34,78 @@ class NullLogger(Logger):
 
 
 class JsonlLogger(Logger):
-    """Appends; on resume, lines of steps after the checkpoint's step (work that is redone) are dropped first."""
+    """Appends to ``metrics.jsonl``; never deletes a line.
+
+    On resume (``resume_step``: the checkpoint's step) the lines of later steps, work the run is
+    about to redo, move to ``metrics.superseded.jsonl`` so that each step appears once here; a
+    line that does not parse (a write cut short by a crash) goes there too.  A fresh start
+    (``resume_step`` None) finding a non-empty ``metrics.jsonl`` moves it to
+    ``metrics.<UTC timestamp>.jsonl`` with a warning: it belongs to an earlier run.
+    """
 
     def __init__(self, path: str, resume_step: Optional[int] = None):
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        if resume_step is not None and os.path.exists(path):
-            with open(path) as f:
-                kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", -1) <= resume_step]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(path + ".tmp", path)
-        elif resume_step is None and os.path.exists(path):
-            os.remove(path)
+        if os.path.exists(path):
+            if resume_step is not None:
+                self._supersede_after(resume_step)
+            elif os.path.getsize(path) > 0:
+                aside = _aside_name(path)
+                os.rename(path, aside)
+                log.warning("fresh start: the earlier %s moved to %s", path, aside)
         self._f = open(path, "a", buffering=1)
+
+    def _supersede_after(self, resume_step: int) -> None:
+        kept, superseded, unterminated = [], [], False
+        with open(self.path) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                if not line.endswith("\n"):
+                    line, unterminated = line + "\n", True
+                (kept if _step_of(line) <= resume_step else superseded).append(line)
+        if not superseded and not unterminated:
+            return
+        side = os.path.join(os.path.dirname(self.path), SUPERSEDED)
+        if superseded:
+            # Side file first and durable: a crash in between leaves a line in both files, never in neither.
+            with open(side, "a") as f:
+                f.writelines(superseded)
+                f.flush()
+                os.fsync(f.fileno())
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        if superseded:
+            log.info("resumed at step %d: %d lines of later steps moved from %s to %s", resume_step,
+                     len(superseded), self.path, side)
 
     def log(self, step, metrics):
         self._f.write(json.dumps({"step": step, **metrics}) + "\n")
 
     def close(self):
         self._f.close()
+
+
+def _step_of(line: str) -> float:
+    """The line's step; +inf for a line that does not parse, so that it is moved aside, not kept."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return math.inf
+    return step if isinstance(step, (int, float)) else math.inf
+
+
+def _aside_name(path: str) -> str:
+    root, ext = os.path.splitext(path)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside, n = f"{root}.{stamp}{ext}", 1
+    while os.path.exists(aside):   # two fresh starts within a second
+        aside, n = f"{root}.{stamp}-{n}{ext}", n + 1
+    return aside
 
 
 class WandbLogger(Logger):

@@ -3,8 +3,9 @@
 Every run is its own process group (torchrun, gloo on CPU), so these are the same code
 paths a user launches.  The single-process run with the same seed and the same global
 batch is the oracle for the TP=2 and EP=2 runs; a resumed run must reproduce the
-uninterrupted run's losses exactly; ZeRO-1 and ZeRO-2 with CPU optimizer offload must
-train (and follow the plain run closely: they are the same math).
+uninterrupted run's losses exactly, also when it falls back past a damaged checkpoint;
+ZeRO-1 and ZeRO-2 with CPU optimizer offload must train (and follow the plain run
+closely: they are the same math).
 """
 
 from __future__ import annotations
@@ -64,18 +65,24 @@ def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
 
 
-def launch(nproc: int, overrides, timeout: int = 600) -> None:
+def launch(nproc: int, overrides, timeout: int = 600) -> str:
+    """Run training to completion; returns its stdout and stderr (the log) for tests to check."""
     env = _env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "engram_train.train.main", *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"training failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc.stdout + proc.stderr
 
 
 def losses(run_dir) -> dict:
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def logged_steps(run_dir, name: str = "metrics.jsonl") -> list:
+    return [json.loads(line)["step"] for line in open(os.path.join(run_dir, name)) if line.strip()]
 
 
 def val_losses(run_dir) -> dict:
@@ -128,9 +135,32 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, oracle, data_over
     launch(1, TINY + data_overrides + ["trainer.max_steps=4", "trainer.save_interval=2",
                                        f"run.dir={run_dir}", "trainer.stop_at_step=2"])
     assert sorted(losses(run_dir)) == [1, 2]
-    launch(1, TINY + data_overrides + ["trainer.max_steps=4", "trainer.save_interval=2", f"run.dir={run_dir}"])
+    out = launch(1, TINY + data_overrides + ["trainer.max_steps=4", "trainer.save_interval=2", f"run.dir={run_dir}"])
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000002'} (step 2)" in out, out[-4000:]
     got, want = losses(run_dir), losses(oracle)
     assert got == want  # bit-identical on CPU
+    # The history is appended to, not restarted: step 0's evaluation and every step once.
+    assert logged_steps(run_dir) == [0, 1, 2, 3, 4]
+
+
+def test_fallback_from_a_damaged_latest_checkpoint_reproduces_the_run(tmp_path, oracle, data_overrides):
+    run_dir = tmp_path / "fallback"
+    overrides = TINY + data_overrides + ["trainer.max_steps=4", "trainer.save_interval=1", f"run.dir={run_dir}"]
+    launch(1, overrides + ["trainer.stop_at_step=3"])
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000003"
+    model = ckpts / "step_00000003" / "model.pt"
+    with open(model, "r+b") as f:
+        f.truncate(model.stat().st_size // 2)
+
+    out = launch(1, overrides)
+    assert f"checkpoint {ckpts / 'step_00000003'} failed to load (model.pt: " in out, out[-4000:]
+    assert f"falling back to the older checkpoint {ckpts / 'step_00000002'}" in out
+    assert f"resumed from {ckpts / 'step_00000002'} (step 2)" in out
+    assert losses(run_dir) == losses(oracle)   # step 3 redone from step 2's state: bit-identical
+    assert logged_steps(run_dir) == [0, 1, 2, 3, 4]
+    assert logged_steps(run_dir, "metrics.superseded.jsonl") == [3]
+    assert (ckpts / "latest").read_text().strip() == "step_00000004"
 
 
 @pytest.mark.parametrize("name, extra", [
