@@ -48,13 +48,14 @@ log = logging.getLogger(__name__)
 _INIT_BLOCK_ROWS = 4096
 
 
-def init_rows(spec: TableSpec, lo: int, hi: int, std: float, seed: int) -> torch.Tensor:
+def init_rows(spec: TableSpec, lo: int, hi: int, std: float, seed: int, device=None) -> torch.Tensor:
     """Rows ``[lo, hi)`` of the table's initial value, N(0, std), identical for every layout.
 
     Block ``b`` (rows ``b*4096 ..``) is drawn from its own generator keyed by
-    ``(seed, layer_id, b)``; a shard draws only the blocks it overlaps.
+    ``(seed, layer_id, b)`` on the CPU and copied into place, so a shard draws
+    only the blocks it overlaps and the host never holds more than one block.
     """
-    out = torch.empty(hi - lo, spec.embed_dim, dtype=torch.float32)
+    out = torch.empty(hi - lo, spec.embed_dim, dtype=torch.float32, device=device)
     if hi <= lo:
         return out
     gen = torch.Generator()
@@ -199,7 +200,7 @@ class TableStore:
         self.comm = CommCounter()   # bytes sent by the gradient reduction (lookups count in each exchange)
         for layer_id, spec in self.specs.items():
             lo, hi = placement.rows_of(spec)
-            weight = init_rows(spec, lo, hi, init_std, seed).to(self.device)
+            weight = init_rows(spec, lo, hi, init_std, seed, device=self.device)
             shard = TableShard(spec, lo, hi, weight, self._exchange(spec))
             shard.optimizer = build_table_optimizer(optimizer, weight, betas=betas, eps=eps,
                                                     weight_decay=weight_decay)

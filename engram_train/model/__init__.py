@@ -3,8 +3,11 @@
 - ``gpt``: ``build_model`` and ``EngramGPTModel`` (the entry point)
 - ``spec``: layer specs; the one place that picks TE / local / CPU modules
 - ``engram_layer``: ``EngramTransformerLayer`` and the per-step ``EngramContext``
-- ``cpu_backend``: the documented CPU adaptation of megatron-core (activated by
-  ``engram_train.parallel.state.init_parallel`` on machines without CUDA)
+
+The model knows nothing of placement: tables come through the layer spec
+(``table_provider``) and ``engram_train.parallel.parallelize`` applies the
+parallel plans from outside.  The CPU adaptation of megatron-core lives below
+this package, in ``engram_train.platform``.
 
 Imports are lazy so that importing this package does not import megatron-core.
 """

@@ -31,6 +31,7 @@ over data parallelism.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Dict, List, Tuple
 
 import torch
@@ -59,35 +60,67 @@ def _mesh():
 _MESH = None
 
 
-def _pieces(name: str, param, local: torch.Tensor, mesh) -> Dict[str, object]:
-    """``{global key: DTensor}`` for a TP-local tensor ``local`` shaped like ``param``."""
+def _split(name: str, param):
+    """How megatron splits ``param`` over TP: ``(split?, dim, [(global key, global shape)...])``.
+
+    megatron marks its parallel layers' weights at every TP size (TP=1 included), so the keys do
+    not depend on the TP size.
+    """
     from megatron.core import parallel_state as ps
-    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     from engram_train.parallel.sharding import _EXPERT
 
     tp = ps.get_tensor_model_parallel_world_size()
-    if _EXPERT.match(name):
-        # Expert tensor parallelism is megatron's default (= TP), so the same mesh coordinates hold.
-        assert ps.get_expert_tensor_parallel_world_size() == tp, "expert TP must equal TP"
-    # megatron marks its parallel layers' weights at every TP size (TP=1 included), so the keys do not
-    # depend on the TP size.
+    if _EXPERT.match(name) and ps.get_expert_tensor_parallel_world_size() != tp:
+        raise NotImplementedError("dense checkpoints assume expert tensor parallelism = TP (megatron's default)")
     split = bool(getattr(param, "tensor_model_parallel", False))
     dim = getattr(param, "partition_dim", 0)
     stride = getattr(param, "partition_stride", 1) if split else 1
-    parts = {name: local} if stride == 1 else dict(zip((f"{name}.gate", f"{name}.up"), torch.chunk(local, 2, dim)))
     if stride not in (1, 2):
         raise NotImplementedError(f"{name}: partition_stride={stride} is not supported by the checkpoint")
+    shape = list(param.shape)
+    if split:
+        shape[dim] *= tp
+    if stride == 2:
+        shape[dim] //= 2
+        return split, dim, [(f"{name}.gate", tuple(shape)), (f"{name}.up", tuple(shape))]
+    return split, dim, [(name, tuple(shape))]
+
+
+def _pieces(name: str, param, local: torch.Tensor, mesh) -> Dict[str, object]:
+    """``{global key: DTensor}`` for a TP-local tensor ``local`` shaped like ``param``."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    split, dim, keys = _split(name, param)
+    chunks = torch.chunk(local, len(keys), dim) if len(keys) > 1 else (local,)
+    placements = [Replicate(), Shard(dim) if split else Replicate()]
     out = {}
-    for key, t in parts.items():
-        shape = list(t.shape)
-        if split:
-            shape[dim] *= tp
-        placements = [Replicate(), Shard(dim) if split else Replicate()]
+    for (key, shape), t in zip(keys, chunks):
         strides = tuple(int(torch.Size(shape[i + 1:]).numel()) for i in range(len(shape)))
         out[key] = DTensor.from_local(t.contiguous(), mesh, placements, run_check=False,
                                       shape=torch.Size(shape), stride=strides)
     return out
+
+
+def check_compatible(engine, path: str):
+    """The checkpoint's DCP metadata, after checking it holds every dense tensor of this model with
+    the same global shape (``ConfigError`` naming the first difference otherwise)."""
+    import torch.distributed.checkpoint as dcp
+
+    from engram_train.config.schema import ConfigError
+
+    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    fix = "resume with the model settings it was saved with, or start a new run.dir"
+    for name, p in _named_params(engine):
+        for key, shape in _split(name, p)[2]:
+            saved = meta.get(f"model.{key}")
+            if saved is None:
+                raise ConfigError(f"the checkpoint {os.path.dirname(path)} has no dense tensor {key!r} that "
+                                  f"this model has: it was saved from another model; {fix}")
+            if tuple(saved.size) != shape:
+                raise ConfigError(f"the checkpoint {os.path.dirname(path)} holds {key} as {tuple(saved.size)}, "
+                                  f"this model as {shape}: another model configuration; {fix}")
+    return meta
 
 
 def _named_params(engine) -> List[Tuple[str, torch.nn.Parameter]]:
@@ -154,7 +187,7 @@ def load(engine, path: str) -> None:
     opt = _inner(engine)
     mesh = _mesh()
     params = _named_params(engine)
-    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    meta = check_compatible(engine, path)
     step = 0
     sd: Dict[str, object] = {"optim.step": step} if "optim.step" in meta else {}
     values: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -166,10 +199,6 @@ def load(engine, path: str) -> None:
             buf = torch.empty(p.shape, dtype=torch.float32, device=p.device)
             values[name][k] = buf
             sd.update({f"{k}.{key}": v for key, v in _pieces(name, p, buf, mesh).items()})
-    missing = sorted(k for k in sd if k not in meta)
-    if missing:
-        raise KeyError(f"the checkpoint {path} lacks {len(missing)} dense tensors this model has "
-                       f"(first: {missing[:3]}); it was written for another model configuration")
     dcp.load(sd, checkpoint_id=path)
     _unsplit_into(values, params, sd, mesh)
     step = int(sd.get("optim.step", 0))

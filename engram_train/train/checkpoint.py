@@ -5,12 +5,16 @@ Layout of ``<run.dir>/checkpoints``::
     latest                      text file naming the newest complete checkpoint
     step_00000100/
         meta.json               step, consumed samples, world size and the run's extra metadata
-        model.pt                FULL (single-rank layout) model state: independent of TP/EP/DP sizes
-        optim/rank_00000.pt     each rank's optimizer shard (ZeRO partition) - same world layout to resume
+        dense/                  DeepSpeed's parameters: fp32 weights, Adam moments and step, in global
+                                (TP=1, EP=1) shapes (engram_train.parallel.dense_checkpoint)
+        tables/                 the Engram table store: each rank's rows and their optimizer state,
+                                global shapes and a manifest (engram_train.memory.checkpoint)
         rng/rank_00000.pt       each rank's RNG states (torch, numpy, python, megatron's tracker)
-        tables/                 the Engram table store: each rank's rows and their optimizer state
-                                (torch.distributed.checkpoint, global shapes; loads at any layout,
-                                see engram_train.memory.checkpoint)
+
+``dense/`` and ``tables/`` are torch.distributed.checkpoint directories: each rank writes what it
+owns (a replicated tensor once), nothing is gathered whole, and both load at any other layout
+(TP, EP, DP, ``engram.partition``, number of ranks).  RNG states are per rank and restored when
+the number of ranks is the same (they only feed dropout; a resharded run keeps its seeded ones).
 
 Commit protocol (a crash or power loss at any point leaves the previous ``latest`` intact and loadable):
 * everything is written into ``step_N.partial``; each rank fsyncs every file it wrote (its DCP
@@ -26,10 +30,8 @@ Every rank takes part in each decision (a failure on one rank makes all ranks fa
 ranks always load the same step.  A checkpoint that cannot belong to this run's configuration
 (world size, data fingerprint, Engram tables) is a user error and raised, never skipped.
 
-The model file is the gathered full state dict (``parallel.sharding``), so model weights load at
-any parallel layout; optimizer state is per rank and needs the same layout (a resharding tool is
-a later step).  The learning rate is a function of the step and the data position is
-``step * global_batch_size``, so neither needs state of its own.
+The learning rate is a function of the step and the data position is ``step * global_batch_size``,
+so neither needs state of its own.
 """
 
 from __future__ import annotations
@@ -125,10 +127,10 @@ def _torch_save(obj, path: str) -> None:
     _write_durably(path, lambda f: torch.save(obj, f))
 
 
-def _own_table_files(tables_dir: str, rank: int, world: int) -> Iterator[str]:
-    """The files of the table checkpoint this rank fsyncs: the DCP data files it wrote; rank 0 also
-    every other file (DCP's ``.metadata``, the manifest), so each file has exactly one owner."""
-    for dirpath, _, files in os.walk(tables_dir):
+def _own_dcp_files(dcp_dir: str, rank: int, world: int) -> Iterator[str]:
+    """The files of a DCP directory this rank fsyncs: the data files it wrote; rank 0 also every
+    other file (DCP's ``.metadata``, the tables' manifest), so each file has exactly one owner."""
+    for dirpath, _, files in os.walk(dcp_dir):
         for name in files:
             m = _DCP_DATA_FILE.match(name)
             owner = int(m.group(1)) if m and int(m.group(1)) < world else 0
@@ -160,12 +162,6 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _is_zero_optimizer(opt) -> bool:
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    return isinstance(opt, DeepSpeedZeroOptimizer)
 
 
 # -- load helpers -------------------------------------------------------------------------------
@@ -261,7 +257,7 @@ class Checkpointer:
 
     # -- save -----------------------------------------------------------------------------------
     def save(self, engine, state: TrainState, extra: Optional[Dict[str, Any]] = None, table_store=None) -> str:
-        from engram_train.parallel.sharding import local_to_full
+        from engram_train.parallel import dense_checkpoint
 
         t0 = time.time()
         name = f"step_{state.step:08d}"
@@ -271,22 +267,20 @@ class Checkpointer:
                 os.makedirs(self.root)
                 fsync_dir(os.path.dirname(os.path.abspath(self.root)))
             shutil.rmtree(partial, ignore_errors=True)
-            os.makedirs(os.path.join(partial, "optim"))
             os.makedirs(os.path.join(partial, "rng"))
         _barrier()
 
-        model = engine.module
-        full = local_to_full(model.state_dict(), model)  # collective: every rank takes part
-        if self.rank == 0:
-            _torch_save(full, os.path.join(partial, "model.pt"))
-        _torch_save(engine.optimizer.state_dict(), os.path.join(partial, "optim", f"rank_{self.rank:05d}.pt"))
+        dense = os.path.join(partial, "dense")
+        dense_checkpoint.save(engine, dense)   # collective: every rank writes what it owns
+        for path in _own_dcp_files(dense, self.rank, self.world):
+            fsync_file(path)
         _torch_save(_rng_state(), os.path.join(partial, "rng", f"rank_{self.rank:05d}.pt"))
         if table_store is not None:
             from engram_train.memory import checkpoint as table_checkpoint
 
             tables = os.path.join(partial, "tables")
             table_checkpoint.save(table_store, tables)
-            for path in _own_table_files(tables, self.rank, self.world):
+            for path in _own_dcp_files(tables, self.rank, self.world):
                 fsync_file(path)
         _barrier()   # from here every rank's files are on stable storage
 
@@ -359,65 +353,49 @@ class Checkpointer:
                                         for reason, ranks in by_reason.items()))
         return result
 
-    def _read(self, path: str, expect: Optional[Dict[str, Any]], table_store):
-        """Everything this rank needs from ``path``, in memory, without touching the run's state."""
+    def _read(self, engine, path: str, expect: Optional[Dict[str, Any]], table_store):
+        """What this rank needs from ``path`` before loading (metadata checked, RNG read), without
+        touching the run's state."""
+        from engram_train.parallel import dense_checkpoint
+
         meta = _read_file(os.path.join(path, "meta.json"), "meta.json", _read_meta)
-        if meta["world_size"] != self.world:
-            raise IncompatibleCheckpoint(
-                f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {self.world}: "
-                "optimizer state is per rank; resume with the same launch layout")
         for key, want in (expect or {}).items():
             if key in meta and meta[key] != want:
                 raise IncompatibleCheckpoint(
                     f"checkpoint {path} has {key}={meta[key]!r} but this run has {want!r}; "
                     "use the same data settings, or a new run.dir (or trainer.resume=false)")
-        full = _read_file(os.path.join(path, "model.pt"), "model.pt",
-                          lambda p: torch.load(p, map_location="cpu", weights_only=False))
-        opt_name = os.path.join("optim", f"rank_{self.rank:05d}.pt")
-        opt_sd = _read_file(os.path.join(path, opt_name), opt_name,
-                            lambda p: torch.load(p, map_location="cpu", weights_only=False))
-        rng_name = os.path.join("rng", f"rank_{self.rank:05d}.pt")
-        rng = _read_file(os.path.join(path, rng_name), rng_name, lambda p: torch.load(p, weights_only=False))
+        # ConfigError (another model) passes through _read_file: a user error, not damage.
+        _read_file(os.path.join(path, "dense"), os.path.join("dense", ".metadata"),
+                   lambda p: dense_checkpoint.check_compatible(engine, p))
+        rng = None
+        if meta["world_size"] == self.world:
+            rng_name = os.path.join("rng", f"rank_{self.rank:05d}.pt")
+            rng = _read_file(os.path.join(path, rng_name), rng_name, lambda p: torch.load(p, weights_only=False))
         if table_store is not None:
             from engram_train.memory import checkpoint as table_checkpoint
 
             # ConfigError (other tables) passes through _read_file: a user error, not damage.
             _read_file(os.path.join(path, "tables"), os.path.join("tables", table_checkpoint.MANIFEST),
                        lambda p: table_checkpoint.check_compatible(table_store, p))
-        return meta, full, opt_sd, rng
-
-    def _apply_dense(self, engine, path: str, full, opt_sd, dp_size: int) -> None:
-        from engram_train.parallel.sharding import full_to_local
-
-        model = engine.module
-        fix = "use the model settings it was saved with, or a new run.dir"
-        try:
-            local = full_to_local(full, model)
-        except (KeyError, ValueError) as e:   # a model.pt that loads has every key it was saved with
-            raise IncompatibleCheckpoint(f"checkpoint {path} does not fit the model ({e}); {fix}") from e
-        missing, unexpected = model.load_state_dict(local, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise IncompatibleCheckpoint(f"checkpoint {path} does not fit the model: missing={missing[:8]} "
-                                         f"unexpected={unexpected[:8]}; {fix}")
-        if _is_zero_optimizer(engine.optimizer):
-            engine.optimizer.load_state_dict([opt_sd] * dp_size, load_optimizer_states=True,
-                                             load_from_fp32_weights=True)
-        else:
-            engine.optimizer.load_state_dict(opt_sd)
+        return meta, rng
 
     def _load_one(self, engine, path: str, dp_size: int, expect, table_store) -> TrainState:
         # Three agreed phases, so that no rank enters a collective (DCP's load, the agreement
         # itself) while another has already given up on this checkpoint.  A failure after the first
         # phase leaves the run's state half-loaded; the next candidate overwrites all of it.
-        meta, full, opt_sd, rng = self._on_every_rank(path, lambda: self._read(path, expect, table_store))
-        self._on_every_rank(path, lambda: self._apply_dense(engine, path, full, opt_sd, dp_size))
-        del full, opt_sd
+        from engram_train.parallel import dense_checkpoint
+
+        meta, rng = self._on_every_rank(path, lambda: self._read(engine, path, expect, table_store))
+        self._on_every_rank(path, lambda: dense_checkpoint.load(engine, os.path.join(path, "dense")))
         if table_store is not None:
             from engram_train.memory import checkpoint as table_checkpoint
 
             self._on_every_rank(path, lambda: table_checkpoint.load(table_store, os.path.join(path, "tables")))
-        _set_rng_state(rng)
+        if rng is not None:
+            _set_rng_state(rng)
+        elif self.rank == 0:
+            log.info("checkpoint %s was written by %d ranks, this run has %d: resharded; RNG states "
+                     "stay as seeded (they only feed dropout)", path, meta["world_size"], self.world)
         return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"])
 
     def load(self, engine, path: Optional[str] = None, dp_size: int = 1,
