@@ -278,6 +278,10 @@ class Config:
             _require(p.zero_stage in (1, 2), "parallel.zero_stage", p.zero_stage,
                      "Engram tables live in the table store, whose gradient norm joins the dense one inside "
                      "DeepSpeed's ZeRO-1/2 optimizer (gradient clipping); set parallel.zero_stage=1 or 2")
+        if p.tensor_parallel > 1 and m.is_moe:
+            _require(p.use_sequence_parallel, "parallel.sequence_parallel", p.sequence_parallel,
+                     "megatron's MoE layers under tensor parallelism need sequence parallelism; "
+                     "set parallel.sequence_parallel=true (or leave it unset)")
         if p.use_sequence_parallel:
             _require(d.seq_length % p.tensor_parallel == 0, "data.seq_length", d.seq_length,
                      f"sequence parallelism needs it divisible by parallel.tensor_parallel={p.tensor_parallel}")

@@ -66,12 +66,14 @@ def _grads(model):
 def _oracle(dp_size: int):
     """Full state, per-slice losses and the mean of per-slice gradients of the single-process model."""
     from engram_train.model.gpt import build_model
+    from engram_train.parallel.parallelize import parallelize
     from engram_train.parallel.state import destroy_parallel, init_parallel
 
     m, e, p = _configs()
     init_parallel(p, SEED)
     try:
-        model = build_model(m, e, p, VOCAB, TABLE_SIZES)
+        # parallelize draws the experts by global index, as the ranks do (the state is loaded anyway).
+        model = parallelize(build_model(m, e, p, VOCAB, TABLE_SIZES), SEED)
         with torch.no_grad():
             for blk in model.engram_blocks().values():
                 blk.conv.weight.normal_(0.0, 0.2)
@@ -95,14 +97,16 @@ def _rank_step(tp: int, ep: int, full_state, batch, check_sp_hooks: bool):
 
     from engram_train.model.gpt import build_model
     from engram_train.parallel import state as ps
+    from engram_train.parallel.parallelize import parallelize
     from engram_train.parallel.sharding import full_to_local, local_to_full
     from engram_train.parallel.sp_grads import install_sequence_parallel_grad_hooks, sequence_parallel_params
 
     m, e, p = _configs(tp, ep)
     ps.init_parallel(p, SEED)
     try:
-        # build_model installs the sequence-parallel gradient hooks unless told not to.
-        model = build_model(m, e, p, VOCAB, TABLE_SIZES, sequence_parallel_grad_hooks=not check_sp_hooks)
+        # parallelize installs the sequence-parallel gradient hooks unless told not to.
+        model = parallelize(build_model(m, e, p, VOCAB, TABLE_SIZES), SEED,
+                            sequence_parallel_grad_hooks=not check_sp_hooks)
         model.load_state_dict(full_to_local(full_state, model))
         local = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
         out = {"roundtrip": local_to_full(local, model)}

@@ -34,10 +34,11 @@ def _cfgs(**engram):
 
 def _build(**engram):
     from engram_train.model.gpt import build_model
+    from engram_train.parallel.parallelize import parallelize
 
     torch.manual_seed(0)
     m, e, p = _cfgs(**engram)
-    return build_model(m, e, p, VOCAB, TABLE_SIZES)
+    return parallelize(build_model(m, e, p, VOCAB, TABLE_SIZES), 1234)
 
 
 def _batch(seed=0):
@@ -233,4 +234,23 @@ def test_shard_unshard_swiglu_halves():
 def test_sp_grad_hooks_are_a_noop_without_tp():
     from engram_train.parallel.sp_grads import install_sequence_parallel_grad_hooks
 
-    assert install_sequence_parallel_grad_hooks(_build()) == 0
+    model = _build()
+    assert not getattr(model, "sequence_parallel_grad_hooks", False)
+    assert install_sequence_parallel_grad_hooks(model) == 0
+
+
+def test_parallelize_draws_experts_by_global_index_only():
+    """Experts depend on parallelize's seed, not on the global RNG state build_model ran under."""
+    from engram_train.model.gpt import build_model
+    from engram_train.parallel.parallelize import parallelize
+
+    m, e, p = _cfgs()
+    experts = []
+    for build_seed, seed in [(0, 7), (1, 7), (0, 8)]:
+        torch.manual_seed(build_seed)
+        model = parallelize(build_model(m, e, p, VOCAB, TABLE_SIZES), seed, sequence_parallel_grad_hooks=False)
+        experts.append({n: q.detach().clone() for n, q in model.named_parameters() if ".mlp.experts." in n})
+    assert len(experts[0]) == 2 * 4 * 2                                      # 2 MoE layers x 4 experts x fc1, fc2
+    for n in experts[0]:
+        torch.testing.assert_close(experts[0][n], experts[1][n], rtol=0, atol=0)
+        assert not torch.equal(experts[0][n], experts[2][n])
