@@ -109,8 +109,25 @@ def check_compatible(engine, path: str):
 
     from engram_train.config.schema import ConfigError
 
+    from megatron.core import parallel_state as ps
+
+    from engram_train.parallel.sharding import _EXPERT, _global_name
+
     meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     fix = "resume with the model settings it was saved with, or start a new run.dir"
+    # Every key of the whole model (all ranks' experts too), so that a checkpoint of a bigger model
+    # (more layers, more experts) is refused rather than partly loaded.
+    ep = ps.get_expert_model_parallel_world_size()
+    local_experts = (engine.module.config.num_moe_experts or 0) // ep
+    expected = set()
+    for local_name, p in engine.module.named_parameters():
+        ranks = range(ep) if _EXPERT.match(local_name) else [0]
+        for e in ranks:
+            expected.update(f"model.{k}" for k, _ in _split(_global_name(local_name, e, local_experts), p)[2])
+    extra = sorted(k for k in meta if k.startswith("model.") and k not in expected)
+    if extra:
+        raise ConfigError(f"the checkpoint {os.path.dirname(path)} holds {len(extra)} dense tensors this model "
+                          f"lacks (first: {extra[0][len('model.'):]!r}): it was saved from a bigger model; {fix}")
     for name, p in _named_params(engine):
         for key, shape in _split(name, p)[2]:
             saved = meta.get(f"model.{key}")

@@ -165,14 +165,17 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 
 # -- load helpers -------------------------------------------------------------------------------
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    """``Type: message`` on one line; for DCP's CheckpointException the first underlying failure."""
+def _one_line(e: BaseException, limit: int = 300, what: str = "") -> str:
+    """``Type: message`` on one line; for DCP's CheckpointException the first underlying failure,
+    after ``what`` (the DCP directory that was read: DCP's own message names no file)."""
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict) and failures:
         rank = min(failures)
         wrapped = failures[rank]
         inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
-        return f"tables (torch.distributed.checkpoint, rank {rank}): {_one_line(inner, limit)}"
+        where = f"{what} (torch.distributed.checkpoint, rank {rank})" if what else \
+            f"torch.distributed.checkpoint, rank {rank}"
+        return f"{where}: {_one_line(inner, limit)}"
     text = " ".join(str(e).split())
     if len(text) > limit:
         text = text[:limit] + "..."
@@ -326,16 +329,17 @@ class Checkpointer:
             dist.broadcast_object_list(found, src=0)
         return found[0]
 
-    def _on_every_rank(self, path: str, fn: Callable[[], Any]) -> Any:
+    def _on_every_rank(self, path: str, fn: Callable[[], Any], what: str = "") -> Any:
         """``fn()`` on every rank, then agree: if it failed on any rank, every rank raises
-        ``_LoadFailed`` (so all fall back together); a fatal error on any rank stops every rank."""
+        ``_LoadFailed`` (so all fall back together); a fatal error on any rank stops every rank.
+        ``what``: the part of the checkpoint ``fn`` reads, named in DCP's failures."""
         result, own_fatal, outcome = None, None, None
         try:
             result = fn()
         except _fatal_errors() as e:
-            own_fatal, outcome = e, ("fatal", _one_line(e))
+            own_fatal, outcome = e, ("fatal", _one_line(e, what=what))
         except _load_failures() as e:
-            outcome = ("failed", _one_line(e))
+            outcome = ("failed", _one_line(e, what=what))
         outcomes = self._gather(outcome)
         if own_fatal is not None:
             raise own_fatal
@@ -386,11 +390,12 @@ class Checkpointer:
         from engram_train.parallel import dense_checkpoint
 
         meta, rng = self._on_every_rank(path, lambda: self._read(engine, path, expect, table_store))
-        self._on_every_rank(path, lambda: dense_checkpoint.load(engine, os.path.join(path, "dense")))
+        self._on_every_rank(path, lambda: dense_checkpoint.load(engine, os.path.join(path, "dense")), "dense")
         if table_store is not None:
             from engram_train.memory import checkpoint as table_checkpoint
 
-            self._on_every_rank(path, lambda: table_checkpoint.load(table_store, os.path.join(path, "tables")))
+            self._on_every_rank(path, lambda: table_checkpoint.load(table_store, os.path.join(path, "tables")),
+                                "tables")
         if rng is not None:
             _set_rng_state(rng)
         elif self.rank == 0:

@@ -1,4 +1,5 @@
-"""Checkpoint fallback on two gloo ranks: damage that only one rank sees makes both fall back together."""
+"""Checkpoint fallback on two gloo ranks (data parallel, DeepSpeed ZeRO-1): damage that only one rank sees
+makes both fall back together, and a damaged file both ranks read does too."""
 
 from __future__ import annotations
 
@@ -14,15 +15,50 @@ pytestmark = pytest.mark.distributed
 SEED = 1234
 VOCAB = 128
 TABLE_SIZES = {0: [31, 37, 41, 43]}
+B, T = 2, 16
+
+
+def _train_step(engine, store, value: float, rank: int, cfg) -> None:
+    """One data-parallel training step on this rank's batch, drawn from ``value``."""
+    import torch
+
+    g = torch.Generator().manual_seed(int(value * 1000) + rank)
+    tokens = torch.randint(0, VOCAB, (B, T), generator=g)
+    labels = torch.randint(0, VOCAB, (B, T), generator=g)
+    hash_ids = {l: torch.randint(0, min(s), (B, T, 4), generator=g) for l, s in TABLE_SIZES.items()}
+    loss = engine(tokens, torch.arange(T).expand(B, T), labels, engram_hash_ids=hash_ids).float().mean()
+    engine.backward(loss)
+    store.reduce_gradients()
+    engine.step()
+    store.step(1e-2, grad_norm=float(engine.get_global_grad_norm()), max_norm=cfg.trainer.grad_clip)
+
+
+def _state(engine, store):
+    """Model parameters, DeepSpeed's fp32 masters and Adam moments (collective over data parallelism), tables."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+    opt = engine.optimizer
+    for i, hp in enumerate(opt.single_partition_of_fp32_groups):   # link every group, as dense_checkpoint does
+        lazy_init_hp_params_optimizer_state(opt.bit16_groups[i], hp, opt.optimizer.state)
+    out = {}
+    for n, p in engine.module.named_parameters():
+        out[f"param.{n}"] = p.detach().clone()
+        out[f"fp32.{n}"] = safe_get_full_fp32_param(p).clone()
+        for m in ("exp_avg", "exp_avg_sq"):
+            out[f"{m}.{n}"] = safe_get_full_optimizer_state(p, m).clone()
+    for l, shard in store.shards.items():
+        out[f"table{l}.weight"] = shard.weight.clone()
+        out.update({f"table{l}.{k}": t.clone() for k, t in shard.optimizer.state_tensors().items()})
+    return out
 
 
 def _rank_fallback(root: str):
-    from types import SimpleNamespace
-
     import torch
     import torch.distributed as dist
 
     from engram_train.config.schema import Config, DataConfig, EngramConfig, ModelConfig, ParallelConfig
+    from engram_train.parallel.deepspeed_engine import build_engine
     from engram_train.parallel.parallelize import build_parallel_model
     from engram_train.parallel.state import destroy_parallel, init_parallel
     from engram_train.train.checkpoint import Checkpointer, CheckpointError, TrainState
@@ -39,34 +75,34 @@ def _rank_fallback(root: str):
 
     init_parallel(ParallelConfig(), seed=SEED)
     try:
+        world = dist.get_world_size()
         cfg = Config(model=ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
-                                       max_seq_length=16, num_experts=2, moe_ffn_hidden_size=32),
+                                       max_seq_length=T, num_experts=2, moe_ffn_hidden_size=32),
                      engram=EngramConfig(layer_ids=[0], max_ngram=3, heads_per_ngram=2, n_embed_per_ngram=16),
-                     data=DataConfig(seq_length=16))
+                     data=DataConfig(seq_length=T, micro_batch_size=B, global_batch_size=B * world))
         model, store = build_parallel_model(cfg, VOCAB, TABLE_SIZES)
-        engine = SimpleNamespace(module=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
-        ckpt = Checkpointer(root, keep_last=2)
+        engine, _ = build_engine(model, cfg, dp_size=world, use_bf16=False, table_store=store)
+        ckpt = Checkpointer(root, keep_last=3)
         rank = dist.get_rank()
         saved = {}
-        for step in (1, 2):
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.fill_(float(step))
-                    p.grad = torch.ones_like(p)
-            engine.optimizer.step()
-            saved[step] = [p.detach().clone() for p in model.parameters()]
+        for step in (1, 2, 3):
+            _train_step(engine, store, float(step), rank, cfg)
+            saved[step] = _state(engine, store)
             ckpt.save(engine, TrainState(step=step, consumed_samples=8 * step), table_store=store)
 
-        # Only rank 1 sees the damage; rank 0 alone would load step 2.
+        # Step 3: only rank 1 sees the damage (its own RNG file); rank 0 alone would load step 3.
+        # Step 2: a dense data file that both ranks read (replicated tensors) is cut short.
         if rank == 1:
-            with open(os.path.join(root, "step_00000002", "optim", "rank_00001.pt"), "wb") as f:
+            with open(os.path.join(root, "step_00000003", "rng", "rank_00001.pt"), "wb") as f:
                 f.write(b"garbage")
+        if rank == 0:
+            with open(os.path.join(root, "step_00000002", "dense", "__0_0.distcp"), "r+b") as f:
+                f.truncate(100)
         dist.barrier()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.fill_(9.0)
+        _train_step(engine, store, 9.0, rank, cfg)
         state = ckpt.load(engine, table_store=store)
-        restored = all(torch.equal(p, q) for p, q in zip(model.parameters(), saved[1]))
+        now = _state(engine, store)
+        restored = sorted(now) == sorted(saved[1]) and all(torch.equal(now[k], saved[1][k]) for k in now)
 
         # Damage on rank 0 only, in the last checkpoint left: every rank fails with the same error.
         if rank == 0:
@@ -89,9 +125,13 @@ def test_damage_on_one_rank_makes_every_rank_fall_back(tmp_path):
     for r in results:
         assert r["step"] == 1 and r["restored"]
         assert r["error"] is not None and r["error"].startswith(f"no checkpoint under {root} loads (")
-        assert "step_00000002: rank 1: optim/rank_00001.pt: " in r["error"]
+        assert "step_00000003: rank 1: rng/rank_00001.pt: " in r["error"]
+        assert "step_00000002: rank 0,1: dense (torch.distributed.checkpoint, rank 0): " in r["error"]
         assert "step_00000001: rank 0: rng/rank_00000.pt: FileNotFoundError" in r["error"]
+    assert results[0]["error"] == results[1]["error"]
     # Rank 0 reports the reason even though the damage was on rank 1.
-    assert any(f"checkpoint {root}/step_00000002 failed to load (rank 1: optim/rank_00001.pt: " in w
-               and f"falling back to the older checkpoint {root}/step_00000001" in w
-               for w in results[0]["warnings"]), results[0]["warnings"]
+    warnings = results[0]["warnings"]
+    assert any(f"checkpoint {root}/step_00000003 failed to load (rank 1: rng/rank_00001.pt: " in w
+               and f"falling back to the older checkpoint {root}/step_00000002" in w for w in warnings), warnings
+    assert any(f"checkpoint {root}/step_00000002 failed to load (rank 0,1: dense (torch.distributed.checkpoint"
+               in w and f"falling back to the older checkpoint {root}/step_00000001" in w for w in warnings), warnings

@@ -1,8 +1,10 @@
 """Checkpoint commit protocol (fsync order), fallback to older checkpoints, and the metrics log on resume.
 
 The Checkpointer runs for real in one process (gloo group of one): a tiny Engram-MoE model from
-``build_parallel_model`` with its table store, and a plain torch optimizer in place of DeepSpeed's
-(``Checkpointer`` only needs ``engine.module`` and ``engine.optimizer``).
+``build_parallel_model`` with its table store, in a real DeepSpeed ZeRO-1 engine (``build_engine``), built
+once per module.  State is set by real training steps on batches that depend on a value, so every saved
+step has its own weights, Adam moments and step, table rows and table optimizer state; it is read back
+through DeepSpeed (``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +25,28 @@ from engram_train.train.metrics import SUPERSEDED, JsonlLogger
 SEED = 1234
 VOCAB = 128
 TABLE_SIZES = {0: [31, 37, 41, 43]}
+B, T = 2, 16
+TABLE_LR = 1e-2
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _cfg(**model) -> Config:
+    dims = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, max_seq_length=T,
+                num_experts=2, moe_ffn_hidden_size=32, moe_router_topk=2)
+    dims.update(model)
+    return Config(model=ModelConfig(**dims),
+                  engram=EngramConfig(layer_ids=[0], max_ngram=3, heads_per_ngram=2, n_embed_per_ngram=16),
+                  data=DataConfig(seq_length=T, micro_batch_size=B, global_batch_size=B))
+
+
+def _build(cfg: Config) -> SimpleNamespace:
+    """A DeepSpeed ZeRO-1 engine (fp32) over a fresh model, with the model's table store."""
+    from engram_train.parallel.deepspeed_engine import build_engine
+    from engram_train.parallel.parallelize import build_parallel_model
+
+    model, store = build_parallel_model(cfg, VOCAB, TABLE_SIZES)
+    engine, _ = build_engine(model, cfg, dp_size=1, use_bf16=False, table_store=store)
+    return SimpleNamespace(engine=engine, store=store, cfg=cfg)
 
 
 @pytest.fixture(scope="module")
@@ -35,49 +60,68 @@ def parallel():
 
 @pytest.fixture(scope="module")
 def run(parallel):
-    """engine (module + optimizer) and table store, built once; tests set their state as they need."""
-    from engram_train.parallel.parallelize import build_parallel_model
-
-    cfg = Config(model=ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
-                                   max_seq_length=16, num_experts=2, moe_ffn_hidden_size=32, moe_router_topk=2),
-                 engram=EngramConfig(layer_ids=[0], max_ngram=3, heads_per_ngram=2, n_embed_per_ngram=16),
-                 data=DataConfig(seq_length=16))
-    model, store = build_parallel_model(cfg, VOCAB, TABLE_SIZES)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    return SimpleNamespace(engine=SimpleNamespace(module=model, optimizer=optimizer), store=store)
+    """engine and table store, built once; tests give them their state by training steps."""
+    return _build(_cfg())
 
 
 def _train_step(run, value: float) -> None:
-    """Give model, optimizer and tables a state that identifies ``value``."""
-    model, opt = run.engine.module, run.engine.optimizer
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(value)
-            p.grad = torch.full_like(p, value)
-    opt.step()
-    for shard in run.store.shards.values():
-        shard.weight.fill_(value)
+    """One training step (dense through DeepSpeed, tables through the store) on a batch drawn from ``value``."""
+    g = torch.Generator().manual_seed(int(value * 1000))
+    tokens = torch.randint(0, VOCAB, (B, T), generator=g)
+    labels = torch.randint(0, VOCAB, (B, T), generator=g)
+    hash_ids = {l: torch.randint(0, min(s), (B, T, 4), generator=g) for l, s in TABLE_SIZES.items()}
+    loss = run.engine(tokens, torch.arange(T).expand(B, T), labels, engram_hash_ids=hash_ids).float().mean()
+    run.engine.backward(loss)
+    run.store.reduce_gradients()
+    run.engine.step()
+    run.store.step(TABLE_LR, grad_norm=float(run.engine.get_global_grad_norm()), max_norm=run.cfg.trainer.grad_clip)
 
 
 def _snapshot(run):
-    model, opt = run.engine.module, run.engine.optimizer
-    return ({k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
-            {k: v.clone() for k, v in opt.state_dict()["state"][0].items()},
-            {l: s.weight.clone() for l, s in run.store.shards.items()},
-            torch.get_rng_state())
+    """(model parameters, DeepSpeed's fp32 masters, Adam moments and step, tables, torch RNG), all copies."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+    opt = run.engine.optimizer
+    # DeepSpeed links parameters to their Adam state only for the groups that had state after the first
+    # group's first step; link every group (as dense_checkpoint.save does) so that each one can be read.
+    for i, hp in enumerate(opt.single_partition_of_fp32_groups):
+        lazy_init_hp_params_optimizer_state(opt.bit16_groups[i], hp, opt.optimizer.state)
+    stepped = {i for i, hp in enumerate(opt.single_partition_of_fp32_groups) if opt.optimizer.state[hp]}
+    params, masters, adam = {}, {}, {}
+    for n, p in run.engine.module.named_parameters():
+        params[n] = p.detach().clone()
+        masters[n] = safe_get_full_fp32_param(p).clone()
+        for m in MOMENTS:   # an engine that never stepped has no Adam state yet: zero moments
+            adam[f"{m}.{n}"] = (safe_get_full_optimizer_state(p, m).clone()
+                                if p._hp_mapping.param_group_index in stepped else torch.zeros_like(p))
+    for i, hp in enumerate(opt.single_partition_of_fp32_groups):
+        adam[f"step.group{i}"] = torch.tensor(float(opt.optimizer.state[hp].get("step", 0)))
+    tables = {}
+    for l, shard in run.store.shards.items():
+        tables[f"layer{l}.weight"] = shard.weight.clone()
+        tables.update({f"layer{l}.{k}": t.clone() for k, t in shard.optimizer.state_tensors().items()})
+        tables.update({f"layer{l}.{k}": torch.tensor(v) for k, v in shard.optimizer.scalars().items()})
+    return params, masters, adam, tables, torch.get_rng_state()
 
 
 def _assert_state(run, snap):
     got = _snapshot(run)
-    for want_part, got_part in zip(snap[:3], got[:3]):
-        assert want_part.keys() == got_part.keys()
+    for part, want_part, got_part in zip(("params", "fp32", "adam", "tables"), snap[:4], got[:4]):
+        assert want_part.keys() == got_part.keys(), part
         for k in want_part:
-            torch.testing.assert_close(got_part[k], want_part[k], rtol=0, atol=0)
-    assert torch.equal(got[3], snap[3])
+            torch.testing.assert_close(got_part[k], want_part[k], rtol=0, atol=0, msg=lambda m: f"{part} {k}: {m}")
+    assert torch.equal(got[4], snap[4]), "torch RNG state"
+
+
+def _differing(a, b):
+    """Per part of two snapshots: does any tensor differ?"""
+    parts = [any(not torch.equal(x[k], y[k]) for k in x) for x, y in zip(a[:4], b[:4])]
+    return parts + [not torch.equal(a[4], b[4])]
 
 
 def _save_steps(run, ckpt: Checkpointer, steps):
-    """Save a checkpoint at each step; returns the state snapshot taken at each."""
+    """Train and save a checkpoint at each step; returns the state snapshot taken at each."""
     snaps = {}
     for step in steps:
         _train_step(run, float(step))
@@ -95,6 +139,15 @@ def _load(run, ckpt: Checkpointer):
 def _truncate(path, keep: int = 100) -> None:
     with open(path, "r+b") as f:
         f.truncate(keep)
+
+
+def _dense_data(step_dir) -> str:
+    """The dense data file of a checkpoint written by one rank."""
+    (name,) = [n for n in os.listdir(os.path.join(step_dir, "dense")) if n.endswith(".distcp")]
+    return os.path.join(step_dir, "dense", name)
+
+
+DENSE_DATA_FAILED = "dense (torch.distributed.checkpoint, rank 0): "
 
 
 # -- commit protocol ------------------------------------------------------------------------------
@@ -146,10 +199,12 @@ def test_every_file_and_directory_is_synced_before_latest_names_the_checkpoint(r
         dirs.append(dirpath)
         files += [os.path.join(dirpath, n) for n in names]
     rel = sorted(os.path.relpath(f, final) for f in files)
-    assert {"model.pt", "meta.json", "optim/rank_00000.pt", "rng/rank_00000.pt",
-            "tables/manifest.json", "tables/.metadata"} <= set(rel), rel
-    assert any(r.startswith("tables/__0_") and r.endswith(".distcp") for r in rel), rel
-    assert len(dirs) == 4   # the checkpoint, optim/, rng/, tables/
+    assert {"meta.json", "dense/.metadata", "rng/rank_00000.pt", "tables/manifest.json", "tables/.metadata"} \
+        <= set(rel), rel
+    for part in ("dense", "tables"):
+        assert any(r.startswith(f"{part}/__0_") and r.endswith(".distcp") for r in rel), rel
+    assert not any(r == "model.pt" or r.startswith("optim/") for r in rel), rel   # nothing gathered whole
+    assert len(dirs) == 4   # the checkpoint, dense/, rng/, tables/
 
     # Each file is synced, then its directory (after the file took its final name), all before the commit.
     partial = final + ".partial"
@@ -172,6 +227,8 @@ def test_every_file_and_directory_is_synced_before_latest_names_the_checkpoint(r
 def test_resume_restores_the_latest_checkpoint(run, tmp_path, caplog):
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep_last=3)
     snaps = _save_steps(run, ckpt, [1, 2])
+    # The steps are told apart by every part of the state, so a load of the wrong one shows.
+    assert _differing(snaps[1], snaps[2]) == [True] * 5
     _train_step(run, 9.0)
     with caplog.at_level(logging.INFO, logger="engram_train.train.checkpoint"):
         state = _load(run, ckpt)
@@ -180,11 +237,28 @@ def test_resume_restores_the_latest_checkpoint(run, tmp_path, caplog):
     assert f"resumed from {ckpt.root}/step_00000002 (step 2)" in caplog.text
 
 
-def test_truncated_model_falls_back_to_the_previous_checkpoint(run, tmp_path, caplog):
+def test_a_fresh_engine_resumes_exactly_where_the_saved_one_was(run, tmp_path):
+    """Weights, fp32 masters, Adam moments and step, tables and RNG all come back into an engine built anew:
+    its next step is the very step the original engine takes."""
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep_last=2)
+    saved = _save_steps(run, ckpt, [3])[3]
+    assert float(saved[2]["step.group0"]) > 1          # the Adam step count matters (bias correction)
+    _train_step(run, 4.0)                               # the original engine goes on
+    want = _snapshot(run)
+
+    fresh = _build(_cfg())
+    assert _differing(_snapshot(fresh), saved)[:4] == [True] * 4
+    assert _load(fresh, ckpt) == TrainState(step=3, consumed_samples=24)
+    _assert_state(fresh, saved)
+    _train_step(fresh, 4.0)
+    _assert_state(fresh, want)
+
+
+def test_truncated_dense_data_falls_back_to_the_previous_checkpoint(run, tmp_path, caplog):
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep_last=2)
     snaps = _save_steps(run, ckpt, [1, 2, 3])
     broken = os.path.join(ckpt.root, "step_00000003")
-    _truncate(os.path.join(broken, "model.pt"))
+    _truncate(_dense_data(broken))
     _train_step(run, 9.0)
     with caplog.at_level(logging.INFO, logger="engram_train.train.checkpoint"):
         state = _load(run, ckpt)
@@ -192,7 +266,7 @@ def test_truncated_model_falls_back_to_the_previous_checkpoint(run, tmp_path, ca
     _assert_state(run, snaps[2])
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
-    assert f"checkpoint {broken} failed to load (model.pt: " in warnings[0]
+    assert f"checkpoint {broken} failed to load ({DENSE_DATA_FAILED}" in warnings[0]
     assert f"falling back to the older checkpoint {ckpt.root}/step_00000002" in warnings[0]
     assert f"resumed from {ckpt.root}/step_00000002 (step 2)" in caplog.text
 
@@ -202,22 +276,22 @@ def test_truncated_model_falls_back_to_the_previous_checkpoint(run, tmp_path, ca
         ["step_00000002", "step_00000003", "step_00000005"]
 
 
-@pytest.mark.parametrize("damage", ["corrupt optimizer", "missing rng", "truncated tables", "bad meta"])
+@pytest.mark.parametrize("damage", ["corrupt dense metadata", "missing rng", "truncated tables", "bad meta"])
 def test_each_damaged_file_makes_the_load_fall_back(run, tmp_path, caplog, damage):
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep_last=3)
     snaps = _save_steps(run, ckpt, [1, 2])
     broken = os.path.join(ckpt.root, "step_00000002")
-    if damage == "corrupt optimizer":
-        with open(os.path.join(broken, "optim", "rank_00000.pt"), "wb") as f:
-            f.write(b"not a torch file")
-        what = "optim/rank_00000.pt: "
+    if damage == "corrupt dense metadata":
+        with open(os.path.join(broken, "dense", ".metadata"), "wb") as f:
+            f.write(b"not a checkpoint")
+        what = "dense/.metadata: "
     elif damage == "missing rng":
         os.remove(os.path.join(broken, "rng", "rank_00000.pt"))
         what = "rng/rank_00000.pt: FileNotFoundError"
     elif damage == "truncated tables":
         (data,) = [n for n in os.listdir(os.path.join(broken, "tables")) if n.endswith(".distcp")]
         _truncate(os.path.join(broken, "tables", data), keep=10)
-        what = "tables (torch.distributed.checkpoint"
+        what = "tables (torch.distributed.checkpoint, rank 0): "
     else:
         with open(os.path.join(broken, "meta.json"), "w") as f:
             f.write('{"step": 2')
@@ -234,14 +308,14 @@ def test_nothing_loads_fails_with_one_line_naming_the_directory(run, tmp_path, c
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep_last=2)
     _save_steps(run, ckpt, [1, 2])
     for step in (1, 2):
-        _truncate(os.path.join(ckpt.root, f"step_{step:08d}", "model.pt"))
+        _truncate(_dense_data(os.path.join(ckpt.root, f"step_{step:08d}")))
     with caplog.at_level(logging.WARNING, logger="engram_train.train.checkpoint"), \
             pytest.raises(CheckpointError) as err:
         _load(run, ckpt)
     msg = str(err.value)
     assert "\n" not in msg
-    assert msg.startswith(f"no checkpoint under {ckpt.root} loads (step_00000002: model.pt: ")
-    assert "step_00000001: model.pt: " in msg
+    assert msg.startswith(f"no checkpoint under {ckpt.root} loads (step_00000002: {DENSE_DATA_FAILED}")
+    assert f"step_00000001: {DENSE_DATA_FAILED}" in msg
     assert "trainer.resume=false" in msg
     assert "no older checkpoint to fall back to" in caplog.text
 
@@ -258,18 +332,75 @@ def test_no_checkpoint_is_a_fresh_start(run, tmp_path):
     assert _load(run, Checkpointer(str(tmp_path / "checkpoints"))) is None
 
 
-@pytest.mark.parametrize("mismatch", ["world size", "data fingerprint", "tables"])
-def test_incompatible_checkpoint_is_raised_not_skipped(run, tmp_path, caplog, mismatch):
+def test_a_checkpoint_from_another_number_of_ranks_loads_without_its_rng(run, tmp_path, caplog):
+    """The dense and table state are in global coordinates: another world size is no error; the RNG
+    states (per rank) stay as they are."""
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep_last=2)
+    saved = _save_steps(run, ckpt, [1])[1]
+    newest = os.path.join(ckpt.root, "step_00000001")
+    meta_path = os.path.join(newest, "meta.json")
+    meta = json.load(open(meta_path))
+    meta["world_size"] = 2
+    json.dump(meta, open(meta_path, "w"))
+    os.remove(os.path.join(newest, "rng", "rank_00000.pt"))   # not even read
+    _train_step(run, 9.0)
+    torch.manual_seed(7)
+    rng = torch.get_rng_state()
+    with caplog.at_level(logging.INFO, logger="engram_train.train.checkpoint"):
+        assert _load(run, ckpt) == TrainState(step=1, consumed_samples=8)
+    _assert_state(run, saved[:4] + (rng,))
+    assert "written by 2 ranks, this run has 1: resharded" in caplog.text
+    assert "fall" not in caplog.text
+
+
+@pytest.fixture(scope="module")
+def other_models(parallel):
+    """Engines of other model configurations, built when a test first asks for one.  Only loaded into,
+    never trained: megatron's MoE aux-loss tracker is global and sized by the first model's layers."""
+    built = {}
+
+    def get(**model):
+        key = tuple(sorted(model.items()))
+        if key not in built:
+            built[key] = _build(_cfg(**model))
+        return built[key]
+
+    return get
+
+
+@pytest.mark.parametrize("mismatch", ["hidden size", "number of layers", "bigger model", "data fingerprint",
+                                      "tables"])
+def test_incompatible_checkpoint_is_raised_not_skipped(run, other_models, tmp_path, caplog, mismatch):
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep_last=2)
     _save_steps(run, ckpt, [1, 2])
     newest = os.path.join(ckpt.root, "step_00000002")
     expect = {"data_fingerprint": "fp"}
-    if mismatch == "world size":
-        meta_path = os.path.join(newest, "meta.json")
-        meta = json.load(open(meta_path))
-        meta["world_size"] = 2
-        json.dump(meta, open(meta_path, "w"))
-        error, pattern = RuntimeError, r"written by 2 ranks, this run has 1"
+    into = run
+    if mismatch == "hidden size":
+        into = other_models(hidden_size=48)
+        error = ConfigError
+        pattern = (rf"the checkpoint {re.escape(newest)} holds gpt\.embedding\.word_embeddings\.weight as "
+                   rf"\({VOCAB}, 32\), this model as \({VOCAB}, 48\): another model configuration")
+    elif mismatch == "number of layers":
+        into = other_models(num_layers=3)
+        error = ConfigError
+        pattern = (rf"the checkpoint {re.escape(newest)} has no dense tensor 'gpt\.decoder\.layers\.2\.[\w.]+' "
+                   r"that this model has")
+    elif mismatch == "bigger model":
+        # Saved from 3 layers, loaded into 2: every tensor of the smaller model is there, but the
+        # checkpoint's third layer would be silently dropped.
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        ckpt = Checkpointer(str(tmp_path / "bigger"), keep_last=2)
+        get_moe_layer_wise_logging_tracker().clear()   # megatron sizes its per-layer aux-loss log once
+        try:
+            _save_steps(other_models(num_layers=3), ckpt, [1])
+        finally:
+            get_moe_layer_wise_logging_tracker().clear()
+        newest = os.path.join(ckpt.root, "step_00000001")
+        error = ConfigError
+        pattern = (rf"the checkpoint {re.escape(newest)} holds \d+ dense tensors this model lacks "
+                   r"\(first: 'gpt\.decoder\.layers\.2\.[\w.]+'\): it was saved from a bigger model")
     elif mismatch == "data fingerprint":
         expect = {"data_fingerprint": "other"}
         error, pattern = RuntimeError, r"has data_fingerprint='fp' but this run has 'other'"
@@ -279,17 +410,20 @@ def test_incompatible_checkpoint_is_raised_not_skipped(run, tmp_path, caplog, mi
         manifest["optimizer"] = "sparse_adam"
         json.dump(manifest, open(manifest_path, "w"))
         error, pattern = ConfigError, r"holds 'sparse_adam' table optimizer state"
+    before = _snapshot(into)
     with caplog.at_level(logging.INFO, logger="engram_train.train.checkpoint"), pytest.raises(error, match=pattern):
-        ckpt.load(run.engine, expect=expect, table_store=run.store)
+        ckpt.load(into.engine, expect=expect, table_store=into.store)
     assert "fall" not in caplog.text and "resumed from" not in caplog.text
+    _assert_state(into, before)   # raised before anything was loaded
 
 
 def test_explicit_path_does_not_fall_back(run, tmp_path):
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep_last=2)
     _save_steps(run, ckpt, [1, 2])
     broken = os.path.join(ckpt.root, "step_00000002")
-    _truncate(os.path.join(broken, "model.pt"))
-    with pytest.raises(CheckpointError, match=rf"^checkpoint {broken} does not load \(model.pt: "):
+    _truncate(_dense_data(broken))
+    with pytest.raises(CheckpointError,
+                       match="^" + re.escape(f"checkpoint {broken} does not load ({DENSE_DATA_FAILED}")):
         ckpt.load(run.engine, path=broken, table_store=run.store)
 
 
