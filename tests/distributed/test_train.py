@@ -119,14 +119,32 @@ def test_single_process_trains_and_writes_outputs(oracle):
 
 
 @pytest.mark.parametrize("name, nproc, extra", [
-    ("tp2", 2, ["parallel.tensor_parallel=2"]),
+    ("tp2", 2, ["parallel.tensor_parallel=2"]),                   # table rows split over TP (engram.partition=auto)
     ("ep2", 2, ["parallel.expert_parallel=2"]),
+    ("all_dp2", 2, ["engram.partition=all"]),                     # rows split over both DP ranks, all-to-all
 ])
 def test_parallel_run_matches_single_process(tmp_path, oracle, data_overrides, name, nproc, extra):
     run_dir = tmp_path / name
     launch(nproc, TINY + data_overrides + extra + ["trainer.max_steps=4", f"run.dir={run_dir}"])
     _assert_close(losses(run_dir), losses(oracle), rtol=1e-4)
     _assert_close(val_losses(run_dir), val_losses(oracle), rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, first, second", [
+    ("tp2_to_tp1", (2, ["parallel.tensor_parallel=2"]), (1, [])),
+    ("all_dp2_to_tp2", (2, ["engram.partition=all"]), (2, ["parallel.tensor_parallel=2"])),
+])
+def test_stopped_run_resumes_at_another_layout(tmp_path, oracle, data_overrides, name, first, second):
+    """Reshard: dense weights with their ZeRO state and table rows with theirs, saved at one layout,
+    continue at another; the continuing losses are the uninterrupted run's."""
+    run_dir = tmp_path / name
+    common = TINY + data_overrides + ["trainer.max_steps=4", f"run.dir={run_dir}"]
+    launch(first[0], common + first[1] + ["trainer.stop_at_step=2"])
+    assert logged_steps(run_dir) == [0, 1, 2]
+    out = launch(second[0], common + second[1])
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000002'} (step 2)" in out
+    assert logged_steps(run_dir) == [0, 1, 2, 3, 4]     # continued, not started over
+    _assert_close(losses(run_dir), losses(oracle), rtol=1e-4)
 
 
 def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, oracle, data_overrides):
