@@ -142,8 +142,7 @@ class StoreTable(nn.Module):
         if self.check_ids:
             check_hash_ids(hash_ids, self.sizes, self.table_sizes)
         ids = (hash_ids + self.offsets).reshape(-1)
-        anchor = self._anchor if torch.is_grad_enabled() else self._anchor.detach()
-        rows = _Lookup.apply(anchor, ids, self.shard)
+        rows = _Lookup.apply(self._anchor, ids, self.shard)
         return rows.reshape(*hash_ids.shape[:-1], self.num_heads * self.embed_dim)
 
     def extra_repr(self) -> str:

@@ -92,12 +92,16 @@ def _pieces(name: str, param, local: torch.Tensor, mesh) -> Dict[str, object]:
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     split, dim, keys = _split(name, param)
+    # The halves of a stride-2 weight are row blocks (dim 0), hence contiguous views: loading fills
+    # the caller's buffer in place.
     chunks = torch.chunk(local, len(keys), dim) if len(keys) > 1 else (local,)
+    if len(keys) > 1 and not all(c.is_contiguous() for c in chunks):
+        raise NotImplementedError(f"{name}: a stride-2 split along dim {dim} is not supported by the checkpoint")
     placements = [Replicate(), Shard(dim) if split else Replicate()]
     out = {}
     for (key, shape), t in zip(keys, chunks):
         strides = tuple(int(torch.Size(shape[i + 1:]).numel()) for i in range(len(shape)))
-        out[key] = DTensor.from_local(t.contiguous(), mesh, placements, run_check=False,
+        out[key] = DTensor.from_local(t, mesh, placements, run_check=False,
                                       shape=torch.Size(shape), stride=strides)
     return out
 
@@ -216,8 +220,7 @@ def load(engine, path: str) -> None:
             buf = torch.empty(p.shape, dtype=torch.float32, device=p.device)
             values[name][k] = buf
             sd.update({f"{k}.{key}": v for key, v in _pieces(name, p, buf, mesh).items()})
-    dcp.load(sd, checkpoint_id=path)
-    _unsplit_into(values, params, sd, mesh)
+    dcp.load(sd, checkpoint_id=path)   # in place: every DTensor's local tensor is a view of its buffer
     step = int(sd.get("optim.step", 0))
 
     for name, p in params:
@@ -233,13 +236,3 @@ def load(engine, path: str) -> None:
             map_to_flat_opt_states(hp, opt.bit16_groups[i], opt.optimizer.state, list(MOMENTS))
             opt.optimizer.state[hp]["step"] = torch.tensor(float(step))
     log.info("dense state loaded from %s (Adam step %d)", path, step)
-
-
-def _unsplit_into(values, params, sd, mesh) -> None:
-    """Copy the loaded ``.gate``/``.up`` halves back into their TP-local ``[gate_r; up_r]`` buffers."""
-    for name, p in params:
-        for k, buf in values[name].items():
-            gate, up = sd.get(f"{k}.{name}.gate"), sd.get(f"{k}.{name}.up")
-            if gate is not None:
-                dim = getattr(p, "partition_dim", 0)
-                buf.copy_(torch.cat([gate.to_local(), up.to_local()], dim=dim))

@@ -111,10 +111,11 @@ def destroy_parallel() -> None:
     """Tear down megatron's groups, megatron's per-process MoE state and, if ours, the default group."""
     global _OWNS_PROCESS_GROUP, _STORE_FILE
     from megatron.core import parallel_state as ps
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
 
     if ps.model_parallel_is_initialized():
-        clear_aux_losses_tracker()
+        # Dropped, not zeroed: megatron sizes each entry by the first model's layer count.
+        get_moe_layer_wise_logging_tracker().clear()
         ps.destroy_model_parallel()
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
     if _OWNS_PROCESS_GROUP and dist.is_initialized():
