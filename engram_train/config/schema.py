@@ -110,6 +110,13 @@ class EngramConfig:
     # "adam": torch.optim.AdamW over the whole table (untouched rows' moments decay) |
     # "sparse_adam": lazy row-wise Adam, only the rows a step touched change (per-row step count)
     optimizer: str = "adam"
+    # "device": table rows live on the compute device | "host": in host RAM, the rows of the next
+    # micro-batch gathered ahead by a prefetch thread (needs engram.optimizer=sparse_adam)
+    residency: str = "device"
+    prefetch_depth: int = 1          # host residency: micro-batches gathered ahead
+    # host residency: 0 = a row updated by step k and read by step k+1 is read after its update (exact);
+    # 1 = rows gathered ahead are used as gathered (lock-free, up to one step stale)
+    staleness: int = 0
 
     def __post_init__(self):
         _require(self.partition in PARTITIONS, "engram.partition", self.partition,
@@ -117,6 +124,15 @@ class EngramConfig:
                  "(rows split over every rank)")
         _require(self.optimizer in TABLE_OPTIMIZERS, "engram.optimizer", self.optimizer,
                  "choose 'adam' (dense Adam over the table) or 'sparse_adam' (lazy row-wise Adam)")
+        _require(self.residency in ("device", "host"), "engram.residency", self.residency,
+                 "choose 'device' or 'host' (tables in host RAM, rows prefetched)")
+        if self.residency == "host":
+            _require(self.optimizer == "sparse_adam", "engram.optimizer", self.optimizer,
+                     "host-resident tables train with engram.optimizer=sparse_adam (dense Adam would "
+                     "rewrite every host row every step)")
+        _require(self.prefetch_depth >= 1, "engram.prefetch_depth", self.prefetch_depth, "must be >= 1")
+        _require(self.staleness in (0, 1), "engram.staleness", self.staleness,
+                 "choose 0 (exact: read after write) or 1 (lock-free, rows up to one step stale)")
         if not self.enabled:
             return
         _require(len(self.layer_ids) > 0, "engram.layer_ids", self.layer_ids,

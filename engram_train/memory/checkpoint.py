@@ -44,7 +44,7 @@ def _mesh(store):
     if cached is not None:
         return cached
     world = dist.get_world_size()
-    device = store.device.type
+    device = store.rows_device.type   # host-resident rows are CPU tensors even on a CUDA machine
     p = store.placement
     if p.partition == "tp" and p.tp_size > 1:
         # megatron's layout: TP ranks adjacent, so rank r sits at (r // tp, r % tp).

@@ -73,7 +73,7 @@ class ReplicatedExchange:
         self.comm = CommCounter()
 
     def gather(self, shard, ids):
-        return shard.weight.index_select(0, ids), ids
+        return shard.read_rows(ids - shard.lo), ids
 
     def scatter_grad(self, shard, ids, grad):
         uniq, inv = unique_rows(ids)
@@ -90,8 +90,8 @@ class TPExchange:
         uniq, inv = unique_rows(ids)
         local = uniq - shard.lo
         own = (local >= 0) & (local < shard.num_rows)
-        rows = shard.weight.new_zeros(uniq.numel(), shard.embed_dim)
-        rows[own] = shard.weight.index_select(0, local[own])
+        rows = torch.zeros(uniq.numel(), shard.embed_dim, dtype=shard.weight.dtype, device=shard.compute_device)
+        rows[own] = shard.read_rows(local[own])
         dist.all_reduce(rows, group=self.group)
         self.comm.all_reduce(rows, self.size)
         return rows.index_select(0, inv), (inv, uniq.numel(), local[own], own)
@@ -128,8 +128,8 @@ class AllExchange:
         requested = uniq.new_empty(sum(recv))
         dist.all_to_all_single(requested, uniq, recv, send, group=self.group)
         local = requested - shard.lo
-        rows = shard.weight.new_empty(uniq.numel(), shard.embed_dim)
-        served = shard.weight.index_select(0, local)
+        rows = torch.empty(uniq.numel(), shard.embed_dim, dtype=shard.weight.dtype, device=shard.compute_device)
+        served = shard.read_rows(local)
         dist.all_to_all_single(rows, served, send, recv, group=self.group)
         self.comm.all_to_all(uniq, send, self.rank)
         self.comm.all_to_all(served, recv, self.rank)

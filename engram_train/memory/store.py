@@ -40,6 +40,7 @@ from engram_train.config.schema import ConfigError
 from engram_train.engram.table import check_hash_ids
 from engram_train.memory.exchange import (AllExchange, CommCounter, ReplicatedExchange, TPExchange, sum_rows,
                                           unique_rows)
+from engram_train.memory.host import HostBlockLookup
 from engram_train.memory.layout import Placement, TableSpec, shard_bounds
 from engram_train.memory.optim import TableOptimizer, build_table_optimizer
 
@@ -72,10 +73,11 @@ def init_rows(spec: TableSpec, lo: int, hi: int, std: float, seed: int, device=N
 class TableShard:
     """Rows ``[lo, hi)`` of one layer's table, their pending gradient rows and their optimizer."""
 
-    def __init__(self, spec: TableSpec, lo: int, hi: int, weight: torch.Tensor, exchange):
+    def __init__(self, spec: TableSpec, lo: int, hi: int, weight: torch.Tensor, exchange, compute_device=None):
         self.spec = spec
         self.lo, self.hi = lo, hi
         self.weight = weight
+        self.compute_device = torch.device(compute_device) if compute_device is not None else weight.device
         self.exchange = exchange
         self.optimizer: Optional[TableOptimizer] = None
         self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
@@ -89,13 +91,20 @@ class TableShard:
     def embed_dim(self) -> int:
         return self.spec.embed_dim
 
+    def read_rows(self, local_ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``local_ids`` of this shard on the compute device (from host RAM for host tables)."""
+        if self.weight.device == self.compute_device:
+            return self.weight.index_select(0, local_ids)
+        rows = self.weight.index_select(0, local_ids.to(self.weight.device))
+        return rows.to(self.compute_device, non_blocking=True)
+
     def accumulate(self, local_ids: torch.Tensor, rows: torch.Tensor) -> None:
         self._pending.append((local_ids, rows.to(torch.float32)))
 
     def take_pending(self) -> Tuple[torch.Tensor, torch.Tensor]:
         pending, self._pending = self._pending, []
         if not pending:
-            dev = self.weight.device
+            dev = self.compute_device
             return torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, self.embed_dim, device=dev)
         return torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
 
@@ -133,6 +142,7 @@ class StoreTable(nn.Module):
         self.register_buffer("offsets", torch.tensor(shard.spec.offsets, dtype=torch.int64), persistent=False)
         self.register_buffer("sizes", torch.tensor(self.table_sizes, dtype=torch.int64), persistent=False)
         self._anchor = torch.empty(0, requires_grad=True)
+        self.prefetcher = None   # host-resident tables: rows gathered ahead (memory/host.py)
 
     @property
     def num_heads(self) -> int:
@@ -141,8 +151,15 @@ class StoreTable(nn.Module):
     def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
         if self.check_ids:
             check_hash_ids(hash_ids, self.sizes, self.table_sizes)
-        ids = (hash_ids + self.offsets).reshape(-1)
-        rows = _Lookup.apply(self._anchor, ids, self.shard)
+        block = self.prefetcher.take(self.shard.spec.layer_id) if self.prefetcher is not None else None
+        if block is not None:
+            if block.inv.numel() != hash_ids[..., 0].numel() * self.num_heads:
+                raise RuntimeError(f"Engram layer {self.shard.spec.layer_id}: the prefetched rows belong to "
+                                   "another micro-batch; take batches only through the PrefetchingIterator")
+            rows = HostBlockLookup.apply(self._anchor, block, self.shard)
+        else:
+            ids = (hash_ids + self.offsets).reshape(-1)
+            rows = _Lookup.apply(self._anchor, ids, self.shard)
         return rows.reshape(*hash_ids.shape[:-1], self.num_heads * self.embed_dim)
 
     def extra_repr(self) -> str:
@@ -183,7 +200,7 @@ class TableStore:
     def __init__(self, specs: Dict[int, TableSpec], placement: Placement, *, optimizer: str = "adam",
                  lr_mult: float = 5.0, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8,
                  init_std: float = 0.02, seed: int = 0, device=None, tp_group=None, replica_group=None,
-                 world_group=None, dp_size: int = 1):
+                 world_group=None, dp_size: int = 1, residency: str = "device", staleness: int = 0):
         self.specs = dict(sorted(specs.items()))
         self.placement = placement
         self.optimizer_name = optimizer
@@ -193,18 +210,28 @@ class TableStore:
         self.tp_group = tp_group
         self.world_group = world_group
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.residency = residency
+        # Where rows and optimizer state live: the compute device, or host RAM.
+        self.rows_device = torch.device("cpu") if residency == "host" else self.device
         self.shards: Dict[int, TableShard] = {}
         self.tables: Dict[int, StoreTable] = {}
         self._grad_sq_norm: Optional[torch.Tensor] = None
         self.comm = CommCounter()   # bytes sent by the gradient reduction (lookups count in each exchange)
         for layer_id, spec in self.specs.items():
             lo, hi = placement.rows_of(spec)
-            weight = init_rows(spec, lo, hi, init_std, seed, device=self.device)
-            shard = TableShard(spec, lo, hi, weight, self._exchange(spec))
+            weight = init_rows(spec, lo, hi, init_std, seed, device=self.rows_device)
+            shard = TableShard(spec, lo, hi, weight, self._exchange(spec), compute_device=self.device)
             shard.optimizer = build_table_optimizer(optimizer, weight, betas=betas, eps=eps,
                                                     weight_decay=weight_decay)
             self.shards[layer_id] = shard
             self.tables[layer_id] = StoreTable(shard)
+        self.prefetcher = None
+        if residency == "host" and placement.partition == "replicated":
+            from engram_train.memory.host import HostPrefetcher
+
+            self.prefetcher = HostPrefetcher(self, staleness=staleness)
+            for table in self.tables.values():
+                table.prefetcher = self.prefetcher
 
     def _exchange(self, spec: TableSpec):
         p = self.placement.partition
@@ -276,11 +303,16 @@ class TableStore:
                 return
             if max_norm > 0:
                 scale = 1.0 / max(1.0, (float(grad_norm) + 1e-6) / max_norm)
-        for shard in self.shards.values():
+        updated = {}
+        for layer_id, shard in self.shards.items():
             ids, rows = shard.grad
             if scale != 1.0:
                 rows = rows * scale
+            ids, rows = ids.to(shard.weight.device), rows.to(shard.weight.device)
             shard.optimizer.step(ids, rows, lr * self.lr_mult)
+            updated[layer_id] = ids
+        if self.prefetcher is not None:
+            self.prefetcher.refresh(updated)
         self.zero_grad()
 
     def zero_grad(self) -> None:
@@ -326,6 +358,7 @@ def build_table_store(engram_cfg, trainer_cfg, table_sizes: Dict[int, Sequence[i
         specs, placement, optimizer=engram_cfg.optimizer, lr_mult=engram_cfg.table_lr_mult,
         weight_decay=engram_cfg.table_weight_decay, betas=(trainer_cfg.adam_beta1, trainer_cfg.adam_beta2),
         eps=trainer_cfg.adam_eps, init_std=engram_cfg.table_init_std, seed=seed, device=get_device(),
+        residency=engram_cfg.residency, staleness=engram_cfg.staleness,
         tp_group=ps.get_tensor_model_parallel_group(),
         replica_group=None if placement.partition == "all" else ps.get_data_parallel_group(),
         world_group=dist.group.WORLD, dp_size=ps.get_data_parallel_world_size())

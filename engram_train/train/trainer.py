@@ -99,6 +99,12 @@ class Trainer:
             global_batch_size=d.global_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
             seed=cfg.trainer.seed, consumed_samples=self.state.consumed_samples,
             max_seq_length=cfg.model.max_seq_length)
+        if self.table_store is not None and self.table_store.prefetcher is not None:
+            from engram_train.memory.host import PrefetchingIterator
+
+            # Host-resident tables: the rows of the next micro-batches are gathered while this one runs.
+            self.train_iter = PrefetchingIterator(self.train_iter, self.table_store.prefetcher,
+                                                  depth=cfg.engram.prefetch_depth)
         self.valid_batches = build_valid_batches(
             self.data, d, self.hasher, seq_length=d.seq_length, micro_batch_size=d.micro_batch_size,
             num_batches=-(-cfg.trainer.eval_iters // self.dp_size), dp_rank=self.dp_rank, dp_size=self.dp_size,
@@ -166,6 +172,8 @@ class Trainer:
         if gates:
             out["engram_gate_mean"] = sum(gates.values()) / len(gates)
         out.update({k: float(v) for k, v in self.model.moe_load_balance().items()})
+        if self.table_store is not None and self.table_store.prefetcher is not None:
+            out.update(self.table_store.prefetcher.stats.pop())
         return out
 
     # -- the loop ----------------------------------------------------------------------------------

@@ -1,0 +1,216 @@
+"""Host-resident tables: the rows of the next micro-batch are gathered while this one computes.
+
+With ``engram.residency=host`` a shard's rows and optimizer state live in host
+RAM.  Engram addresses depend only on token ids, so the loader's hash ids of
+micro-batch ``i+1`` are known while ``i`` runs.  :class:`PrefetchingIterator`
+wraps the training iterator: when the trainer takes micro-batch ``i`` it
+submits ``i+1`` (up to ``engram.prefetch_depth`` ahead) to
+:class:`HostPrefetcher`, whose worker thread, per Engram layer,
+
+1. deduplicates the ids (sorted unique ids + inverse index),
+2. gathers the unique rows from the host table in one batched ``index_select``
+   (into pinned staging memory on CUDA),
+3. copies the row block to the compute device in one transfer (on a separate
+   CUDA stream, ordered by an event; a host copy on CPU, so the CPU runs the
+   same pipeline).
+
+The forward then reads ``rows[inverse]`` (:class:`HostBlockLookup`) and its
+backward hands ``(unique ids, summed gradient rows)`` to the shard, the same
+sparse path as device tables.
+
+Read after write (``engram.staleness=0``, the default, exact): the table step
+changes only the rows it touched (``sparse_adam``); after it, every block
+already gathered for a later micro-batch has those rows re-read from the host
+table (:meth:`HostPrefetcher.refresh`).  A gather that ran during the update
+can only have read a torn value of a row the update touched, and exactly
+those rows are re-read, so no stale or torn row is ever used.  With
+``engram.staleness=1`` the refresh is skipped: rows gathered ahead are used
+as gathered, up to one step stale (the lock-free behaviour of public
+speed-runs), documented as such.
+
+Scope of this first version: the prefetch covers ``engram.partition=replicated``
+(each rank's host holds the whole table); ``tp`` and ``all`` keep host rows too,
+but their exchange reads them synchronously at lookup time.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Deque, Dict, Iterator, Optional
+
+import torch
+
+from engram_train.memory.exchange import sum_rows, unique_rows
+
+
+@dataclass
+class RowBlock:
+    """One layer's rows for one micro-batch: ``rows[inv]`` are its looked-up rows, in order."""
+
+    uniq: torch.Tensor          # sorted unique global row ids (host)
+    inv: torch.Tensor           # [N] positions into uniq (compute device)
+    rows: torch.Tensor          # [U, d] (compute device)
+    staging: Optional[torch.Tensor] = None   # pinned host block, kept alive until its copy is done
+    ready: Optional[object] = None           # CUDA event recorded after the copy
+
+
+class HostBlockLookup(torch.autograd.Function):
+    """``rows[inv]``; backward sums the gradient per unique row and hands it to the shard."""
+
+    @staticmethod
+    def forward(ctx, anchor, block: RowBlock, shard):
+        ctx.block, ctx.shard = block, shard
+        return block.rows.index_select(0, block.inv)
+
+    @staticmethod
+    def backward(ctx, grad):
+        b = ctx.block
+        rows = sum_rows(b.inv, grad.contiguous(), b.uniq.numel())
+        ctx.shard.accumulate(b.uniq.to(rows.device) - ctx.shard.lo, rows)
+        return None, None, None
+
+
+class PrefetchStats:
+    """What the pipeline did since the last :meth:`pop`: the trainer logs it every step."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self):
+        self.wait_s = 0.0          # main thread waiting for a block that was not ready
+        self.rows = 0              # unique rows fetched
+        self.ids = 0               # looked-up ids (rows / ids = unique-row ratio)
+        self.h2d_bytes = 0         # bytes copied host -> compute device
+        self.refreshed = 0         # rows re-read after an update (read after write)
+
+    def add(self, **kw):
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def pop(self) -> Dict[str, float]:
+        with self._lock:
+            out = {"engram_prefetch/wait_s": self.wait_s, "engram_prefetch/rows": float(self.rows),
+                   "engram_prefetch/unique_ratio": self.rows / self.ids if self.ids else 0.0,
+                   "engram_prefetch/h2d_bytes": float(self.h2d_bytes),
+                   "engram_prefetch/refreshed_rows": float(self.refreshed)}
+            self.reset()
+        return out
+
+
+class HostPrefetcher:
+    """Gathers row blocks of submitted micro-batches on a worker thread, in submission order."""
+
+    def __init__(self, store, staleness: int = 0):
+        self.store = store
+        self.staleness = staleness
+        self.device = store.device
+        self.cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch")
+        self.pending: Deque[Future] = collections.deque()
+        self.current: Dict[int, RowBlock] = {}
+        self.stats = PrefetchStats()
+        self._offsets = {l: torch.tensor(s.spec.offsets, dtype=torch.int64) for l, s in store.shards.items()}
+
+    # -- worker side ------------------------------------------------------------------------------
+    def _gather(self, hash_ids: Dict[int, torch.Tensor]) -> Dict[int, RowBlock]:
+        blocks = {}
+        for layer_id, h in hash_ids.items():
+            shard = self.store.shards[layer_id]
+            ids = (h.to("cpu", torch.int64) + self._offsets[layer_id]).reshape(-1)
+            uniq, inv = unique_rows(ids)
+            local = uniq - shard.lo
+            if self.cuda:
+                staging = torch.empty(uniq.numel(), shard.embed_dim, dtype=shard.weight.dtype, pin_memory=True)
+                torch.index_select(shard.weight, 0, local, out=staging)
+                inv_pinned = inv.pin_memory()
+                with torch.cuda.stream(self.copy_stream):
+                    rows = staging.to(self.device, non_blocking=True)
+                    inv_dev = inv_pinned.to(self.device, non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record(self.copy_stream)
+                block = RowBlock(uniq, inv_dev, rows, staging=(staging, inv_pinned), ready=ready)
+            else:
+                # The CPU runs the same pipeline: a host-to-host copy stands in for the device copy.
+                rows = shard.weight.index_select(0, local).to(self.device, copy=True)
+                block = RowBlock(uniq, inv.to(self.device), rows)
+            blocks[layer_id] = block
+            self.stats.add(rows=uniq.numel(), ids=ids.numel(),
+                           h2d_bytes=rows.numel() * rows.element_size() + inv.numel() * inv.element_size())
+        return blocks
+
+    # -- trainer side -----------------------------------------------------------------------------
+    def submit(self, hash_ids: Dict[int, torch.Tensor]) -> None:
+        self.pending.append(self.pool.submit(self._gather, hash_ids))
+
+    def activate(self) -> None:
+        """Make the oldest submitted micro-batch's blocks the ones the next forward reads."""
+        t0 = time.perf_counter()
+        blocks = self.pending.popleft().result()
+        if self.cuda:
+            for b in blocks.values():
+                torch.cuda.current_stream(self.device).wait_event(b.ready)
+        self.stats.add(wait_s=time.perf_counter() - t0)
+        self.current = blocks
+
+    def take(self, layer_id: int) -> Optional[RowBlock]:
+        """This layer's block of the active micro-batch, once (None: not prefetched, e.g. evaluation)."""
+        return self.current.pop(layer_id, None)
+
+    def refresh(self, updated: Dict[int, torch.Tensor]) -> None:
+        """Re-read, in every block gathered ahead, the rows a table step just updated (local host ids)."""
+        if self.staleness:
+            return
+        for fut in self.pending:
+            blocks = fut.result()     # the gather may have overlapped the update: wait, then patch
+            for layer_id, local in updated.items():
+                b = blocks.get(layer_id)
+                if b is None or local.numel() == 0 or b.uniq.numel() == 0:
+                    continue
+                shard = self.store.shards[layer_id]
+                local = local.to("cpu")
+                glob = local + shard.lo
+                pos = torch.searchsorted(b.uniq, glob).clamp_(max=b.uniq.numel() - 1)
+                hit = b.uniq[pos] == glob
+                if bool(hit.any()):
+                    fresh = shard.weight.index_select(0, local[hit])
+                    if self.cuda:
+                        torch.cuda.current_stream(self.device).wait_event(b.ready)
+                    b.rows[pos[hit].to(b.rows.device)] = fresh.to(b.rows.device)
+                    self.stats.add(refreshed=int(hit.sum()))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class PrefetchingIterator:
+    """The training iterator, ``depth`` micro-batches ahead: each batch's rows are gathered before use."""
+
+    def __init__(self, batches: Iterator[dict], prefetcher: HostPrefetcher, depth: int = 1):
+        self.batches = batches
+        self.prefetcher = prefetcher
+        self.depth = depth
+        self.ahead: Deque[dict] = collections.deque()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        while len(self.ahead) < self.depth + 1:
+            try:
+                batch = next(self.batches)
+            except StopIteration:
+                if not self.ahead:
+                    raise
+                break
+            self.prefetcher.submit(batch["engram_hash_ids"])
+            self.ahead.append(batch)
+        batch = self.ahead.popleft()
+        self.prefetcher.activate()
+        return batch
