@@ -1,0 +1,113 @@
+"""Host-resident against device-resident Engram tables: step time, prefetch wait, host bytes per parameter.
+
+    python tools/bench_offload.py                          # defaults below, ~3 minutes on 2 CPU cores
+    python tools/bench_offload.py --steps 20 --json out.json
+
+Trains the same small Engram-MoE on the same generated corpus three times, one after another
+in this one invocation, with ``engram.optimizer=sparse_adam``:
+
+1. ``engram.residency=device`` with large tables (``--rows-per-head``),
+2. ``engram.residency=host`` with the same tables,
+3. ``engram.residency=host`` with small tables (the baseline for memory).
+
+Reported (and written with ``--json PATH`` under these keys):
+
+* ``step_time_ratio``: median step time of run 2 / run 1 over the steps after ``--warmup``
+  (step time from the trainer's per-step ``tokens_per_s``);
+* ``prefetch_wait_share``: the time the trainer waited for prefetched rows
+  (``engram_prefetch/wait_s``), as a share of run 2's step time;
+* ``host_bytes_per_param``: (peak RSS of run 2 - peak RSS of run 3) / (table parameters of
+  run 2 - those of run 3), from the processes' ``VmHWM``: every host byte the tables cost
+  (weights, moments, per-row step counts, staging, gradient rows), measured, not estimated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tools.measure_table_memory import MODEL, _corpus, _run  # noqa: E402
+
+TABLES = re.compile(r"Engram tables \((\w+), ([\d.]+)M of ([\d.]+)M parameters\)")
+
+
+def _value(key: str) -> str:
+    return next(o.split("=", 1)[1] for o in MODEL if o.startswith(key + "="))
+
+
+TOKENS_PER_STEP = int(_value("data.global_batch_size")) * int(_value("data.seq_length"))
+
+
+def _train(name, rows, residency, args, work, data) -> dict:
+    run_dir = os.path.join(work, name)
+    over = MODEL + data + args.extra + [
+        "engram.optimizer=sparse_adam", f"engram.residency={residency}",
+        f"engram.table_size_per_ngram=[{rows},{rows}]", f"trainer.max_steps={args.steps}",
+        "trainer.log_interval=1", f"run.dir={run_dir}"]
+    log_path = os.path.join(work, f"{name}.log")
+    peak = _run(1, over, log_path)[0]
+    text = open(log_path).read()
+    params = float(TABLES.search(text).group(2)) * 1e6
+    lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
+    step_s, wait_s = [], []
+    for r in lines:
+        if r["step"] <= args.warmup:
+            continue
+        # One line per step (log_interval=1): tokens_per_s = tokens per step / seconds of that step.
+        step_s.append(TOKENS_PER_STEP / r["tokens_per_s"])
+        wait_s.append(r.get("engram_prefetch/wait_s", 0.0))
+    return {"peak_mib": peak, "params": params, "step_s": step_s, "wait_s": wait_s}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows-per-head", type=int, default=400000,
+                   help="prime search start per head for the large tables (default 400000: ~100M parameters)")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=2, help="steps left out of the timing (default 2)")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--json", dest="json_path", default=None, help="write the three figures here")
+    p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
+    args = p.parse_args(argv)
+    if args.steps <= args.warmup + 2:
+        p.error("--steps must exceed --warmup by at least 3")
+    work = args.workdir or tempfile.mkdtemp(prefix="engram_offload_")
+    os.makedirs(work, exist_ok=True)
+    corpus = os.path.join(work, "corpus.jsonl")
+    _corpus(corpus)
+    data = ["data.corpus=files", f"data.files=[{corpus}]", f"data.dir={os.path.join(work, 'prepared')}"]
+    runs = {}
+    for name, rows, residency in (("device", args.rows_per_head, "device"), ("host", args.rows_per_head, "host"),
+                                  ("host_small", 64, "host")):
+        print(f"[bench_offload] {name} ...", flush=True)
+        runs[name] = _train(name, rows, residency, args, work, data)
+    dev, host, small = runs["device"], runs["host"], runs["host_small"]
+    ratio = statistics.median(host["step_s"]) / statistics.median(dev["step_s"])
+    wait_share = sum(host["wait_s"]) / sum(host["step_s"])
+    bytes_per_param = (host["peak_mib"] - small["peak_mib"]) * 2**20 / (host["params"] - small["params"])
+    out = {"step_time_ratio": ratio, "prefetch_wait_share": wait_share, "host_bytes_per_param": bytes_per_param}
+    print(f"\n# Host- vs device-resident tables, {host['params'] / 1e6:.0f}M table parameters, sparse_adam, "
+          f"{len(host['step_s'])} timed steps\n")
+    print("| run | median step ms | peak RSS MiB |")
+    print("|---|---:|---:|")
+    for name, r in runs.items():
+        print(f"| {name} | {1e3 * statistics.median(r['step_s']):.1f} | {r['peak_mib']:.0f} |")
+    print(f"\nstep_time_ratio (host / device): {ratio:.3f}")
+    print(f"prefetch_wait_share: {wait_share:.4f}")
+    print(f"host_bytes_per_param: {bytes_per_param:.2f}")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
