@@ -34,8 +34,8 @@ from engram_train.config.schema import ConfigError
 
 #: Bytes per table parameter held by each table optimizer, weight included (fp32 weight + fp32 moments).
 OPTIMIZER_STATE_BYTES = {"adam": 12, "sparse_adam": 12}
-#: Bytes per row of the per-row step counter of ``sparse_adam`` (int64).
-SPARSE_ADAM_ROW_STEP_BYTES = 8
+#: Bytes per row of the per-row step counter of ``sparse_adam`` (int32).
+SPARSE_ADAM_ROW_STEP_BYTES = 4
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,8 @@ class TableSparseAdam(TableOptimizer):
 
     def __init__(self, weight, **kw):
         super().__init__(weight, **kw)
-        self.row_steps = torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device)
+        # int32: 2^31 steps are plenty, and the counter is host bytes per row that every table pays.
+        self.row_steps = torch.zeros(weight.shape[0], dtype=torch.int32, device=weight.device)
 
     @torch.no_grad()
     def step(self, ids, grads, lr):

@@ -76,7 +76,7 @@ def test_debug_cpu_tp2_table_bytes_match_an_independent_computation(optimizer):
         got = r["placements"][name]
         assert got["parts"] == parts and got["shard_rows"] == n
         assert got["weight"] == 4 * dim * n
-        assert got["optimizer"] == 8 * dim * n + (8 * n if optimizer == "sparse_adam" else 0)
+        assert got["optimizer"] == 8 * dim * n + (4 * n if optimizer == "sparse_adam" else 0)
         assert got["grad_max"] == sum(min(k, ids_step) * (4 * dim + 8) for k in shard.values())
         assert r["totals"][name] == got["weight"] + got["optimizer"] + got["grad_max"] + r["dense"]["total"]
 

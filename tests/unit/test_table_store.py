@@ -75,7 +75,7 @@ def test_table_sparse_adam_matches_a_per_row_adamw(weight_decay):
     weight = _weight()
     opt = TableSparseAdam(weight.clone(), betas=BETAS, eps=EPS, weight_decay=weight_decay)
     rows_ref, opts_ref = {}, {}      # row -> its own [D] parameter and AdamW, created at its first touch
-    counts = torch.zeros(R, dtype=torch.int64)
+    counts = torch.zeros(R, dtype=torch.int32)
     for i, (ids, grads, lr) in enumerate(_step_grads()):
         before = {k: t.clone() for k, t in opt.state_tensors().items()}
         before["weight"] = opt.weight.clone()
