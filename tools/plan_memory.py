@@ -2,14 +2,16 @@
 
     python tools/plan_memory.py experiment=debug_cpu world=2 parallel.tensor_parallel=2
     python tools/plan_memory.py experiment=engram_27b world=64 [--json] [--compressed-vocab V]
+    python tools/plan_memory.py experiment=engram_100b_host_4node world=32 ranks_per_node=8
 
-``world=N`` is the number of ranks; every other argument is a Hydra override. The config is
+``world=N`` is the number of ranks, ``ranks_per_node=K`` (default 8) how many of them share a
+host (used by ``engram.residency=host`` only); every other argument is a Hydra override. The config is
 validated like the trainer validates it (exit 2 with one line on a bad value). No process group,
 no model, no table: parameter counts are analytic (checked against the real model in
 tests/unit/test_plan_memory.py). Per rank (rank 0, which holds the largest shard):
 
 - Engram tables (fp32, the table store's): weight, table optimizer state (``engram.optimizer``:
-  2 fp32 moments, ``sparse_adam`` also an int64 step per row) and the sparse gradient bound
+  2 fp32 moments, ``sparse_adam`` also an int32 step per row) and the sparse gradient bound
   ``min(shard rows, G) x (4*d + 8)`` bytes per layer, where ``G = global_batch_size x seq_length
   x heads`` is the ids one step can send to a shard (the reduction pools every replica's ids;
   a rank's own tokens reach ``G / dp`` of them). Gradient rows are fp32 plus an int64 id.
@@ -20,6 +22,36 @@ tests/unit/test_plan_memory.py). Per rank (rank 0, which holds the largest shard
   EP x TP (expert tensor parallel = TP, megatron's default) and ZeRO-partitioned over the
   expert data-parallel group (dp / EP); norms, routers and Engram blocks are replicated.
 Not counted: activations, DeepSpeed buckets, communication buffers, allocator slack.
+
+``engram.residency=host`` (``memory/host.py``): table weights and ``sparse_adam`` state live in host
+RAM, so the tool also prints, per placement:
+
+- device bytes per rank: the dense parameters with their ZeRO state, the sparse gradient bound
+  above (gradient rows are reduced on the device) and the prefetched row blocks: per Engram layer
+  and micro-batch in flight (``prefetch_depth + 1`` blocks), at most ``min(layer rows, B)`` unique
+  rows x ``4*d`` bytes plus the int64 inverse index of ``B = micro_batch_size x seq_length x heads``
+  entries. A micro-batch's rows come from every shard, so the bound takes the layer's rows, not
+  the shard's (the same under ``replicated``).
+- host bytes per node: the table shards (weight + optimizer state) of the ``K`` ranks of node 0
+  (ranks ``0..K-1``, which hold the largest shards), plus each rank's pinned staging, the same
+  bytes as its device row blocks (CUDA; a CPU run has no staging and its "device" is host RAM).
+  Under ``replicated`` every rank holds a whole copy today: one copy per node in shared memory is
+  not built, so a node holds ``K`` copies. Under ``tp`` it holds its ranks' TP shards (``K / TP``
+  copies when TP divides K), under ``all`` ``K / world`` of the table.
+  Scope of ``memory/host.py``: only ``replicated`` prefetches; ``tp`` and ``all`` read host rows
+  at lookup time (the row blocks are then the bound of what one micro-batch reads).
+  Not counted on the host: the sorted unique ids of each block (8 bytes per unique row), the
+  step's transient host copy of the reduced gradient rows, the data loader, DeepSpeed's
+  offloaded state (``parallel.offload_optimizer=cpu`` is counted on the device, as above).
+
+``--json`` prints ``plan()``'s dict. Keys: ``placements`` (per rank and placement: ``weight``,
+``optimizer``, ``grad_max``, ``total``, wherever they live), ``totals`` (per rank: tables + dense),
+``dense``, ``engram``; with ``engram.residency=host`` also ``residency``, ``host_bytes_per_node``
+and ``device_bytes_per_rank`` (``{placement: bytes}``) and ``host``: ``ranks_per_node``,
+``node_ranks``, ``nodes``, ``prefetch_depth``, ``blocks_in_flight``, ``ids_per_micro_batch`` and
+``placements`` (per placement: ``parts``, ``shard_rows``, ``tables_per_rank``, ``tables_per_node``,
+``table_copies_per_node``, ``staging_per_rank``, ``staging_per_node``, ``host_bytes_per_node``,
+``row_blocks``, ``grad_max``, ``dense``, ``device_bytes_per_rank``).
 """
 
 import argparse
@@ -77,7 +109,7 @@ def table_sizes(engram, compressed_vocab, data_vocab):
     return prime_table_sizes(engram.layer_ids, engram.max_ngram, engram.heads_per_ngram, start), note
 
 
-def plan(cfg, world, compressed_vocab=None):
+def plan(cfg, world, compressed_vocab=None, ranks_per_node=8):
     from engram_train.config.schema import ConfigError
     from engram_train.memory.layout import placement_for, resolve_partition, shard_bytes, table_specs
 
@@ -136,7 +168,48 @@ def plan(cfg, world, compressed_vocab=None):
         row["total"] = row["weight"] + row["optimizer"] + row["grad_max"]
         out["placements"][name] = row
     out["totals"] = {k: v["total"] + dense["total"] for k, v in out["placements"].items()}
+    if e.residency == "host":
+        host_plan(out, e, d, specs, world, tp, ranks_per_node)
     return out
+
+
+def host_plan(out, e, d, specs, world, tp, ranks_per_node):
+    """``engram.residency=host``: host bytes per node and device bytes per rank, per placement."""
+    from engram_train.config.schema import ConfigError
+    from engram_train.memory.layout import placement_for, shard_bytes
+
+    k = ranks_per_node
+    if world > k and world % k:
+        raise ConfigError(f"ranks_per_node={k}: must divide world={world} (or exceed it: one node)")
+    node_ranks = min(k, world)
+    heads = (e.max_ngram - 1) * e.heads_per_ngram
+    ids_mb = d.micro_batch_size * d.seq_length * heads
+    in_flight = e.prefetch_depth + 1
+    # Per layer and block: unique rows (fp32) on the device + the int64 inverse index of every id.
+    blocks = in_flight * sum(min(s.rows, ids_mb) * s.embed_dim * 4 + 8 * ids_mb for s in specs.values())
+    rows = sum(s.rows for s in specs.values())
+    host = dict(ranks_per_node=k, node_ranks=node_ranks, nodes=-(-world // k), prefetch_depth=e.prefetch_depth,
+                blocks_in_flight=in_flight, ids_per_micro_batch=ids_mb, placements={})
+    for name, p in out["placements"].items():
+        node_tables = node_rows = 0
+        for rank in range(node_ranks):                  # node 0: ranks 0..K-1 hold the largest shards
+            pl = placement_for(name, world, rank, tp, rank % tp)
+            for spec in specs.values():
+                lo, hi = pl.rows_of(spec)
+                b = shard_bytes(spec, pl, e.optimizer)
+                node_tables += b["weight"] + b["optimizer"]
+                node_rows += hi - lo
+        h = dict(parts=p["parts"], shard_rows=p["shard_rows"], tables_per_rank=p["weight"] + p["optimizer"],
+                 tables_per_node=node_tables, table_copies_per_node=node_rows / rows,
+                 staging_per_rank=blocks, staging_per_node=node_ranks * blocks,
+                 row_blocks=blocks, grad_max=p["grad_max"], dense=out["dense"]["total"])
+        h["host_bytes_per_node"] = h["tables_per_node"] + h["staging_per_node"]
+        h["device_bytes_per_rank"] = h["dense"] + h["row_blocks"] + h["grad_max"]
+        host["placements"][name] = h
+    out["residency"] = "host"
+    out["host"] = host
+    out["host_bytes_per_node"] = {n: h["host_bytes_per_node"] for n, h in host["placements"].items()}
+    out["device_bytes_per_rank"] = {n: h["device_bytes_per_rank"] for n, h in host["placements"].items()}
 
 
 def fmt(b):
@@ -171,6 +244,42 @@ def report(r):
         print(f"{label:<16}" + "".join(f"{v:>13}" for v in vals + [fmt(r["totals"][name])]))
     print(f"\ndefault placement: engram.partition -> {r['default_partition']}; per-rank total "
           f"{fmt(r['totals'][r['default_partition']])} (not counted: activations, buffers)")
+    if r.get("residency") == "host":
+        report_host(r)
+
+
+def report_host(r):
+    h, default = r["host"], r["default_partition"]
+    k, n = h["ranks_per_node"], h["node_ranks"]
+    node = f"ranks 0-{n - 1}" if n > 1 else "rank 0"
+    print(f"\nengram.residency=host: table weights and sparse_adam state live in host RAM (weight and optimizer "
+          f"above: host bytes per rank; total/rank above counts them, device per rank below does not); "
+          f"{h['nodes']} node(s) of ranks_per_node={k}, node 0 = {node}")
+    print(f"  device row blocks: prefetch_depth {h['prefetch_depth']} -> {h['blocks_in_flight']} per layer in "
+          f"flight, each <= min(layer rows, {h['ids_per_micro_batch']:,} ids/micro-batch) unique rows + the int64 "
+          "inverse index; pinned host staging = the same bytes (CUDA)")
+    cols = ("shard rows", "tables/rank", "copies/node", "tables/node", "staging/node", "host/node")
+    print("\n" + f"{'host per node':<22}" + "".join(f"{c:>14}" for c in cols))
+    for name, p in h["placements"].items():
+        label = name + (" (default)" if name == default else "")
+        vals = [f"{p['shard_rows']:,}", fmt(p["tables_per_rank"]), f"{p['table_copies_per_node']:.4g}",
+                fmt(p["tables_per_node"]), fmt(p["staging_per_node"]), fmt(p["host_bytes_per_node"])]
+        print(f"{label:<22}" + "".join(f"{v:>14}" for v in vals))
+    cols = ("dense", "row blocks", "grad<=", "device/rank")
+    print("\n" + f"{'device per rank':<22}" + "".join(f"{c:>14}" for c in cols))
+    for name, p in h["placements"].items():
+        label = name + (" (default)" if name == default else "")
+        vals = [fmt(p[c]) for c in ("dense", "row_blocks", "grad_max", "device_bytes_per_rank")]
+        print(f"{label:<22}" + "".join(f"{v:>14}" for v in vals))
+    print(f"\n- replicated: every rank holds a whole copy today; sharing one copy per node through shared "
+          f"memory is not built yet, so a node holds ranks_per_node={k} copies.")
+    print("- tp / all: the node holds its ranks' shards. The prefetch covers replicated only (memory/host.py): "
+          "tp and all read host rows at lookup time, no blocks ahead (row blocks: what their prefetch would hold).")
+    print("- a CPU run has no pinned staging, and its device row blocks are host RAM too.")
+    print(f"\ndefault placement: engram.partition -> {default}; host RAM per node "
+          f"{fmt(h['placements'][default]['host_bytes_per_node'])}, device per rank "
+          f"{fmt(h['placements'][default]['device_bytes_per_rank'])} (not counted: activations, buffers, "
+          "data loader)")
 
 
 def fail(message):
@@ -180,21 +289,26 @@ def fail(message):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides and world=N (the number of ranks)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, world=N (the number of ranks) and "
+                    "ranks_per_node=K (ranks per host, default 8; engram.residency=host)")
     ap.add_argument("--json", action="store_true", help="print the numbers as JSON")
     ap.add_argument("--compressed-vocab", type=int, default=None, metavar="V",
                     help="the tokenizer's compressed vocabulary size V' (default: data.vocab_size, an upper bound)")
     args = ap.parse_args()
     worlds = [o for o in args.overrides if o.startswith("world=")]
-    overrides = [o for o in args.overrides if not o.startswith("world=")]
+    per_node = [o for o in args.overrides if o.startswith("ranks_per_node=")]
+    overrides = [o for o in args.overrides if not o.startswith(("world=", "ranks_per_node="))]
     if len(worlds) != 1 or not worlds[0][6:].isdigit() or int(worlds[0][6:]) < 1:
         fail(f"world: give the number of ranks once, as world=N (got {worlds or 'none'})")
+    if len(per_node) > 1 or (per_node and (not per_node[0][15:].isdigit() or int(per_node[0][15:]) < 1)):
+        fail(f"ranks_per_node: give the ranks per node at most once, as ranks_per_node=K >= 1 (got {per_node})")
+    ranks_per_node = int(per_node[0][15:]) if per_node else 8
     from hydra.errors import HydraException
 
     from engram_train.config.schema import ConfigError
     from engram_train.config.store import compose
     try:
-        r = plan(compose(overrides), int(worlds[0][6:]), args.compressed_vocab)
+        r = plan(compose(overrides), int(worlds[0][6:]), args.compressed_vocab, ranks_per_node)
     except (ConfigError, HydraException) as err:
         fail(str(err).strip().splitlines()[0])
     if args.json:

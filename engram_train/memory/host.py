@@ -154,8 +154,12 @@ class HostPrefetcher:
         t0 = time.perf_counter()
         blocks = self.pending.popleft().result()
         if self.cuda:
+            compute = torch.cuda.current_stream(self.device)
             for b in blocks.values():
-                torch.cuda.current_stream(self.device).wait_event(b.ready)
+                compute.wait_event(b.ready)
+                # Allocated on the copy stream, used on this one: keep the allocator from reusing them early.
+                b.rows.record_stream(compute)
+                b.inv.record_stream(compute)
         self.stats.add(wait_s=time.perf_counter() - t0)
         self.current = blocks
 

@@ -76,3 +76,18 @@ def test_tiny_engram_moe_model_trains_on_cuda():
         assert np.isfinite(losses).all() and losses[-1] < losses[0]
     finally:
         destroy_parallel()
+
+
+def test_host_resident_tables_on_cuda_equal_device_resident():
+    """The CUDA prefetch path: pinned staging, copies on a side stream ordered by events, and the
+    read-after-write refresh, against device-resident tables fed synchronously."""
+    from tests.unit.test_host_tables import SIZES, _store, _train
+
+    device = _train(_store("device", device="cuda"), prefetch=False)
+    host_store = _store("host", device="cuda")
+    assert host_store.shards[0].weight.device.type == "cpu" and host_store.prefetcher.copy_stream is not None
+    host = _train(host_store, prefetch=True)
+    for l in SIZES:
+        for got, want in zip(host[l], device[l]):
+            # CUDA's index_add_ sums duplicates with atomics: equal up to float rounding.
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -23,10 +23,10 @@ B, T, HEADS, DIM = 2, 12, 4, 8
 GAS, STEPS = 2, 5
 
 
-def _store(residency: str, staleness: int = 0) -> TableStore:
+def _store(residency: str, staleness: int = 0, device: str = "cpu") -> TableStore:
     specs = table_specs(SIZES, n_embed_per_ngram=DIM * 2, heads_per_ngram=2)
     return TableStore(specs, placement_for("replicated", 1, 0, 1, 0), optimizer="sparse_adam", seed=7,
-                      residency=residency, staleness=staleness)
+                      residency=residency, staleness=staleness, device=device)
 
 
 def _batches(n: int):
@@ -45,10 +45,11 @@ def _train(store: TableStore, prefetch: bool):
     for _ in range(STEPS):
         for _ in range(GAS):
             batch = next(it)
-            outs = [store.tables[l](h) for l, h in sorted(batch["engram_hash_ids"].items())]
+            # The loader's ids are CPU tensors (the prefetcher reads those); the model gets device copies.
+            outs = [store.tables[l](h.to(store.device)) for l, h in sorted(batch["engram_hash_ids"].items())]
             g = torch.Generator().manual_seed(1000 + batch["grad_seed"])
             # A loss whose gradient depends on the rows read, so a stale row changes the update.
-            loss = sum((o * torch.randn(o.shape, generator=g)).square().sum() for o in outs)
+            loss = sum((o * torch.randn(o.shape, generator=g).to(o.device)).square().sum() for o in outs)
             loss.backward()
         store.reduce_gradients()
         if prefetch:
@@ -56,7 +57,7 @@ def _train(store: TableStore, prefetch: bool):
             for fut in store.prefetcher.pending:
                 fut.result()
         store.step(1e-2)
-    return {l: (s.weight.clone(), s.optimizer.exp_avg.clone(), s.optimizer.row_steps.clone())
+    return {l: (s.weight.cpu().clone(), s.optimizer.exp_avg.cpu().clone(), s.optimizer.row_steps.cpu().clone())
             for l, s in store.shards.items()}
 
 

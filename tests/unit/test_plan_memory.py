@@ -1,5 +1,6 @@
 """tools/plan_memory.py: table bytes against an independent computation, dense counts against the real
-model, the 27B sizing recipe, and one-line errors."""
+model, host residency (bytes per node and per device), the 27B and 100B-host sizing recipes, and one-line
+errors."""
 
 import importlib.util
 import json
@@ -135,9 +136,100 @@ def test_engram_27b_recipe_validates_and_holds_about_5_7b_table_parameters():
     assert r["placements"]["tp"]["shard_rows"] * 4 == pytest.approx(r["engram"]["rows"], abs=8)
 
 
+def _shard(rows, parts, index):
+    """torch.chunk's rows for shard ``index`` of ``parts``."""
+    chunk = -(-rows // parts)
+    lo = min(index * chunk, rows)
+    return min(lo + chunk, rows) - lo
+
+
+HOST = ["experiment=debug_cpu", "engram.residency=host", "engram.optimizer=sparse_adam",
+        "parallel.tensor_parallel=2", "data.global_batch_size=16"]
+
+
+@pytest.mark.parametrize("sizes,depth", [(None, 1), ([31, 37], 2)])
+def test_host_residency_bytes_match_an_independent_computation(sizes, depth):
+    # world 4 = TP 2 x DP 2, nodes of 2 ranks: node 0 holds ranks 0 and 1 (TP ranks 0 and 1).
+    extra = [f"engram.prefetch_depth={depth}"] + ([f"engram.table_size_per_ngram=[{sizes[0]},{sizes[1]}]"]
+                                                  if sizes else [])
+    r = plan_json(*HOST, *extra, "world=4", "ranks_per_node=2")
+    dim, heads, world, k, tp = 16, 8, 4, 2, 2
+    ids_mb, ids_step = 8 * 256 * heads, 16 * 256 * heads       # micro-batch 8 x 256 tokens, global batch 16
+    primes = _primes([1, 3], 3, 4, sizes or [5 * 4096, 5 * 4096])
+    rows = {l: sum(p) for l, p in primes.items()}
+    per_row = 12 * dim + 4                       # fp32 weight + 2 moments, int32 step count
+    # Row blocks: (depth + 1) per layer, min(layer rows, ids) unique fp32 rows + an int64 inverse index.
+    blocks = (depth + 1) * sum(min(n, ids_mb) * dim * 4 + 8 * ids_mb for n in rows.values())
+    node_tables = {
+        "replicated": k * sum(rows.values()) * per_row,                       # a whole copy per rank
+        "tp": sum(_shard(n, tp, rank % tp) for rank in range(k) for n in rows.values()) * per_row,
+        "all": sum(_shard(n, world, rank) for rank in range(k) for n in rows.values()) * per_row,
+    }
+    assert node_tables["tp"] == sum(rows.values()) * per_row                # TP 2 = 2 ranks/node: one copy
+    h = r["host"]
+    assert r["residency"] == "host" and h["ranks_per_node"] == k and h["node_ranks"] == k and h["nodes"] == 2
+    assert h["blocks_in_flight"] == depth + 1 and h["ids_per_micro_batch"] == ids_mb
+    for name, parts in (("replicated", 1), ("tp", tp), ("all", world)):
+        got = h["placements"][name]
+        grad = sum(min(_shard(n, parts, 0), ids_step) * (4 * dim + 8) for n in rows.values())
+        assert got["row_blocks"] == got["staging_per_rank"] == blocks
+        assert got["tables_per_node"] == node_tables[name]
+        assert got["host_bytes_per_node"] == r["host_bytes_per_node"][name] == node_tables[name] + k * blocks
+        assert got["device_bytes_per_rank"] == r["device_bytes_per_rank"][name] == \
+            r["dense"]["total"] + blocks + grad
+    assert h["placements"]["replicated"]["table_copies_per_node"] == k
+    assert h["placements"]["all"]["table_copies_per_node"] == pytest.approx(k / world, rel=1e-3)
+
+
+def test_host_residency_text_names_the_copies_per_node():
+    proc = run_tool(*HOST, "world=4", "ranks_per_node=2")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "host per node" in out and "device per rank" in out and "host RAM per node" in out
+    assert "shared memory is not built yet" in out and "ranks_per_node=2 copies" in out
+
+
+DEVICE_KEYS = {"world", "tensor_parallel", "data_parallel", "expert_parallel", "expert_data_parallel",
+               "zero_stage", "offload_optimizer", "padded_vocab", "precision", "precision_assumed",
+               "default_partition", "placements", "dense", "engram", "totals"}
+
+
+def test_device_residency_output_has_no_host_part_and_ignores_ranks_per_node():
+    args = ["experiment=debug_cpu", "parallel.tensor_parallel=2", "world=2"]
+    r = plan_json(*args)
+    assert set(r) == DEVICE_KEYS
+    assert set(r["placements"]["tp"]) == {"parts", "shard_rows", "weight", "optimizer", "grad_max", "total"}
+    assert plan_json(*args, "ranks_per_node=3") == r
+    plain, per_node = run_tool(*args), run_tool(*args, "ranks_per_node=3")
+    assert plain.returncode == per_node.returncode == 0
+    assert plain.stdout == per_node.stdout and "host" not in plain.stdout
+
+
+def test_engram_100b_host_recipe_validates_and_needs_a_quarter_of_the_table_per_node():
+    from engram_train.config.store import compose
+
+    cfg = compose(["experiment=engram_100b_host_4node"])
+    cfg.validate(world_size=32)
+    e = cfg.engram
+    assert (e.residency, e.optimizer, e.partition) == ("host", "sparse_adam", "all")
+    r = plan_json("experiment=engram_100b_host_4node", "world=32", "ranks_per_node=8")
+    params = r["engram"]["params"]
+    assert params == pytest.approx(1e11, rel=0.05)
+    assert r["default_partition"] == "all" and r["host"]["nodes"] == 4
+    # Independently: 1e11 parameters of 80 floats per row, 12 bytes each + 4 per row, a quarter per node,
+    # plus 8 ranks x 2 layers x 2 blocks of 2 x 4096 x 16 ids (fp32 rows of 80 + an int64 index).
+    ids = 2 * 4096 * 16
+    table, staging = 1e11 * (12 + 4 / 80), 8 * 2 * 2 * ids * (4 * 80 + 8)
+    assert r["host_bytes_per_node"]["all"] == pytest.approx(table / 4 + staging, rel=0.05)
+    assert r["host"]["placements"]["all"]["table_copies_per_node"] == pytest.approx(0.25, rel=1e-3)
+    assert r["host_bytes_per_node"]["replicated"] == pytest.approx(8 * table + staging, rel=0.05)   # 8 copies
+
+
 @pytest.mark.parametrize("args,key", [
     (["experiment=debug_cpu", "parallel.tensor_parallel=2", "world=3"], "parallel.tensor_parallel"),
     (["experiment=debug_cpu", "engram.partition=rows", "world=1"], "engram.partition"),
+    (["experiment=debug_cpu", "world=2", "ranks_per_node=0"], "ranks_per_node"),
+    (HOST + ["data.global_batch_size=48", "world=6", "ranks_per_node=4"], "ranks_per_node"),
 ])
 def test_bad_config_exits_2_with_one_line_naming_the_key(args, key):
     proc = run_tool(*args)
