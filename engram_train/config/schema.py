@@ -117,6 +117,10 @@ class EngramConfig:
     # host residency: 0 = a row updated by step k and read by step k+1 is read after its update (exact);
     # 1 = rows gathered ahead are used as gathered (lock-free, up to one step stale)
     staleness: int = 0
+    # host residency: keep table rows and optimizer state in files under this directory, memory-mapped
+    # (a local disk: tables larger than RAM, paged by the OS; /dev/shm: RAM outside the process heap).
+    # null: plain host RAM.  The files are the live tables of this run, one set per rank.
+    host_dir: Optional[str] = None
 
     def __post_init__(self):
         _require(self.partition in PARTITIONS, "engram.partition", self.partition,
@@ -130,6 +134,9 @@ class EngramConfig:
             _require(self.optimizer == "sparse_adam", "engram.optimizer", self.optimizer,
                      "host-resident tables train with engram.optimizer=sparse_adam (dense Adam would "
                      "rewrite every host row every step)")
+        if self.host_dir is not None:
+            _require(self.residency == "host", "engram.host_dir", self.host_dir,
+                     "memory-mapped table files need engram.residency=host")
         _require(self.prefetch_depth >= 1, "engram.prefetch_depth", self.prefetch_depth, "must be >= 1")
         _require(self.staleness in (0, 1), "engram.staleness", self.staleness,
                  "choose 0 (exact: read after write) or 1 (lock-free, rows up to one step stale)")

@@ -32,13 +32,16 @@ _CHUNK_ROWS = 1 << 18   # the dense update works through the shard in blocks of 
 class TableOptimizer:
     name = ""
 
-    def __init__(self, weight: torch.Tensor, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(self, weight: torch.Tensor, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
+                 alloc=None):
         self.weight = weight
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
-        self.exp_avg = torch.zeros_like(weight, dtype=torch.float32)
-        self.exp_avg_sq = torch.zeros_like(weight, dtype=torch.float32)
+        # alloc(name, shape, dtype) -> a zeroed tensor: the store's allocator (e.g. memory-mapped files).
+        self.alloc = alloc or (lambda name, shape, dtype: torch.zeros(shape, dtype=dtype, device=weight.device))
+        self.exp_avg = self.alloc("exp_avg", tuple(weight.shape), torch.float32)
+        self.exp_avg_sq = self.alloc("exp_avg_sq", tuple(weight.shape), torch.float32)
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, grads: torch.Tensor, lr: float) -> None:
@@ -100,7 +103,7 @@ class TableSparseAdam(TableOptimizer):
     def __init__(self, weight, **kw):
         super().__init__(weight, **kw)
         # int32: 2^31 steps are plenty, and the counter is host bytes per row that every table pays.
-        self.row_steps = torch.zeros(weight.shape[0], dtype=torch.int32, device=weight.device)
+        self.row_steps = self.alloc("row_steps", (weight.shape[0],), torch.int32)
 
     @torch.no_grad()
     def step(self, ids, grads, lr):

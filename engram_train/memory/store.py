@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -49,14 +50,16 @@ log = logging.getLogger(__name__)
 _INIT_BLOCK_ROWS = 4096
 
 
-def init_rows(spec: TableSpec, lo: int, hi: int, std: float, seed: int, device=None) -> torch.Tensor:
+def init_rows(spec: TableSpec, lo: int, hi: int, std: float, seed: int, device=None,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rows ``[lo, hi)`` of the table's initial value, N(0, std), identical for every layout.
 
     Block ``b`` (rows ``b*4096 ..``) is drawn from its own generator keyed by
     ``(seed, layer_id, b)`` on the CPU and copied into place, so a shard draws
     only the blocks it overlaps and the host never holds more than one block.
     """
-    out = torch.empty(hi - lo, spec.embed_dim, dtype=torch.float32, device=device)
+    if out is None:
+        out = torch.empty(hi - lo, spec.embed_dim, dtype=torch.float32, device=device)
     if hi <= lo:
         return out
     gen = torch.Generator()
@@ -200,7 +203,8 @@ class TableStore:
     def __init__(self, specs: Dict[int, TableSpec], placement: Placement, *, optimizer: str = "adam",
                  lr_mult: float = 5.0, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8,
                  init_std: float = 0.02, seed: int = 0, device=None, tp_group=None, replica_group=None,
-                 world_group=None, dp_size: int = 1, residency: str = "device", staleness: int = 0):
+                 world_group=None, dp_size: int = 1, residency: str = "device", staleness: int = 0,
+                 host_dir: Optional[str] = None, rank: int = 0):
         self.specs = dict(sorted(specs.items()))
         self.placement = placement
         self.optimizer_name = optimizer
@@ -213,16 +217,22 @@ class TableStore:
         self.residency = residency
         # Where rows and optimizer state live: the compute device, or host RAM.
         self.rows_device = torch.device("cpu") if residency == "host" else self.device
+        self.host_dir = host_dir
+        self.rank = rank
+        if host_dir is not None:
+            os.makedirs(host_dir, exist_ok=True)
         self.shards: Dict[int, TableShard] = {}
         self.tables: Dict[int, StoreTable] = {}
         self._grad_sq_norm: Optional[torch.Tensor] = None
         self.comm = CommCounter()   # bytes sent by the gradient reduction (lookups count in each exchange)
         for layer_id, spec in self.specs.items():
             lo, hi = placement.rows_of(spec)
-            weight = init_rows(spec, lo, hi, init_std, seed, device=self.rows_device)
+            alloc = self._allocator(layer_id, lo, hi)
+            weight = init_rows(spec, lo, hi, init_std, seed, out=alloc("weight", (hi - lo, spec.embed_dim),
+                                                                        torch.float32))
             shard = TableShard(spec, lo, hi, weight, self._exchange(spec), compute_device=self.device)
             shard.optimizer = build_table_optimizer(optimizer, weight, betas=betas, eps=eps,
-                                                    weight_decay=weight_decay)
+                                                    weight_decay=weight_decay, alloc=alloc)
             self.shards[layer_id] = shard
             self.tables[layer_id] = StoreTable(shard)
         self.prefetcher = None
@@ -232,6 +242,22 @@ class TableStore:
             self.prefetcher = HostPrefetcher(self, staleness=staleness)
             for table in self.tables.values():
                 table.prefetcher = self.prefetcher
+
+    def _allocator(self, layer_id: int, lo: int, hi: int):
+        """``alloc(name, shape, dtype)`` of one shard's tensors: zeroed, where the rows live.
+
+        With ``host_dir`` each tensor is a memory-mapped file (``torch.from_file``, shared: writes go
+        to the file), named by rank, layer and row range, so the OS pages tables larger than RAM.
+        """
+        def alloc(name, shape, dtype):
+            if self.host_dir is None or torch.Size(shape).numel() == 0:
+                return torch.zeros(shape, dtype=dtype, device=self.rows_device)
+            path = os.path.join(self.host_dir, f"rank{self.rank:05d}_layer{layer_id}_rows{lo}-{hi}_{name}.bin")
+            if os.path.exists(path):
+                os.remove(path)    # a previous run's file: start from a fresh (sparse, zero) one
+            numel = int(torch.Size(shape).numel())
+            return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
+        return alloc
 
     def _exchange(self, spec: TableSpec):
         p = self.placement.partition
@@ -358,7 +384,7 @@ def build_table_store(engram_cfg, trainer_cfg, table_sizes: Dict[int, Sequence[i
         specs, placement, optimizer=engram_cfg.optimizer, lr_mult=engram_cfg.table_lr_mult,
         weight_decay=engram_cfg.table_weight_decay, betas=(trainer_cfg.adam_beta1, trainer_cfg.adam_beta2),
         eps=trainer_cfg.adam_eps, init_std=engram_cfg.table_init_std, seed=seed, device=get_device(),
-        residency=engram_cfg.residency, staleness=engram_cfg.staleness,
+        residency=engram_cfg.residency, staleness=engram_cfg.staleness, host_dir=engram_cfg.host_dir, rank=rank,
         tp_group=ps.get_tensor_model_parallel_group(),
         replica_group=None if placement.partition == "all" else ps.get_data_parallel_group(),
         world_group=dist.group.WORLD, dp_size=ps.get_data_parallel_world_size())

@@ -23,10 +23,10 @@ B, T, HEADS, DIM = 2, 12, 4, 8
 GAS, STEPS = 2, 5
 
 
-def _store(residency: str, staleness: int = 0, device: str = "cpu") -> TableStore:
+def _store(residency: str, staleness: int = 0, device: str = "cpu", host_dir=None) -> TableStore:
     specs = table_specs(SIZES, n_embed_per_ngram=DIM * 2, heads_per_ngram=2)
     return TableStore(specs, placement_for("replicated", 1, 0, 1, 0), optimizer="sparse_adam", seed=7,
-                      residency=residency, staleness=staleness, device=device)
+                      residency=residency, staleness=staleness, device=device, host_dir=host_dir)
 
 
 def _batches(n: int):
@@ -79,6 +79,23 @@ def test_staleness_one_reads_rows_gathered_before_the_update():
     assert any(not torch.equal(stale[l][0], device[l][0]) for l in SIZES)
 
 
+def test_memory_mapped_host_tables_train_the_same_and_live_in_their_files(tmp_path):
+    plain = _train(_store("host"), prefetch=True)
+    store = _store("host", host_dir=str(tmp_path))
+    mapped = _train(store, prefetch=True)
+    for l in SIZES:
+        for got, want in zip(mapped[l], plain[l]):
+            assert torch.equal(got, want), l
+    for l, shard in store.shards.items():
+        tensors = {"weight": shard.weight, **shard.optimizer.state_tensors()}
+        for name, t in tensors.items():
+            path = tmp_path / f"rank00000_layer{l}_rows{shard.lo}-{shard.hi}_{name}.bin"
+            assert path.stat().st_size == t.numel() * t.element_size()
+            # What the file holds, read through a separate private mapping, is the live tensor.
+            on_disk = torch.from_file(str(path), shared=False, size=t.numel(), dtype=t.dtype).view(t.shape)
+            assert torch.equal(on_disk, t), (l, name)
+
+
 def test_lookups_outside_the_pipeline_read_the_host_rows_synchronously():
     # Evaluation takes batches without the iterator: nothing is prefetched and nothing stale is used.
     store = _store("host")
@@ -96,3 +113,5 @@ def test_host_residency_needs_sparse_adam():
         EngramConfig(residency="host")
     with pytest.raises(ConfigError, match=r"engram.staleness=2"):
         EngramConfig(residency="host", optimizer="sparse_adam", staleness=2)
+    with pytest.raises(ConfigError, match=r"engram.host_dir='/x': memory-mapped table files need engram.residency=host"):
+        EngramConfig(host_dir="/x")
