@@ -191,6 +191,31 @@ def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group,
             torch.cat([t[:c] for t, c in zip(all_rows, counts)]))
 
 
+def _node_replicas(placement: Placement, rank: int, local_world_size: int) -> List[int]:
+    """The ranks of ``rank``'s node (``local_world_size`` consecutive ranks) holding its shard."""
+    from engram_train.memory.layout import placement_for
+
+    p, n = placement, max(local_world_size, 1)
+    node = range((rank // n) * n, min((rank // n + 1) * n, p.world_size))
+    return [r for r in node
+            if placement_for(p.partition, p.world_size, r, p.tp_size, r % p.tp_size).index == p.index]
+
+
+def _any_node_replicas(placement: Placement, local_world_size: int) -> bool:
+    """Whether any node of the job has two ranks holding the same shard (the same on every rank)."""
+    from engram_train.memory.layout import placement_for
+
+    p, n = placement, max(local_world_size, 1)
+    for first in range(0, p.world_size, n):
+        seen = set()
+        for r in range(first, min(first + n, p.world_size)):
+            idx = placement_for(p.partition, p.world_size, r, p.tp_size, r % p.tp_size).index
+            if idx in seen:
+                return True
+            seen.add(idx)
+    return False
+
+
 class TableStore:
     """Every Engram layer's shard on this rank, and the collective steps that train them.
 
@@ -204,7 +229,7 @@ class TableStore:
                  lr_mult: float = 5.0, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8,
                  init_std: float = 0.02, seed: int = 0, device=None, tp_group=None, replica_group=None,
                  world_group=None, dp_size: int = 1, residency: str = "device", staleness: int = 0,
-                 host_dir: Optional[str] = None, rank: int = 0):
+                 host_dir: Optional[str] = None, rank: int = 0, local_world_size: int = 1):
         self.specs = dict(sorted(specs.items()))
         self.placement = placement
         self.optimizer_name = optimizer
@@ -219,8 +244,17 @@ class TableStore:
         self.rows_device = torch.device("cpu") if residency == "host" else self.device
         self.host_dir = host_dir
         self.rank = rank
+        self.node = rank // max(local_world_size, 1)
+        # Ranks of one node that hold the same shard (replicas) map one set of files: one copy per node.
+        # The lowest of them initializes and updates it; a barrier orders the others after it.
+        sharers = _node_replicas(placement, rank, local_world_size) if host_dir is not None else [rank]
+        self.shared = len(sharers) > 1
+        self.owner = rank == min(sharers)
+        self._sync = host_dir is not None and _any_node_replicas(placement, local_world_size)
         if host_dir is not None:
             os.makedirs(host_dir, exist_ok=True)
+        if self._sync and not self.owner:
+            dist.barrier()                  # the owner has created and initialized the files
         self.shards: Dict[int, TableShard] = {}
         self.tables: Dict[int, StoreTable] = {}
         self._grad_sq_norm: Optional[torch.Tensor] = None
@@ -228,13 +262,16 @@ class TableStore:
         for layer_id, spec in self.specs.items():
             lo, hi = placement.rows_of(spec)
             alloc = self._allocator(layer_id, lo, hi)
-            weight = init_rows(spec, lo, hi, init_std, seed, out=alloc("weight", (hi - lo, spec.embed_dim),
-                                                                        torch.float32))
+            weight = alloc("weight", (hi - lo, spec.embed_dim), torch.float32)
+            if self.owner:
+                init_rows(spec, lo, hi, init_std, seed, out=weight)
             shard = TableShard(spec, lo, hi, weight, self._exchange(spec), compute_device=self.device)
             shard.optimizer = build_table_optimizer(optimizer, weight, betas=betas, eps=eps,
                                                     weight_decay=weight_decay, alloc=alloc)
             self.shards[layer_id] = shard
             self.tables[layer_id] = StoreTable(shard)
+        if self._sync and self.owner:
+            dist.barrier()
         self.prefetcher = None
         if residency == "host" and placement.partition == "replicated":
             from engram_train.memory.host import HostPrefetcher
@@ -247,13 +284,16 @@ class TableStore:
         """``alloc(name, shape, dtype)`` of one shard's tensors: zeroed, where the rows live.
 
         With ``host_dir`` each tensor is a memory-mapped file (``torch.from_file``, shared: writes go
-        to the file), named by rank, layer and row range, so the OS pages tables larger than RAM.
+        to the file), named by rank (or by node, for replicas of one node that share it), layer and
+        row range, so the OS pages tables larger than RAM.
         """
+        who = f"node{self.node:05d}" if self.shared else f"rank{self.rank:05d}"
+
         def alloc(name, shape, dtype):
             if self.host_dir is None or torch.Size(shape).numel() == 0:
                 return torch.zeros(shape, dtype=dtype, device=self.rows_device)
-            path = os.path.join(self.host_dir, f"rank{self.rank:05d}_layer{layer_id}_rows{lo}-{hi}_{name}.bin")
-            if os.path.exists(path):
+            path = os.path.join(self.host_dir, f"{who}_layer{layer_id}_rows{lo}-{hi}_{name}.bin")
+            if self.owner and os.path.exists(path):
                 os.remove(path)    # a previous run's file: start from a fresh (sparse, zero) one
             numel = int(torch.Size(shape).numel())
             return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
@@ -335,8 +375,11 @@ class TableStore:
             if scale != 1.0:
                 rows = rows * scale
             ids, rows = ids.to(shard.weight.device), rows.to(shard.weight.device)
-            shard.optimizer.step(ids, rows, lr * self.lr_mult)
+            if self.owner:   # replicas sharing the node's copy hold the same reduced rows: one update
+                shard.optimizer.step(ids, rows, lr * self.lr_mult)
             updated[layer_id] = ids
+        if self._sync:
+            dist.barrier()   # every shared copy is updated before anyone re-reads rows from it
         if self.prefetcher is not None:
             self.prefetcher.refresh(updated)
         self.zero_grad()
@@ -385,6 +428,7 @@ def build_table_store(engram_cfg, trainer_cfg, table_sizes: Dict[int, Sequence[i
         weight_decay=engram_cfg.table_weight_decay, betas=(trainer_cfg.adam_beta1, trainer_cfg.adam_beta2),
         eps=trainer_cfg.adam_eps, init_std=engram_cfg.table_init_std, seed=seed, device=get_device(),
         residency=engram_cfg.residency, staleness=engram_cfg.staleness, host_dir=engram_cfg.host_dir, rank=rank,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         tp_group=ps.get_tensor_model_parallel_group(),
         replica_group=None if placement.partition == "all" else ps.get_data_parallel_group(),
         world_group=dist.group.WORLD, dp_size=ps.get_data_parallel_world_size())
