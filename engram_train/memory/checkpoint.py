@@ -70,6 +70,7 @@ def _global(local: torch.Tensor, rows: int, mesh, placements):
 
 def state_dict(store) -> Dict[str, Any]:
     """DCP state dict of ``store``: global-shaped DTensors over its own tensors (no copies)."""
+    store.wait_updates()   # host tables: the last table step may still be running on its worker
     mesh, placements = _mesh(store)
     sd: Dict[str, Any] = {}
     for layer_id, shard in store.shards.items():

@@ -18,12 +18,15 @@ The forward then reads ``rows[inverse]`` (:class:`HostBlockLookup`) and its
 backward hands ``(unique ids, summed gradient rows)`` to the shard, the same
 sparse path as device tables.
 
-Read after write (``engram.staleness=0``, the default, exact): the table step
-changes only the rows it touched (``sparse_adam``); after it, every block
-already gathered for a later micro-batch has those rows re-read from the host
-table (:meth:`HostPrefetcher.refresh`).  A gather that ran during the update
-can only have read a torn value of a row the update touched, and exactly
-those rows are re-read, so no stale or torn row is ever used.  With
+The host table step (``sparse_adam`` on the touched rows) runs on the same
+worker thread, overlapped with the trainer until the next forward's first
+Engram layer needs rows.  Read after write (``engram.staleness=0``, the
+default, exact): gathers and table steps run in submission order on that one
+thread, so a gather submitted after a step reads updated rows, and a block
+gathered before it has the rows the step changed re-read by the step itself
+before its micro-batch may run (:meth:`HostPrefetcher._refresh`).  Where
+replicas of a node share one copy, the owner's step runs on the trainer's
+thread, then a barrier, then every rank's refresh.  With
 ``engram.staleness=1`` the refresh is skipped: rows gathered ahead are used
 as gathered, up to one step stale (the lock-free behaviour of public
 speed-runs), documented as such.
@@ -83,6 +86,7 @@ class PrefetchStats:
 
     def reset(self):
         self.wait_s = 0.0          # main thread waiting for a block that was not ready
+        self.update_wait_s = 0.0   # ... and for the table step it must see (the optimizer's lag)
         self.rows = 0              # unique rows fetched
         self.ids = 0               # looked-up ids (rows / ids = unique-row ratio)
         self.h2d_bytes = 0         # bytes copied host -> compute device
@@ -95,7 +99,8 @@ class PrefetchStats:
 
     def pop(self) -> Dict[str, float]:
         with self._lock:
-            out = {"engram_prefetch/wait_s": self.wait_s, "engram_prefetch/rows": float(self.rows),
+            out = {"engram_prefetch/wait_s": self.wait_s, "engram_prefetch/update_wait_s": self.update_wait_s,
+                   "engram_prefetch/rows": float(self.rows),
                    "engram_prefetch/unique_ratio": self.rows / self.ids if self.ids else 0.0,
                    "engram_prefetch/h2d_bytes": float(self.h2d_bytes),
                    "engram_prefetch/refreshed_rows": float(self.refreshed)}
@@ -103,8 +108,23 @@ class PrefetchStats:
         return out
 
 
+@dataclass
+class _Job:
+    """One micro-batch in the pipeline: its gather, and the table steps it must see (read after write)."""
+
+    gather: Future
+    after: list
+
+
 class HostPrefetcher:
-    """Gathers row blocks of submitted micro-batches on a worker thread, in submission order."""
+    """Gathers row blocks of submitted micro-batches, and runs host table steps, on one worker thread.
+
+    One thread for both keeps them in submission order, which makes reads after writes exact by
+    construction: a gather submitted after a table step runs after it; a gather submitted before
+    it is patched by it (:meth:`_refresh`) before its micro-batch may use it.  The table step
+    itself overlaps the trainer's work until the first Engram layer of the next forward needs rows
+    (:meth:`take` waits there, counted as ``engram_prefetch/update_wait_s``).
+    """
 
     def __init__(self, store, staleness: int = 0):
         self.store = store
@@ -112,9 +132,11 @@ class HostPrefetcher:
         self.device = store.device
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch")
-        self.pending: Deque[Future] = collections.deque()
-        self.current: Dict[int, RowBlock] = {}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-host-tables")
+        self.pending: Deque[_Job] = collections.deque()
+        self.active: Optional[_Job] = None
+        self.current: Optional[Dict[int, RowBlock]] = None
+        self.last_update: Optional[Future] = None
         self.stats = PrefetchStats()
         self._offsets = {l: torch.tensor(s.spec.offsets, dtype=torch.int64) for l, s in store.shards.items()}
 
@@ -145,34 +167,12 @@ class HostPrefetcher:
                            h2d_bytes=rows.numel() * rows.element_size() + inv.numel() * inv.element_size())
         return blocks
 
-    # -- trainer side -----------------------------------------------------------------------------
-    def submit(self, hash_ids: Dict[int, torch.Tensor]) -> None:
-        self.pending.append(self.pool.submit(self._gather, hash_ids))
-
-    def activate(self) -> None:
-        """Make the oldest submitted micro-batch's blocks the ones the next forward reads."""
-        t0 = time.perf_counter()
-        blocks = self.pending.popleft().result()
-        if self.cuda:
-            compute = torch.cuda.current_stream(self.device)
-            for b in blocks.values():
-                compute.wait_event(b.ready)
-                # Allocated on the copy stream, used on this one: keep the allocator from reusing them early.
-                b.rows.record_stream(compute)
-                b.inv.record_stream(compute)
-        self.stats.add(wait_s=time.perf_counter() - t0)
-        self.current = blocks
-
-    def take(self, layer_id: int) -> Optional[RowBlock]:
-        """This layer's block of the active micro-batch, once (None: not prefetched, e.g. evaluation)."""
-        return self.current.pop(layer_id, None)
-
-    def refresh(self, updated: Dict[int, torch.Tensor]) -> None:
-        """Re-read, in every block gathered ahead, the rows a table step just updated (local host ids)."""
+    def _refresh(self, jobs, updated: Dict[int, torch.Tensor]) -> None:
+        """Re-read, in the blocks of ``jobs``, the rows a table step updated (local host ids)."""
         if self.staleness:
             return
-        for fut in self.pending:
-            blocks = fut.result()     # the gather may have overlapped the update: wait, then patch
+        for job in jobs:
+            blocks = job.gather.result()
             for layer_id, local in updated.items():
                 b = blocks.get(layer_id)
                 if b is None or local.numel() == 0 or b.uniq.numel() == 0:
@@ -188,6 +188,58 @@ class HostPrefetcher:
                         torch.cuda.current_stream(self.device).wait_event(b.ready)
                     b.rows[pos[hit].to(b.rows.device)] = fresh.to(b.rows.device)
                     self.stats.add(refreshed=int(hit.sum()))
+
+    # -- trainer side -----------------------------------------------------------------------------
+    def submit(self, hash_ids: Dict[int, torch.Tensor]) -> None:
+        self.pending.append(_Job(self.pool.submit(self._gather, hash_ids), []))
+
+    def advance(self) -> None:
+        """The oldest submitted micro-batch is the next one to run; its rows are waited for at first use."""
+        self.active, self.current = self.pending.popleft(), None
+
+    def take(self, layer_id: int) -> Optional[RowBlock]:
+        """This layer's block of the active micro-batch, once (None: not prefetched, e.g. evaluation)."""
+        if self.active is None:
+            return None
+        if self.current is None:
+            t0 = time.perf_counter()
+            blocks = self.active.gather.result()
+            t1 = time.perf_counter()
+            for update in self.active.after:
+                update.result()
+            self.stats.add(wait_s=t1 - t0, update_wait_s=time.perf_counter() - t1)
+            if self.cuda:
+                compute = torch.cuda.current_stream(self.device)
+                for b in blocks.values():
+                    compute.wait_event(b.ready)
+                    # Allocated on the copy stream, used on this one: keep the allocator from reusing them early.
+                    b.rows.record_stream(compute)
+                    b.inv.record_stream(compute)
+            self.current = dict(blocks)
+        return self.current.pop(layer_id, None)
+
+    def submit_update(self, apply, updated: Dict[int, torch.Tensor]) -> None:
+        """Run ``apply()`` (a table step changing the rows ``updated``) on the worker, overlapped; every
+        micro-batch already submitted sees it before it runs."""
+        jobs = list(self.pending)
+
+        def update():
+            apply()
+            self._refresh(jobs, updated)
+
+        fut = self.pool.submit(update)
+        for job in jobs:
+            job.after.append(fut)
+        self.last_update = fut
+
+    def refresh(self, updated: Dict[int, torch.Tensor]) -> None:
+        """After a table step applied on the calling thread: patch the micro-batches gathered ahead."""
+        self._refresh(list(self.pending), updated)
+
+    def wait_updates(self) -> None:
+        """Block until the last table step submitted has been applied (before reading rows directly)."""
+        if self.last_update is not None:
+            self.last_update.result()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -216,5 +268,5 @@ class PrefetchingIterator:
             self.prefetcher.submit(batch["engram_hash_ids"])
             self.ahead.append(batch)
         batch = self.ahead.popleft()
-        self.prefetcher.activate()
+        self.prefetcher.advance()
         return batch

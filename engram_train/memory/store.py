@@ -161,6 +161,8 @@ class StoreTable(nn.Module):
                                    "another micro-batch; take batches only through the PrefetchingIterator")
             rows = HostBlockLookup.apply(self._anchor, block, self.shard)
         else:
+            if self.prefetcher is not None:
+                self.prefetcher.wait_updates()   # a direct read must see the last table step
             ids = (hash_ids + self.offsets).reshape(-1)
             rows = _Lookup.apply(self._anchor, ids, self.shard)
         return rows.reshape(*hash_ids.shape[:-1], self.num_heads * self.embed_dim)
@@ -369,20 +371,36 @@ class TableStore:
                 return
             if max_norm > 0:
                 scale = 1.0 / max(1.0, (float(grad_norm) + 1e-6) / max_norm)
-        updated = {}
+        work, updated = [], {}
         for layer_id, shard in self.shards.items():
             ids, rows = shard.grad
             if scale != 1.0:
                 rows = rows * scale
             ids, rows = ids.to(shard.weight.device), rows.to(shard.weight.device)
-            if self.owner:   # replicas sharing the node's copy hold the same reduced rows: one update
-                shard.optimizer.step(ids, rows, lr * self.lr_mult)
+            work.append((shard.optimizer, ids, rows))
             updated[layer_id] = ids
+        self.zero_grad()
+
+        def apply():
+            for optimizer, ids, rows in work:
+                optimizer.step(ids, rows, lr * self.lr_mult)
+
+        if self.prefetcher is not None and not self._sync:
+            # Host tables: the step runs on the prefetch worker, overlapped with the trainer (host.py).
+            self.prefetcher.wait_updates()
+            self.prefetcher.submit_update(apply, updated)
+            return
+        if self.owner:   # replicas sharing the node's copy hold the same reduced rows: one update
+            apply()
         if self._sync:
             dist.barrier()   # every shared copy is updated before anyone re-reads rows from it
         if self.prefetcher is not None:
             self.prefetcher.refresh(updated)
-        self.zero_grad()
+
+    def wait_updates(self) -> None:
+        """Block until every table step has been applied (host tables step on a worker thread)."""
+        if self.prefetcher is not None:
+            self.prefetcher.wait_updates()
 
     def zero_grad(self) -> None:
         for shard in self.shards.values():

@@ -49,6 +49,7 @@ def _train(host_dir):
             sum((o * torch.randn(o.shape, generator=g)).square().sum() for o in outs).backward()
         store.reduce_gradients()
         store.step(1e-2)
+    store.wait_updates()   # host tables step on a worker thread: wait before reading the rows
     state = {l: (s.weight.clone(), s.optimizer.exp_avg.clone(), s.optimizer.row_steps.clone())
              for l, s in store.shards.items()}
     return state, store.shared, store.owner

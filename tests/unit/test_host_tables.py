@@ -54,9 +54,10 @@ def _train(store: TableStore, prefetch: bool):
         store.reduce_gradients()
         if prefetch:
             # The worst case, made certain: the blocks gathered ahead were read before this update.
-            for fut in store.prefetcher.pending:
-                fut.result()
+            for job in store.prefetcher.pending:
+                job.gather.result()
         store.step(1e-2)
+    store.wait_updates()   # host tables step on a worker thread: wait before reading the rows
     return {l: (s.weight.cpu().clone(), s.optimizer.exp_avg.cpu().clone(), s.optimizer.row_steps.cpu().clone())
             for l, s in store.shards.items()}
 
