@@ -16,6 +16,8 @@ Reported (and written with ``--json PATH`` under these keys):
   (step time from the trainer's per-step ``tokens_per_s``);
 * ``prefetch_wait_share``: the time the trainer waited for prefetched rows
   (``engram_prefetch/wait_s``), as a share of run 2's step time;
+* ``update_wait_share``: the time the next forward waited for the overlapped host table step
+  (``engram_prefetch/update_wait_s``), as a share of run 2's step time;
 * ``host_bytes_per_param``: (peak RSS of run 2 - peak RSS of run 3) / (table parameters of
   run 2 - those of run 3), from the processes' ``VmHWM``: every host byte the tables cost
   (weights, moments, per-row step counts, staging, gradient rows), measured, not estimated.
@@ -58,14 +60,15 @@ def _train(name, rows, residency, args, work, data) -> dict:
     text = open(log_path).read()
     params = float(TABLES.search(text).group(2)) * 1e6
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
-    step_s, wait_s = [], []
+    step_s, wait_s, update_s = [], [], []
     for r in lines:
         if r["step"] <= args.warmup:
             continue
         # One line per step (log_interval=1): tokens_per_s = tokens per step / seconds of that step.
         step_s.append(TOKENS_PER_STEP / r["tokens_per_s"])
         wait_s.append(r.get("engram_prefetch/wait_s", 0.0))
-    return {"peak_mib": peak, "params": params, "step_s": step_s, "wait_s": wait_s}
+        update_s.append(r.get("engram_prefetch/update_wait_s", 0.0))
+    return {"peak_mib": peak, "params": params, "step_s": step_s, "wait_s": wait_s, "update_s": update_s}
 
 
 def main(argv=None) -> None:
@@ -93,8 +96,10 @@ def main(argv=None) -> None:
     dev, host, small = runs["device"], runs["host"], runs["host_small"]
     ratio = statistics.median(host["step_s"]) / statistics.median(dev["step_s"])
     wait_share = sum(host["wait_s"]) / sum(host["step_s"])
+    update_share = sum(host["update_s"]) / sum(host["step_s"])
     bytes_per_param = (host["peak_mib"] - small["peak_mib"]) * 2**20 / (host["params"] - small["params"])
-    out = {"step_time_ratio": ratio, "prefetch_wait_share": wait_share, "host_bytes_per_param": bytes_per_param}
+    out = {"step_time_ratio": ratio, "prefetch_wait_share": wait_share, "host_bytes_per_param": bytes_per_param,
+           "update_wait_share": update_share}
     print(f"\n# Host- vs device-resident tables, {host['params'] / 1e6:.0f}M table parameters, sparse_adam, "
           f"{len(host['step_s'])} timed steps\n")
     print("| run | median step ms | peak RSS MiB |")
@@ -103,6 +108,7 @@ def main(argv=None) -> None:
         print(f"| {name} | {1e3 * statistics.median(r['step_s']):.1f} | {r['peak_mib']:.0f} |")
     print(f"\nstep_time_ratio (host / device): {ratio:.3f}")
     print(f"prefetch_wait_share: {wait_share:.4f}")
+    print(f"update_wait_share (waiting for the overlapped host table step): {update_share:.4f}")
     print(f"host_bytes_per_param: {bytes_per_param:.2f}")
     if args.json_path:
         with open(args.json_path, "w") as f:
