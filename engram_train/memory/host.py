@@ -228,8 +228,9 @@ class HostPrefetcher:
             self._refresh(jobs, updated)
 
         fut = self.pool.submit(update)
-        for job in jobs:
-            job.after.append(fut)
+        if not self.staleness:   # lock-free: blocks gathered ahead are copies, used without waiting
+            for job in jobs:
+                job.after.append(fut)
         self.last_update = fut
 
     def refresh(self, updated: Dict[int, torch.Tensor]) -> None:
