@@ -15,6 +15,11 @@ A training step, seen from the store::
     <DeepSpeed step: clips with the norm of dense + table gradients>
     step(lr, grad_norm)                                 clip, table optimizer, drop the gradients
 
+Where rows live (``residency``): on the compute device, or in host RAM
+(optionally memory-mapped files, one copy per node for replicas), where
+:mod:`engram_train.memory.host` gathers the next micro-batch's rows ahead and
+runs the table step on its worker thread.
+
 Invariants:
 - no rank ever holds more rows than its shard, not even at start: rows are
   initialized per block of rows from generators keyed by (seed, layer, block),
