@@ -81,7 +81,7 @@ class ModelConfig:
 
 @dataclass
 class EngramConfig:
-    """Engram conditional memory (DESIGN.md section 1).  Layer ids are 0-based, like the reference demo."""
+    """Engram conditional memory (docs/engram.md).  Layer ids are 0-based, like the reference demo."""
 
     enabled: bool = True
     layer_ids: List[int] = field(default_factory=lambda: [1, 3])

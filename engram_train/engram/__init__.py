@@ -1,4 +1,4 @@
-"""Engram conditional memory (Cheng et al., arXiv 2601.07372; DESIGN.md section 1).
+"""Engram conditional memory (Cheng et al., arXiv 2601.07372; docs/engram.md).
 
 Device-agnostic pieces, used by ``data/`` (hashing in the loader) and ``model/``
 (the block inside a layer):

@@ -1,4 +1,4 @@
-"""Engram block: table lookup, gated fusion and short causal conv (DESIGN.md sections 1.5-1.7).
+"""Engram block: table lookup, gated fusion and short causal conv (docs/engram.md §1.5-1.7).
 
 For ``G = hc_mult`` residual branches with hidden states ``h[b]`` and the
 layer's concatenated n-gram embedding ``e``:

@@ -1,6 +1,6 @@
 """Tokenizer compression: many surface forms of a token share one canonical id.
 
-Rule (DESIGN.md section 1.1, the reference demo's ``CompressedTokenizer``):
+Rule (docs/engram.md §1.1, the reference demo's ``CompressedTokenizer``):
 every id ``0..V-1`` of the base tokenizer is decoded alone with special tokens
 kept; a text holding U+FFFD (a byte-level fragment of a multi-byte character)
 is keyed by its raw token string, any other text by its normalized form

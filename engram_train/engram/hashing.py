@@ -1,4 +1,4 @@
-"""N-gram hashing for every Engram layer at once (DESIGN.md sections 1.2-1.4).
+"""N-gram hashing for every Engram layer at once (docs/engram.md §1.2-1.4).
 
 For Engram layer ``l`` (0-based, as in the reference demo) and n-gram order
 ``n = 2..N``, the token at position ``t`` is addressed, in each of the ``K``

@@ -1,4 +1,4 @@
-"""Optimizer parameter groups with the paper's Engram table policy (DESIGN.md section 1.8).
+"""Optimizer parameter groups with the paper's Engram table policy (docs/engram.md §1.8).
 
 Three groups, for any model (a bare ``EngramBlock`` or a whole GPT holding several):
 

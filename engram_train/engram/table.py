@@ -1,4 +1,4 @@
-"""Multi-head Engram embedding table (DESIGN.md section 1.5).
+"""Multi-head Engram embedding table (docs/engram.md §1.5).
 
 All heads of one Engram layer share one weight of ``sum(table_sizes)`` rows;
 head ``j`` owns rows ``offsets[j] : offsets[j] + table_sizes[j]`` and its hash

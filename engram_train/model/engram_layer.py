@@ -1,6 +1,6 @@
 """The transformer layer that carries an Engram block, and the per-step context feeding it.
 
-Where Engram sits (DESIGN.md 1.7): at an Engram layer the block's output is
+Where Engram sits (docs/engram.md §1.7): at an Engram layer the block's output is
 added to the residual stream *before* that layer's attention, i.e. before its
 input layernorm::
 

@@ -219,7 +219,7 @@ def build_model(model_cfg: ModelConfig, engram_cfg: EngramConfig, parallel_cfg: 
     ``vocab_size`` is the tokenizer's; ``model.vocab_size`` overrides it.  The
     embedding is padded to a multiple of ``model.make_vocab_size_divisible_by``.
     ``engram_table_sizes``: ``{layer_id: [prime per (n-gram order, head)]}``
-    from the hashing component (DESIGN.md 1.3).  ``table_provider(layer_id,
+    from the hashing component (docs/engram.md §1.3).  ``table_provider(layer_id,
     table_sizes, embed_dim)`` supplies each Engram block's table (the table
     store's); without it every block builds a whole table of its own.  Call
     :func:`engram_train.parallel.parallelize.parallelize` on the result before

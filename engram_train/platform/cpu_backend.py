@@ -2,7 +2,7 @@
 
 megatron-core is written for CUDA.  Its GPT + MoE stack computes correctly on
 CPU tensors with gloo once a short list of CUDA assumptions is covered
-(DESIGN.md section 4).  This module covers them and nothing else.  Of its
+(docs/platform.md).  This module covers them and nothing else.  Of its
 contents, CUDA runs use only the device-agnostic :class:`RMSNorm`, and only
 when Transformer Engine is absent (see :mod:`engram_train.model.spec`).
 
@@ -32,7 +32,7 @@ TransformerConfig values (:data:`CPU_CONFIG_OVERRIDES`)
     router, permute, gradient-accumulation).
   * ``add_bias_linear=False`` (also our model's choice): with biases the
     local linear layers hit an in-place-on-view autograd error on CPU
-    (measured, DESIGN.md section 4).
+    (measured, docs/platform.md).
   The alltoall token dispatcher creates a ``torch.cuda.Stream`` in its
   constructor, so :func:`check_supported` rejects it (allgather works).
 
@@ -70,7 +70,7 @@ from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
 #: TransformerConfig fields a CPU run needs (the reasons are in the module docstring).
 CPU_CONFIG_OVERRIDES: Dict[str, object] = dict(
     use_cpu_initialization=True,        # GPU init allocates on torch.cuda.current_device() via the CUDA RNG
-    add_bias_linear=False,              # biases hit an in-place-on-view autograd error on CPU (DESIGN.md 4)
+    add_bias_linear=False,              # biases hit an in-place-on-view autograd error on CPU (docs/platform.md)
     # CUDA kernels (most are off by default; pinned so a changed megatron default cannot reach CPU):
     bias_activation_fusion=False,
     bias_dropout_fusion=False,

@@ -1,7 +1,7 @@
 """Learning-rate schedule: linear warmup, then cosine decay to ``min_lr``.
 
 A pure function of the step, so resuming needs no scheduler state.  Each
-optimizer group carries an ``lr_mult`` (the Engram tables' 5x, DESIGN.md §1.8).
+optimizer group carries an ``lr_mult`` (the Engram tables' 5x, docs/engram.md §1.8).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""EngramBlock against an independent torch implementation of DESIGN.md 1.5-1.7.
+"""EngramBlock against an independent torch implementation of docs/engram.md §1.5-1.7.
 
 ``RefEngram`` below is written from the rules with the reference module's
 parameter names and structure (per-branch ``nn.Linear``/``nn.RMSNorm``

@@ -1,4 +1,4 @@
-"""Tokenizer compression against an independent port of the reference rule (DESIGN.md 1.1).
+"""Tokenizer compression against an independent port of the reference rule (docs/engram.md §1.1).
 
 The port below uses only ``unicodedata`` and ``re``; the code under test uses
 HF ``tokenizers`` normalizers.  The tokenizer is a real byte-level BPE trained

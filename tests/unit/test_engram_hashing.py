@@ -1,4 +1,4 @@
-"""N-gram hashing against an independent numpy port of the reference rules (DESIGN.md 1.2-1.4).
+"""N-gram hashing against an independent numpy port of the reference rules (docs/engram.md §1.2-1.4).
 
 The port follows the demo's structure (per layer, per order, per head, with
 np.pad shifts, a trial-division prime test and one global ``seen`` set) and
