@@ -43,19 +43,24 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def _hash_ids(args, rank: int, step: int, same_tokens: bool):
+def _hasher(args):
     import torch
 
     from engram_train.engram.hashing import NgramHasher
+
+    return NgramHasher(torch.arange(args.vocab), layer_ids=list(range(args.layers)), max_ngram=args.max_ngram,
+                       heads_per_ngram=args.heads, table_size_per_ngram=[args.rows_per_head] * (args.max_ngram - 1),
+                       pad_id=0, backend="torch")
+
+
+def _hash_ids(args, hasher, rank: int, step: int, same_tokens: bool):
+    import torch
 
     g = torch.Generator().manual_seed(1000 * step + (0 if same_tokens else rank + 1))
     ranks = torch.arange(1, args.vocab + 1, dtype=torch.float64)
     probs = ranks.pow(-args.zipf)
     tokens = torch.multinomial(probs / probs.sum(), args.tokens, replacement=True, generator=g)
-    hasher = NgramHasher(torch.arange(args.vocab), layer_ids=list(range(args.layers)), max_ngram=args.max_ngram,
-                         heads_per_ngram=args.heads, table_size_per_ngram=[args.rows_per_head] * (args.max_ngram - 1),
-                         pad_id=0, backend="torch")
-    return hasher, hasher(tokens.view(1, -1))
+    return hasher(tokens.view(1, -1))
 
 
 def _reduce_from_group(x, group):
@@ -94,6 +99,7 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
     singles = [dist.new_group([r]) for r in range(world)]
     rows = []
     heads = (args.max_ngram - 1) * args.heads
+    hasher = _hasher(args)
     for layout, cases in (("TP", ("replicated", "tp", "all", "tp-by-head (emulated)")),
                           ("DP", ("replicated", "all"))):
         tp_size = world if layout == "TP" else 1
@@ -102,7 +108,6 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
             by_head = partition.startswith("tp-by-head")
             placement = placement_for("replicated" if by_head else partition, world, rank, tp_size,
                                       rank % tp_size)
-            hasher, _ = _hash_ids(args, rank, 0, True)
             # By head: this rank's whole heads (ceil split of the heads, like rows elsewhere).
             h_lo = min(rank * -(-heads // world), heads) if by_head else 0
             h_hi = min(h_lo + -(-heads // world), heads) if by_head else heads
@@ -117,7 +122,7 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
             extra = CommCounter()
             times, sent0 = [], 0
             for step in range(args.warmup + args.steps):
-                _, ids = _hash_ids(args, rank, step, same_tokens=layout == "TP")
+                ids = _hash_ids(args, hasher, rank, step, same_tokens=layout == "TP")
                 ids = {l: t[..., h_lo:h_hi].to(device) for l, t in ids.items()}
                 if step == args.warmup:
                     sent0 = store.sent_bytes() + extra.sent_bytes

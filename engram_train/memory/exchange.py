@@ -91,10 +91,11 @@ class TPExchange:
         local = uniq - shard.lo
         own = (local >= 0) & (local < shard.num_rows)
         rows = torch.zeros(uniq.numel(), shard.embed_dim, dtype=shard.weight.dtype, device=shard.compute_device)
-        rows[own] = shard.read_rows(local[own])
+        local_own = local[own]
+        rows[own] = shard.read_rows(local_own)
         dist.all_reduce(rows, group=self.group)
         self.comm.all_reduce(rows, self.size)
-        return rows.index_select(0, inv), (inv, uniq.numel(), local[own], own)
+        return rows.index_select(0, inv), (inv, uniq.numel(), local_own, own)
 
     def scatter_grad(self, shard, ctx, grad):
         inv, num_unique, local_own, own = ctx
@@ -102,16 +103,17 @@ class TPExchange:
 
 
 class AllExchange:
-    def __init__(self, world_group, bounds, tp_size: int, tp_rank: int):
+    def __init__(self, world_group, bounds, tp_size: int, tp_rank: int, device=None):
         self.group = world_group
         self.world = dist.get_world_size(world_group)
         self.rank = dist.get_rank(world_group)
         self.comm = CommCounter()
         # bounds[i] = first row of shard i (shard i of `world` is owned by global rank i).
-        self.upper = torch.tensor(bounds[1:-1], dtype=torch.int64)
+        self.upper = torch.tensor(bounds[1:-1], dtype=torch.int64, device=device)
         self.tp_rank = tp_rank
         # Ranks whose gradient rows count: TP rank 0 of every TP group (megatron: TP ranks adjacent).
-        self.grad_senders = torch.tensor([r % tp_size == 0 for r in range(self.world)], dtype=torch.int64)
+        self.grad_senders = [r % tp_size == 0 for r in range(self.world)]
+        self.grad_senders_t = torch.tensor(self.grad_senders, device=device)
 
     def _counts(self, send_counts: torch.Tensor) -> torch.Tensor:
         recv = torch.empty_like(send_counts)
@@ -120,8 +122,7 @@ class AllExchange:
 
     def gather(self, shard, ids):
         uniq, inv = unique_rows(ids)
-        upper = self.upper.to(uniq.device)
-        owner = torch.searchsorted(upper, uniq, right=True)
+        owner = torch.searchsorted(self.upper, uniq, right=True)
         send_counts = torch.bincount(owner, minlength=self.world)
         recv_counts = self._counts(send_counts)
         send, recv = send_counts.tolist(), recv_counts.tolist()
@@ -133,20 +134,18 @@ class AllExchange:
         dist.all_to_all_single(rows, served, send, recv, group=self.group)
         self.comm.all_to_all(uniq, send, self.rank)
         self.comm.all_to_all(served, recv, self.rank)
-        return rows.index_select(0, inv), (inv, uniq.numel(), send_counts, recv_counts, local)
+        return rows.index_select(0, inv), (inv, uniq.numel(), send, recv, recv_counts, local)
 
     def scatter_grad(self, shard, ctx, grad):
-        inv, num_unique, send_counts, recv_counts, local = ctx
+        inv, num_unique, send, recv_fwd, recv_counts, local = ctx
         if self.tp_rank == 0:
             rows = sum_rows(inv, grad, num_unique)
-            send = send_counts.tolist()
         else:
             rows = grad.new_empty(0, shard.embed_dim)
             send = [0] * self.world
-        senders = self.grad_senders.to(recv_counts.device)
-        recv = (recv_counts * senders).tolist()
+        recv = [c if sender else 0 for c, sender in zip(recv_fwd, self.grad_senders)]
         received = grad.new_empty(sum(recv), shard.embed_dim)
         dist.all_to_all_single(received, rows.contiguous(), recv, send, group=self.group)
         self.comm.all_to_all(rows, send, self.rank)
-        from_senders = torch.repeat_interleave(senders.bool(), recv_counts)
+        from_senders = torch.repeat_interleave(self.grad_senders_t, recv_counts)
         shard.accumulate(local[from_senders], received)

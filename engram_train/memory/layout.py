@@ -30,10 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
-from engram_train.config.schema import ConfigError
+from engram_train.config.schema import PARTITIONS, ConfigError
 
-#: Bytes per table parameter held by each table optimizer, weight included (fp32 weight + fp32 moments).
-OPTIMIZER_STATE_BYTES = {"adam": 12, "sparse_adam": 12}
+#: Bytes of optimizer state per table parameter, for both table optimizers (two fp32 moments).
+MOMENT_BYTES = 8
 #: Bytes per row of the per-row step counter of ``sparse_adam`` (int32).
 SPARSE_ADAM_ROW_STEP_BYTES = 4
 
@@ -106,7 +106,7 @@ def resolve_partition(partition: str, tensor_parallel: int) -> str:
     """``engram.partition`` with ``auto`` resolved: ``tp`` under tensor parallelism, else ``replicated``."""
     if partition == "auto":
         return "tp" if tensor_parallel > 1 else "replicated"
-    if partition not in ("replicated", "tp", "all"):
+    if partition not in PARTITIONS:
         raise ConfigError(f"engram.partition={partition!r}: choose 'auto', 'replicated', 'tp' or 'all'")
     return partition
 
@@ -130,7 +130,7 @@ def shard_bytes(spec: TableSpec, placement: Placement, optimizer: str) -> Dict[s
     """
     lo, hi = placement.rows_of(spec)
     n = (hi - lo) * spec.embed_dim
-    state = (OPTIMIZER_STATE_BYTES[optimizer] - 4) * n
+    state = MOMENT_BYTES * n
     if optimizer == "sparse_adam":
         state += SPARSE_ADAM_ROW_STEP_BYTES * (hi - lo)
     return {"weight": 4 * n, "optimizer": state, "grad_max": 4 * n + 8 * (hi - lo)}

@@ -47,7 +47,7 @@ from engram_train.engram.table import check_hash_ids
 from engram_train.memory.exchange import (AllExchange, CommCounter, ReplicatedExchange, TPExchange, sum_rows,
                                           unique_rows)
 from engram_train.memory.host import HostBlockLookup
-from engram_train.memory.layout import Placement, TableSpec, shard_bounds
+from engram_train.memory.layout import Placement, TableSpec, placement_for, shard_bounds, table_specs
 from engram_train.memory.optim import TableOptimizer, build_table_optimizer
 
 log = logging.getLogger(__name__)
@@ -198,29 +198,21 @@ def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group,
             torch.cat([t[:c] for t, c in zip(all_rows, counts)]))
 
 
+def _shard_index_of_every_rank(p: Placement) -> List[int]:
+    return [placement_for(p.partition, p.world_size, r, p.tp_size, r % p.tp_size).index for r in range(p.world_size)]
+
+
 def _node_replicas(placement: Placement, rank: int, local_world_size: int) -> List[int]:
     """The ranks of ``rank``'s node (``local_world_size`` consecutive ranks) holding its shard."""
-    from engram_train.memory.layout import placement_for
-
-    p, n = placement, max(local_world_size, 1)
-    node = range((rank // n) * n, min((rank // n + 1) * n, p.world_size))
-    return [r for r in node
-            if placement_for(p.partition, p.world_size, r, p.tp_size, r % p.tp_size).index == p.index]
+    n, index = max(local_world_size, 1), _shard_index_of_every_rank(placement)
+    node = range((rank // n) * n, min((rank // n + 1) * n, placement.world_size))
+    return [r for r in node if index[r] == placement.index]
 
 
 def _any_node_replicas(placement: Placement, local_world_size: int) -> bool:
     """Whether any node of the job has two ranks holding the same shard (the same on every rank)."""
-    from engram_train.memory.layout import placement_for
-
-    p, n = placement, max(local_world_size, 1)
-    for first in range(0, p.world_size, n):
-        seen = set()
-        for r in range(first, min(first + n, p.world_size)):
-            idx = placement_for(p.partition, p.world_size, r, p.tp_size, r % p.tp_size).index
-            if idx in seen:
-                return True
-            seen.add(idx)
-    return False
+    n, index = max(local_world_size, 1), _shard_index_of_every_rank(placement)
+    return any(len(set(index[f:f + n])) < len(index[f:f + n]) for f in range(0, placement.world_size, n))
 
 
 class TableStore:
@@ -313,7 +305,7 @@ class TableStore:
         if p == "tp":
             return TPExchange(self.tp_group)
         return AllExchange(self.world_group, shard_bounds(spec.rows, self.placement.parts),
-                           self.placement.tp_size, self.placement.tp_rank)
+                           self.placement.tp_size, self.placement.tp_rank, device=self.device)
 
     # -- the model's side -------------------------------------------------------------------------
     def table(self, layer_id: int, table_sizes: Sequence[int], embed_dim: int) -> StoreTable:
@@ -439,7 +431,6 @@ def build_table_store(engram_cfg, trainer_cfg, table_sizes: Dict[int, Sequence[i
     """The store of a training run, on megatron's process groups (needs ``init_parallel`` first)."""
     from megatron.core import parallel_state as ps
 
-    from engram_train.memory.layout import placement_for, table_specs
     from engram_train.platform.device import get_device
 
     specs = table_specs(table_sizes, engram_cfg.n_embed_per_ngram, engram_cfg.heads_per_ngram)

@@ -59,14 +59,12 @@ def build_parallel_model(cfg: Config, vocab_size: int, table_sizes: Optional[Dic
 
     Needs ``init_parallel`` first.
     """
-    from engram_train.memory.layout import resolve_partition
     from engram_train.memory.store import build_table_store
     from engram_train.model.gpt import build_model
 
     store = None
     if cfg.engram.enabled and table_sizes:
-        partition = resolve_partition(cfg.engram.partition, cfg.parallel.tensor_parallel)
-        store = build_table_store(cfg.engram, cfg.trainer, table_sizes, partition, seed=cfg.trainer.seed)
+        store = build_table_store(cfg.engram, cfg.trainer, table_sizes, cfg.engram.partition, seed=cfg.trainer.seed)
     model = build_model(cfg.model, cfg.engram, cfg.parallel, vocab_size, table_sizes, params_dtype=params_dtype,
                         table_provider=store.table if store is not None else None)
     return parallelize(model, cfg.trainer.seed), store
