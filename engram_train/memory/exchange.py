@@ -1,11 +1,18 @@
 """How a lookup reaches rows that live elsewhere, one class per partition.
 
-Each exchange has two halves, called by the lookup's autograd function:
+Each exchange has three parts, called by the lookup's autograd function:
 
-``gather(shard, ids) -> (rows [N, d], ctx)``
+``plan(shard, ids) -> (local, ctx)``
     ``ids`` are global row ids (``hash id + head offset``) of this rank's
-    tokens.  Collective for ``tp`` and ``all``: every rank of the group calls
-    it for the same layer in the same order (each Engram layer's forward).
+    tokens.  Returns the sorted unique local row ids this rank must read from
+    its shard to serve the lookup (its own and, for ``all``, other ranks'
+    requests) and the context of the rest.  Collective for ``all``.
+``finish(shard, ctx, rows) -> (looked-up rows [N, d], ctx)``
+    From the rows read (``shard.read_rows(local)``) to the rows of ``ids``.
+    Collective for ``tp`` and ``all``: every rank of the group calls it for the
+    same layer in the same order (each Engram layer's forward).
+    ``gather(shard, ids)`` is plan, read, finish in one go; host tables plan
+    and read a micro-batch ahead on a worker thread (``memory/host.py``).
 ``scatter_grad(shard, ctx, grad [N, d])``
     Turns the gradient of the looked-up rows into gradient rows of the
     *owning* shard, ``(local row ids, rows)``, and hands them to
@@ -68,76 +75,114 @@ def sum_rows(inv: torch.Tensor, grad: torch.Tensor, num_unique: int) -> torch.Te
     return out.index_add_(0, inv, grad)
 
 
-class ReplicatedExchange:
+class Exchange:
+    """A lookup in two halves, so that host tables can read their rows ahead (memory/host.py):
+
+    ``plan(shard, ids) -> (local, ctx)``: the sorted unique local row ids this rank must read
+    from its shard for ``ids`` (collective for ``all``: requests go to their owners), and
+    what :meth:`finish` needs; ``finish(shard, ctx, rows)``: the looked-up rows from the
+    rows read (collective for ``tp`` and ``all``) and the context of :meth:`scatter_grad`.
+    """
+
     def __init__(self):
         self.comm = CommCounter()
 
     def gather(self, shard, ids):
-        return shard.read_rows(ids - shard.lo), ids
+        local, ctx = self.plan(shard, ids)
+        return self.finish(shard, ctx, shard.read_rows(local))
 
-    def scatter_grad(self, shard, ids, grad):
+
+class ReplicatedExchange(Exchange):
+    def plan(self, shard, ids):
         uniq, inv = unique_rows(ids)
-        shard.accumulate(uniq - shard.lo, sum_rows(inv, grad, uniq.numel()))
+        local = uniq - shard.lo
+        return local, (inv, uniq.numel(), local)
+
+    def finish(self, shard, ctx, rows):
+        return rows.index_select(0, ctx[0]), ctx
+
+    def scatter_grad(self, shard, ctx, grad):
+        inv, num_unique, local = ctx
+        shard.accumulate(local, sum_rows(inv, grad, num_unique))
 
 
-class TPExchange:
+class TPExchange(Exchange):
     def __init__(self, tp_group):
+        super().__init__()
         self.group = tp_group
         self.size = dist.get_world_size(tp_group)
-        self.comm = CommCounter()
 
-    def gather(self, shard, ids):
+    def plan(self, shard, ids):
         uniq, inv = unique_rows(ids)
         local = uniq - shard.lo
         own = (local >= 0) & (local < shard.num_rows)
-        rows = torch.zeros(uniq.numel(), shard.embed_dim, dtype=shard.weight.dtype, device=shard.compute_device)
         local_own = local[own]
-        rows[own] = shard.read_rows(local_own)
+        return local_own, (inv, uniq.numel(), local_own, own)
+
+    def finish(self, shard, ctx, rows_own):
+        inv, num_unique, _, own = ctx
+        rows = torch.zeros(num_unique, shard.embed_dim, dtype=shard.weight.dtype, device=shard.compute_device)
+        rows[own] = rows_own
         dist.all_reduce(rows, group=self.group)
         self.comm.all_reduce(rows, self.size)
-        return rows.index_select(0, inv), (inv, uniq.numel(), local_own, own)
+        return rows.index_select(0, inv), ctx
 
     def scatter_grad(self, shard, ctx, grad):
         inv, num_unique, local_own, own = ctx
         shard.accumulate(local_own, sum_rows(inv, grad, num_unique)[own])
 
 
-class AllExchange:
-    def __init__(self, world_group, bounds, tp_size: int, tp_rank: int, device=None):
+class AllExchange(Exchange):
+    """``plan_group`` carries the id requests: the world group, or, for host tables whose requests
+    are planned on the prefetch thread with CPU ids, a gloo group of its own (a group must not be
+    driven from two threads, and NCCL does not carry CPU tensors)."""
+
+    def __init__(self, world_group, bounds, tp_size: int, tp_rank: int, device=None, plan_group=None):
+        super().__init__()
         self.group = world_group
+        self.plan_group = plan_group if plan_group is not None else world_group
         self.world = dist.get_world_size(world_group)
         self.rank = dist.get_rank(world_group)
-        self.comm = CommCounter()
         # bounds[i] = first row of shard i (shard i of `world` is owned by global rank i).
-        self.upper = torch.tensor(bounds[1:-1], dtype=torch.int64, device=device)
+        self._consts = {}
+        self.upper_cpu = torch.tensor(bounds[1:-1], dtype=torch.int64)
         self.tp_rank = tp_rank
         # Ranks whose gradient rows count: TP rank 0 of every TP group (megatron: TP ranks adjacent).
         self.grad_senders = [r % tp_size == 0 for r in range(self.world)]
-        self.grad_senders_t = torch.tensor(self.grad_senders, device=device)
+        self.grad_senders_cpu = torch.tensor(self.grad_senders)
 
-    def _counts(self, send_counts: torch.Tensor) -> torch.Tensor:
-        recv = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv, send_counts, group=self.group)
-        return recv
+    def _on(self, t: torch.Tensor, device) -> torch.Tensor:
+        """A constant of the exchange on ``device``, copied there once."""
+        key = (id(t), str(device))
+        if key not in self._consts:
+            self._consts[key] = t.to(device)
+        return self._consts[key]
 
-    def gather(self, shard, ids):
+    def plan(self, shard, ids):
         uniq, inv = unique_rows(ids)
-        owner = torch.searchsorted(self.upper, uniq, right=True)
+        owner = torch.searchsorted(self._on(self.upper_cpu, uniq.device), uniq, right=True)
         send_counts = torch.bincount(owner, minlength=self.world)
-        recv_counts = self._counts(send_counts)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.plan_group)
         send, recv = send_counts.tolist(), recv_counts.tolist()
         requested = uniq.new_empty(sum(recv))
-        dist.all_to_all_single(requested, uniq, recv, send, group=self.group)
-        local = requested - shard.lo
-        rows = torch.empty(uniq.numel(), shard.embed_dim, dtype=shard.weight.dtype, device=shard.compute_device)
-        served = shard.read_rows(local)
-        dist.all_to_all_single(rows, served, send, recv, group=self.group)
+        dist.all_to_all_single(requested, uniq, recv, send, group=self.plan_group)
         self.comm.all_to_all(uniq, send, self.rank)
+        local = requested - shard.lo
+        # Ranks often ask for the same rows: the owner reads each once.
+        local_uniq, served_inv = unique_rows(local)
+        return local_uniq, (inv, uniq.numel(), send, recv, recv_counts, local, served_inv)
+
+    def finish(self, shard, ctx, rows_read):
+        inv, num_unique, send, recv, _, _, served_inv = ctx
+        served = rows_read.index_select(0, served_inv)
+        rows = torch.empty(num_unique, shard.embed_dim, dtype=shard.weight.dtype, device=shard.compute_device)
+        dist.all_to_all_single(rows, served, send, recv, group=self.group)
         self.comm.all_to_all(served, recv, self.rank)
-        return rows.index_select(0, inv), (inv, uniq.numel(), send, recv, recv_counts, local)
+        return rows.index_select(0, inv), ctx
 
     def scatter_grad(self, shard, ctx, grad):
-        inv, num_unique, send, recv_fwd, recv_counts, local = ctx
+        inv, num_unique, send, recv_fwd, recv_counts, local, _ = ctx
         if self.tp_rank == 0:
             rows = sum_rows(inv, grad, num_unique)
         else:
@@ -147,5 +192,5 @@ class AllExchange:
         received = grad.new_empty(sum(recv), shard.embed_dim)
         dist.all_to_all_single(received, rows.contiguous(), recv, send, group=self.group)
         self.comm.all_to_all(rows, send, self.rank)
-        from_senders = torch.repeat_interleave(self.grad_senders_t, recv_counts)
+        from_senders = torch.repeat_interleave(self._on(self.grad_senders_cpu, recv_counts.device), recv_counts)
         shard.accumulate(local[from_senders], received)

@@ -7,16 +7,20 @@ wraps the training iterator: when the trainer takes micro-batch ``i`` it
 submits ``i+1`` (up to ``engram.prefetch_depth`` ahead) to
 :class:`HostPrefetcher`, whose worker thread, per Engram layer,
 
-1. deduplicates the ids (sorted unique ids + inverse index),
-2. gathers the unique rows from the host table in one batched ``index_select``
-   (into pinned staging memory on CUDA),
+1. plans the lookup (``exchange.plan``): sorted unique ids and the inverse
+   index; under ``engram.partition=all`` the requests go to the rows' owners
+   (an all-to-all of ids on a process group of the prefetcher's own), under
+   ``tp`` each rank keeps the rows it owns,
+2. gathers the rows this rank serves from the host table in one batched
+   ``index_select`` (into pinned staging memory on CUDA),
 3. copies the row block to the compute device in one transfer (on a separate
    CUDA stream, ordered by an event; a host copy on CPU, so the CPU runs the
    same pipeline).
 
-The forward then reads ``rows[inverse]`` (:class:`HostBlockLookup`) and its
-backward hands ``(unique ids, summed gradient rows)`` to the shard, the same
-sparse path as device tables.
+The forward then only finishes the lookup (``exchange.finish``: ``rows[inverse]``,
+plus the all-reduce of ``tp`` or the all-to-all of rows of ``all``), and its
+backward hands ``(unique ids, summed gradient rows)`` to the owning shard, the
+same sparse path as device tables.
 
 The host table step (``sparse_adam`` on the touched rows) runs on the same
 worker thread, overlapped with the trainer until the next forward's first
@@ -24,16 +28,16 @@ Engram layer needs rows.  Read after write (``engram.staleness=0``, the
 default, exact): gathers and table steps run in submission order on that one
 thread, so a gather submitted after a step reads updated rows, and a block
 gathered before it has the rows the step changed re-read by the step itself
-before its micro-batch may run (:meth:`HostPrefetcher._refresh`).  Where
-replicas of a node share one copy, the owner's step runs on the trainer's
-thread, then a barrier, then every rank's refresh.  With
-``engram.staleness=1`` the refresh is skipped: rows gathered ahead are used
-as gathered, up to one step stale (the lock-free behaviour of public
-speed-runs), documented as such.
+before its micro-batch may run (:meth:`HostPrefetcher._refresh`; under ``all``
+the owner re-reads the rows it serves).  Where replicas of a node share one
+copy, the owner's step runs on the trainer's thread, then a barrier, then
+every rank's refresh.  With ``engram.staleness=1`` the refresh is skipped:
+rows gathered ahead are used as gathered, up to one step stale (the lock-free
+behaviour of public speed-runs), documented as such.
 
-Scope of this first version: the prefetch covers ``engram.partition=replicated``
-(each rank's host holds the whole table); ``tp`` and ``all`` keep host rows too,
-but their exchange reads them synchronously at lookup time.
+Lookups outside the pipeline (evaluation) take the same path synchronously,
+queued behind the prefetches already submitted, so that every rank plans its
+collectives in the same order.
 """
 
 from __future__ import annotations
@@ -50,31 +54,24 @@ import torch
 from engram_train.memory.exchange import sum_rows, unique_rows
 
 
+def _to_pinned(ctx: tuple) -> tuple:
+    return tuple(c.pin_memory() if isinstance(c, torch.Tensor) else c for c in ctx)
+
+
+def _to_device(ctx: tuple, device) -> tuple:
+    return tuple(c.to(device, non_blocking=True) if isinstance(c, torch.Tensor) else c for c in ctx)
+
+
 @dataclass
 class RowBlock:
-    """One layer's rows for one micro-batch: ``rows[inv]`` are its looked-up rows, in order."""
+    """One layer's lookup of one micro-batch, planned and read ahead."""
 
-    uniq: torch.Tensor          # sorted unique global row ids (host)
-    inv: torch.Tensor           # [N] positions into uniq (compute device)
-    rows: torch.Tensor          # [U, d] (compute device)
-    staging: Optional[torch.Tensor] = None   # pinned host block, kept alive until its copy is done
-    ready: Optional[object] = None           # CUDA event recorded after the copy
-
-
-class HostBlockLookup(torch.autograd.Function):
-    """``rows[inv]``; backward sums the gradient per unique row and hands it to the shard."""
-
-    @staticmethod
-    def forward(ctx, anchor, block: RowBlock, shard):
-        ctx.block, ctx.shard = block, shard
-        return block.rows.index_select(0, block.inv)
-
-    @staticmethod
-    def backward(ctx, grad):
-        b = ctx.block
-        rows = sum_rows(b.inv, grad.contiguous(), b.uniq.numel())
-        ctx.shard.accumulate(b.uniq.to(rows.device) - ctx.shard.lo, rows)
-        return None, None, None
+    uniq: torch.Tensor          # sorted unique global ids of the rows read (host): what a refresh patches
+    rows: torch.Tensor          # [U, d] the rows read (compute device)
+    ctx: tuple                  # the exchange's plan (compute device): ``exchange.finish(shard, ctx, rows)``
+    num_ids: int                # ids looked up (checks the block belongs to the micro-batch asking)
+    staging: Optional[object] = None   # pinned host memory, kept alive until its copy is done
+    ready: Optional[object] = None     # CUDA event recorded after the copies
 
 
 class PrefetchStats:
@@ -146,25 +143,26 @@ class HostPrefetcher:
         for layer_id, h in hash_ids.items():
             shard = self.store.shards[layer_id]
             ids = (h.to("cpu", torch.int64) + self._offsets[layer_id]).reshape(-1)
-            uniq, inv = unique_rows(ids)
-            local = uniq - shard.lo
+            local, ctx = shard.exchange.plan(shard, ids)
             if self.cuda:
-                staging = torch.empty(uniq.numel(), shard.embed_dim, dtype=shard.weight.dtype, pin_memory=True)
+                staging = torch.empty(local.numel(), shard.embed_dim, dtype=shard.weight.dtype, pin_memory=True)
                 torch.index_select(shard.weight, 0, local, out=staging)
-                inv_pinned = inv.pin_memory()
+                pinned = _to_pinned(ctx)
                 with torch.cuda.stream(self.copy_stream):
                     rows = staging.to(self.device, non_blocking=True)
-                    inv_dev = inv_pinned.to(self.device, non_blocking=True)
+                    ctx_dev = _to_device(pinned, self.device)
                     ready = torch.cuda.Event()
                     ready.record(self.copy_stream)
-                block = RowBlock(uniq, inv_dev, rows, staging=(staging, inv_pinned), ready=ready)
+                block = RowBlock(local + shard.lo, rows, ctx_dev, ids.numel(), staging=(staging, pinned), ready=ready)
             else:
                 # The CPU runs the same pipeline: a host-to-host copy stands in for the device copy.
                 rows = shard.weight.index_select(0, local).to(self.device, copy=True)
-                block = RowBlock(uniq, inv.to(self.device), rows)
+                block = RowBlock(local + shard.lo, rows, _to_device(ctx, self.device), ids.numel())
             blocks[layer_id] = block
-            self.stats.add(rows=uniq.numel(), ids=ids.numel(),
-                           h2d_bytes=rows.numel() * rows.element_size() + inv.numel() * inv.element_size())
+            index_bytes = sum(c.numel() * c.element_size() for c in ctx if isinstance(c, torch.Tensor))
+            # Every plan's context starts (inverse index, number of unique ids).
+            self.stats.add(rows=ctx[1], ids=ids.numel(),
+                           h2d_bytes=rows.numel() * rows.element_size() + index_bytes)
         return blocks
 
     def _refresh(self, jobs, updated: Dict[int, torch.Tensor]) -> None:
@@ -208,15 +206,26 @@ class HostPrefetcher:
             for update in self.active.after:
                 update.result()
             self.stats.add(wait_s=t1 - t0, update_wait_s=time.perf_counter() - t1)
-            if self.cuda:
-                compute = torch.cuda.current_stream(self.device)
-                for b in blocks.values():
-                    compute.wait_event(b.ready)
-                    # Allocated on the copy stream, used on this one: keep the allocator from reusing them early.
-                    b.rows.record_stream(compute)
-                    b.inv.record_stream(compute)
-            self.current = dict(blocks)
+            self.current = self._ready(blocks)
         return self.current.pop(layer_id, None)
+
+    def _ready(self, blocks: Dict[int, RowBlock]) -> Dict[int, RowBlock]:
+        """The blocks, usable on the compute stream (CUDA: ordered after their copies)."""
+        if self.cuda:
+            compute = torch.cuda.current_stream(self.device)
+            for b in blocks.values():
+                compute.wait_event(b.ready)
+                # Allocated on the copy stream, used on this one: keep the allocator from reusing them early.
+                for t in (b.rows, *b.ctx):
+                    if isinstance(t, torch.Tensor):
+                        t.record_stream(compute)
+        return dict(blocks)
+
+    def lookup_now(self, layer_id: int, hash_ids: torch.Tensor) -> RowBlock:
+        """A lookup outside the pipeline (evaluation): planned and read on the worker thread after
+        every prefetch and table step already submitted (the same collective order on every rank)."""
+        block = self.pool.submit(self._gather, {layer_id: hash_ids})
+        return self._ready(block.result())[layer_id]
 
     def submit_update(self, apply, updated: Dict[int, torch.Tensor]) -> None:
         """Run ``apply()`` (a table step changing the rows ``updated``) on the worker, overlapped; every

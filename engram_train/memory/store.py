@@ -46,9 +46,9 @@ from engram_train.config.schema import ConfigError
 from engram_train.engram.table import check_hash_ids
 from engram_train.memory.exchange import (AllExchange, CommCounter, ReplicatedExchange, TPExchange, sum_rows,
                                           unique_rows)
-from engram_train.memory.host import HostBlockLookup
 from engram_train.memory.layout import Placement, TableSpec, placement_for, shard_bounds, table_specs
 from engram_train.memory.optim import TableOptimizer, build_table_optimizer
+from kernels import gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ def init_rows(spec: TableSpec, lo: int, hi: int, std: float, seed: int, device=N
 class TableShard:
     """Rows ``[lo, hi)`` of one layer's table, their pending gradient rows and their optimizer."""
 
+    kernel_backend: str = "auto"   # kernels.gather_rows' backend; build_table_store sets engram.kernel_backend
+
     def __init__(self, spec: TableSpec, lo: int, hi: int, weight: torch.Tensor, exchange, compute_device=None):
         self.spec = spec
         self.lo, self.hi = lo, hi
@@ -102,12 +104,14 @@ class TableShard:
     def read_rows(self, local_ids: torch.Tensor) -> torch.Tensor:
         """Rows ``local_ids`` of this shard on the compute device (from host RAM for host tables)."""
         if self.weight.device == self.compute_device:
-            return self.weight.index_select(0, local_ids)
+            # The gather's one dispatch point (engram.kernel_backend): Triton on CUDA under "auto".
+            return gather_rows(self.weight, local_ids.unsqueeze(1), local_ids.new_zeros(1),
+                               backend=self.kernel_backend)
         rows = self.weight.index_select(0, local_ids.to(self.weight.device))
         return rows.to(self.compute_device, non_blocking=True)
 
     def accumulate(self, local_ids: torch.Tensor, rows: torch.Tensor) -> None:
-        self._pending.append((local_ids, rows.to(torch.float32)))
+        self._pending.append((local_ids.to(rows.device), rows.to(torch.float32)))
 
     def take_pending(self) -> Tuple[torch.Tensor, torch.Tensor]:
         pending, self._pending = self._pending, []
@@ -118,18 +122,22 @@ class TableShard:
 
 
 class _Lookup(torch.autograd.Function):
-    """Rows of global ids; backward hands sparse gradient rows to the owning shard, not to autograd."""
+    """Rows of global ids (or of a block planned and read ahead); backward hands sparse gradient
+    rows to the owning shard, not to autograd."""
 
     @staticmethod
-    def forward(ctx, anchor, ids, shard):
-        rows, ctx.saved = shard.exchange.gather(shard, ids)
+    def forward(ctx, anchor, shard, ids, block):
+        if block is None:
+            rows, ctx.saved = shard.exchange.gather(shard, ids)
+        else:
+            rows, ctx.saved = shard.exchange.finish(shard, block.ctx, block.rows)
         ctx.shard = shard
         return rows
 
     @staticmethod
     def backward(ctx, grad):
         ctx.shard.exchange.scatter_grad(ctx.shard, ctx.saved, grad.contiguous())
-        return None, None, None
+        return None, None, None, None
 
 
 class StoreTable(nn.Module):
@@ -159,17 +167,18 @@ class StoreTable(nn.Module):
     def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
         if self.check_ids:
             check_hash_ids(hash_ids, self.sizes, self.table_sizes)
-        block = self.prefetcher.take(self.shard.spec.layer_id) if self.prefetcher is not None else None
-        if block is not None:
-            if block.inv.numel() != hash_ids[..., 0].numel() * self.num_heads:
-                raise RuntimeError(f"Engram layer {self.shard.spec.layer_id}: the prefetched rows belong to "
-                                   "another micro-batch; take batches only through the PrefetchingIterator")
-            rows = HostBlockLookup.apply(self._anchor, block, self.shard)
-        else:
-            if self.prefetcher is not None:
-                self.prefetcher.wait_updates()   # a direct read must see the last table step
+        if self.prefetcher is None:
             ids = (hash_ids + self.offsets).reshape(-1)
-            rows = _Lookup.apply(self._anchor, ids, self.shard)
+            rows = _Lookup.apply(self._anchor, self.shard, ids, None)
+        else:
+            layer_id = self.shard.spec.layer_id
+            block = self.prefetcher.take(layer_id)
+            if block is None:   # not prefetched (evaluation): the same path, now
+                block = self.prefetcher.lookup_now(layer_id, hash_ids)
+            if block.num_ids != hash_ids.numel():
+                raise RuntimeError(f"Engram layer {layer_id}: the prefetched rows belong to another "
+                                   "micro-batch; take batches only through the PrefetchingIterator")
+            rows = _Lookup.apply(self._anchor, self.shard, None, block)
         return rows.reshape(*hash_ids.shape[:-1], self.num_heads * self.embed_dim)
 
     def extra_repr(self) -> str:
@@ -254,6 +263,10 @@ class TableStore:
             os.makedirs(host_dir, exist_ok=True)
         if self._sync and not self.owner:
             dist.barrier()                  # the owner has created and initialized the files
+        # Host tables under `all` plan their requests on the prefetch thread, over a gloo group of their own.
+        self.plan_group = None
+        if residency == "host" and placement.partition == "all" and placement.parts > 1:
+            self.plan_group = dist.new_group(dist.get_process_group_ranks(world_group), backend="gloo")
         self.shards: Dict[int, TableShard] = {}
         self.tables: Dict[int, StoreTable] = {}
         self._grad_sq_norm: Optional[torch.Tensor] = None
@@ -272,7 +285,7 @@ class TableStore:
         if self._sync and self.owner:
             dist.barrier()
         self.prefetcher = None
-        if residency == "host" and placement.partition == "replicated":
+        if residency == "host":
             from engram_train.memory.host import HostPrefetcher
 
             self.prefetcher = HostPrefetcher(self, staleness=staleness)
@@ -305,7 +318,7 @@ class TableStore:
         if p == "tp":
             return TPExchange(self.tp_group)
         return AllExchange(self.world_group, shard_bounds(spec.rows, self.placement.parts),
-                           self.placement.tp_size, self.placement.tp_rank, device=self.device)
+                           self.placement.tp_size, self.placement.tp_rank, plan_group=self.plan_group)
 
     # -- the model's side -------------------------------------------------------------------------
     def table(self, layer_id: int, table_sizes: Sequence[int], embed_dim: int) -> StoreTable:
@@ -437,7 +450,7 @@ def build_table_store(engram_cfg, trainer_cfg, table_sizes: Dict[int, Sequence[i
     world, rank = dist.get_world_size(), dist.get_rank()
     tp_size, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     placement = placement_for(partition, world, rank, tp_size, tp_rank)
-    return TableStore(
+    store = TableStore(
         specs, placement, optimizer=engram_cfg.optimizer, lr_mult=engram_cfg.table_lr_mult,
         weight_decay=engram_cfg.table_weight_decay, betas=(trainer_cfg.adam_beta1, trainer_cfg.adam_beta2),
         eps=trainer_cfg.adam_eps, init_std=engram_cfg.table_init_std, seed=seed, device=get_device(),
@@ -446,3 +459,6 @@ def build_table_store(engram_cfg, trainer_cfg, table_sizes: Dict[int, Sequence[i
         tp_group=ps.get_tensor_model_parallel_group(),
         replica_group=None if placement.partition == "all" else ps.get_data_parallel_group(),
         world_group=dist.group.WORLD, dp_size=ps.get_data_parallel_world_size())
+    for shard in store.shards.values():
+        shard.kernel_backend = engram_cfg.kernel_backend
+    return store
