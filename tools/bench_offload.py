@@ -4,7 +4,8 @@
     python tools/bench_offload.py --steps 20 --json out.json
 
 Trains the same small Engram-MoE on the same generated corpus three times, one after another
-in this one invocation, with ``engram.optimizer=sparse_adam``:
+in this one invocation, with ``engram.optimizer=sparse_adam`` (``--optimizer sparse_adam_rowwise``
+for the row-wise second moment):
 
 1. ``engram.residency=device`` with large tables (``--rows-per-head``),
 2. ``engram.residency=host`` with the same tables,
@@ -52,7 +53,7 @@ TOKENS_PER_STEP = int(_value("data.global_batch_size")) * int(_value("data.seq_l
 def _train(name, rows, residency, args, work, data) -> dict:
     run_dir = os.path.join(work, name)
     over = MODEL + data + args.extra + [
-        "engram.optimizer=sparse_adam", f"engram.residency={residency}",
+        f"engram.optimizer={args.optimizer}", f"engram.residency={residency}",
         f"engram.table_size_per_ngram=[{rows},{rows}]", f"trainer.max_steps={args.steps}",
         "trainer.log_interval=1", f"run.dir={run_dir}"]
     log_path = os.path.join(work, f"{name}.log")
@@ -76,6 +77,8 @@ def main(argv=None) -> None:
     p.add_argument("--rows-per-head", type=int, default=400000,
                    help="prime search start per head for the large tables (default 400000: ~100M parameters)")
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--optimizer", choices=("sparse_adam", "sparse_adam_rowwise"), default="sparse_adam",
+                   help="the table optimizer of all three runs (default sparse_adam)")
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the timing (default 2)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", dest="json_path", default=None, help="write the three figures here")
@@ -100,7 +103,7 @@ def main(argv=None) -> None:
     bytes_per_param = (host["peak_mib"] - small["peak_mib"]) * 2**20 / (host["params"] - small["params"])
     out = {"step_time_ratio": ratio, "prefetch_wait_share": wait_share, "host_bytes_per_param": bytes_per_param,
            "update_wait_share": update_share}
-    print(f"\n# Host- vs device-resident tables, {host['params'] / 1e6:.0f}M table parameters, sparse_adam, "
+    print(f"\n# Host- vs device-resident tables, {host['params'] / 1e6:.0f}M table parameters, {args.optimizer}, "
           f"{len(host['step_s'])} timed steps\n")
     print("| run | median step ms | peak RSS MiB |")
     print("|---|---:|---:|")

@@ -35,11 +35,11 @@ RAM, so the tool also prints, per placement:
 - host bytes per node: the table shards (weight + optimizer state) of the ``K`` ranks of node 0
   (ranks ``0..K-1``, which hold the largest shards), plus each rank's pinned staging, the same
   bytes as its device row blocks (CUDA; a CPU run has no staging and its "device" is host RAM).
-  Under ``replicated`` every rank holds a whole copy today: one copy per node in shared memory is
-  not built, so a node holds ``K`` copies. Under ``tp`` it holds its ranks' TP shards (``K / TP``
-  copies when TP divides K), under ``all`` ``K / world`` of the table.
-  Scope of ``memory/host.py``: only ``replicated`` prefetches; ``tp`` and ``all`` read host rows
-  at lookup time (the row blocks are then the bound of what one micro-batch reads).
+  Without ``engram.host_dir`` every rank holds its own shard: under ``replicated`` a node holds
+  ``K`` copies, under ``tp`` its ranks' TP shards (``K / TP`` copies when TP divides K), under
+  ``all`` ``K / world`` of the table. With ``engram.host_dir`` (memory-mapped files, e.g. on
+  ``/dev/shm``) the ranks of a node that hold the same shard map one copy: the node's shards
+  count once each.
   Not counted on the host: the sorted unique ids of each block (8 bytes per unique row), the
   step's transient host copy of the reduced gradient rows, the data loader, DeepSpeed's
   offloaded state (``parallel.offload_optimizer=cpu`` is counted on the device, as above).
@@ -189,13 +189,19 @@ def host_plan(out, e, d, specs, world, tp, ranks_per_node):
     blocks = in_flight * sum(min(s.rows, ids_mb) * s.embed_dim * 4 + 8 * ids_mb for s in specs.values())
     rows = sum(s.rows for s in specs.values())
     host = dict(ranks_per_node=k, node_ranks=node_ranks, nodes=-(-world // k), prefetch_depth=e.prefetch_depth,
+                host_dir=e.host_dir,
                 blocks_in_flight=in_flight, ids_per_micro_batch=ids_mb, placements={})
     for name, p in out["placements"].items():
         node_tables = node_rows = 0
+        mapped = set()   # with engram.host_dir, the node's ranks that hold one shard map one copy of it
         for rank in range(node_ranks):                  # node 0: ranks 0..K-1 hold the largest shards
             pl = placement_for(name, world, rank, tp, rank % tp)
-            for spec in specs.values():
+            for layer_id, spec in specs.items():
                 lo, hi = pl.rows_of(spec)
+                if e.host_dir is not None:
+                    if (layer_id, lo, hi) in mapped:
+                        continue
+                    mapped.add((layer_id, lo, hi))
                 b = shard_bytes(spec, pl, e.optimizer)
                 node_tables += b["weight"] + b["optimizer"]
                 node_rows += hi - lo
@@ -252,7 +258,7 @@ def report_host(r):
     h, default = r["host"], r["default_partition"]
     k, n = h["ranks_per_node"], h["node_ranks"]
     node = f"ranks 0-{n - 1}" if n > 1 else "rank 0"
-    print(f"\nengram.residency=host: table weights and sparse_adam state live in host RAM (weight and optimizer "
+    print(f"\nengram.residency=host: table weights and {r['engram']['optimizer']} state live in host RAM (weight and optimizer "
           f"above: host bytes per rank; total/rank above counts them, device per rank below does not); "
           f"{h['nodes']} node(s) of ranks_per_node={k}, node 0 = {node}")
     print(f"  device row blocks: prefetch_depth {h['prefetch_depth']} -> {h['blocks_in_flight']} per layer in "
@@ -271,10 +277,11 @@ def report_host(r):
         label = name + (" (default)" if name == default else "")
         vals = [fmt(p[c]) for c in ("dense", "row_blocks", "grad_max", "device_bytes_per_rank")]
         print(f"{label:<22}" + "".join(f"{v:>14}" for v in vals))
-    print(f"\n- replicated: every rank holds a whole copy today; sharing one copy per node through shared "
-          f"memory is not built yet, so a node holds ranks_per_node={k} copies.")
-    print("- tp / all: the node holds its ranks' shards. The prefetch covers replicated only (memory/host.py): "
-          "tp and all read host rows at lookup time, no blocks ahead (row blocks: what their prefetch would hold).")
+    if h["host_dir"] is None:
+        print(f"\n- without engram.host_dir every rank holds its own shard: replicated tables cost "
+              f"ranks_per_node={k} copies per node (engram.host_dir=/dev/shm/... maps one per node).")
+    else:
+        print(f"\n- engram.host_dir={h['host_dir']}: the ranks of a node that hold the same shard map one copy.")
     print("- a CPU run has no pinned staging, and its device row blocks are host RAM too.")
     print(f"\ndefault placement: engram.partition -> {default}; host RAM per node "
           f"{fmt(h['placements'][default]['host_bytes_per_node'])}, device per rank "
@@ -283,8 +290,9 @@ def report_host(r):
 
 
 def fail(message):
-    print(f"plan_memory: {message}", file=sys.stderr)
-    sys.exit(2)
+    from engram_train.errors import UserError
+
+    raise UserError(message)
 
 
 def main():
@@ -303,14 +311,9 @@ def main():
     if len(per_node) > 1 or (per_node and (not per_node[0][15:].isdigit() or int(per_node[0][15:]) < 1)):
         fail(f"ranks_per_node: give the ranks per node at most once, as ranks_per_node=K >= 1 (got {per_node})")
     ranks_per_node = int(per_node[0][15:]) if per_node else 8
-    from hydra.errors import HydraException
-
-    from engram_train.config.schema import ConfigError
     from engram_train.config.store import compose
-    try:
-        r = plan(compose(overrides), int(worlds[0][6:]), args.compressed_vocab, ranks_per_node)
-    except (ConfigError, HydraException) as err:
-        fail(str(err).strip().splitlines()[0])
+
+    r = plan(compose(overrides), int(worlds[0][6:]), args.compressed_vocab, ranks_per_node)
     if args.json:
         print(json.dumps(r, indent=1))
     else:
@@ -318,4 +321,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from engram_train.errors import run_main
+
+    run_main(main, prog="plan_memory")

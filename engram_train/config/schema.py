@@ -18,7 +18,7 @@ class ConfigError(ValueError):
 
 
 PARTITIONS = ("auto", "replicated", "tp", "all")
-TABLE_OPTIMIZERS = ("adam", "sparse_adam")
+TABLE_OPTIMIZERS = ("adam", "sparse_adam", "sparse_adam_rowwise")
 
 
 def _require(cond: bool, key: str, value, why: str) -> None:
@@ -108,10 +108,11 @@ class EngramConfig:
     # over the tensor-parallel group) | "all" (rows split over every rank, all-to-all lookups)
     partition: str = "auto"
     # "adam": torch.optim.AdamW over the whole table (untouched rows' moments decay) |
-    # "sparse_adam": lazy row-wise Adam, only the rows a step touched change (per-row step count)
+    # "sparse_adam": lazy row-wise Adam, only the rows a step touched change (per-row step count) |
+    # "sparse_adam_rowwise": sparse_adam with one second moment per row (8 instead of 12 bytes/param)
     optimizer: str = "adam"
     # "device": table rows live on the compute device | "host": in host RAM, the rows of the next
-    # micro-batch gathered ahead by a prefetch thread (needs engram.optimizer=sparse_adam)
+    # micro-batch gathered ahead by a prefetch thread (needs a sparse optimizer)
     residency: str = "device"
     prefetch_depth: int = 1          # host residency: micro-batches gathered ahead
     # host residency: 0 = a row updated by step k and read by step k+1 is read after its update (exact);
@@ -127,13 +128,14 @@ class EngramConfig:
                  "choose 'auto', 'replicated', 'tp' (rows split over tensor parallelism) or 'all' "
                  "(rows split over every rank)")
         _require(self.optimizer in TABLE_OPTIMIZERS, "engram.optimizer", self.optimizer,
-                 "choose 'adam' (dense Adam over the table) or 'sparse_adam' (lazy row-wise Adam)")
+                 "choose 'adam' (dense Adam over the table), 'sparse_adam' (lazy row-wise Adam) or "
+                 "'sparse_adam_rowwise' (sparse_adam with one second moment per row: 8 bytes per parameter)")
         _require(self.residency in ("device", "host"), "engram.residency", self.residency,
                  "choose 'device' or 'host' (tables in host RAM, rows prefetched)")
         if self.residency == "host":
-            _require(self.optimizer == "sparse_adam", "engram.optimizer", self.optimizer,
-                     "host-resident tables train with engram.optimizer=sparse_adam (dense Adam would "
-                     "rewrite every host row every step)")
+            _require(self.optimizer != "adam", "engram.optimizer", self.optimizer,
+                     "host-resident tables train with engram.optimizer=sparse_adam or sparse_adam_rowwise "
+                     "(dense Adam would rewrite every host row every step)")
         if self.host_dir is not None:
             _require(self.residency == "host", "engram.host_dir", self.host_dir,
                      "memory-mapped table files need engram.residency=host")

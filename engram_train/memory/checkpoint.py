@@ -8,8 +8,8 @@ replicas, which DCP writes once)::
 
     engram_tables.layer{l}.weight        [rows, embed_dim]   fp32
     engram_tables.layer{l}.exp_avg       [rows, embed_dim]   fp32
-    engram_tables.layer{l}.exp_avg_sq    [rows, embed_dim]   fp32
-    engram_tables.layer{l}.row_steps     [rows]              int64   (sparse_adam only)
+    engram_tables.layer{l}.exp_avg_sq    [rows, embed_dim]   fp32    ([rows, 1]: sparse_adam_rowwise)
+    engram_tables.layer{l}.row_steps     [rows]              int32   (sparse_adam, sparse_adam_rowwise)
     engram_tables.layer{l}.num_steps     int                          (adam only)
 
 Loading builds the same keys over the *current* store's shards and lets DCP

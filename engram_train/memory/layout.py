@@ -32,10 +32,10 @@ from typing import Dict, List, Sequence, Tuple
 
 from engram_train.config.schema import PARTITIONS, ConfigError
 
-#: Bytes of optimizer state per table parameter, for both table optimizers (two fp32 moments).
-MOMENT_BYTES = 8
-#: Bytes per row of the per-row step counter of ``sparse_adam`` (int32).
-SPARSE_ADAM_ROW_STEP_BYTES = 4
+#: Optimizer state of each table optimizer: (bytes per table parameter, bytes per row).
+#: ``adam``: two fp32 moments; ``sparse_adam``: the same and an int32 step per row;
+#: ``sparse_adam_rowwise``: an fp32 first moment, one fp32 second moment and an int32 step per row.
+OPTIMIZER_STATE_BYTES = {"adam": (8, 0), "sparse_adam": (8, 4), "sparse_adam_rowwise": (4, 8)}
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,6 @@ def shard_bytes(spec: TableSpec, placement: Placement, optimizer: str) -> Dict[s
     """
     lo, hi = placement.rows_of(spec)
     n = (hi - lo) * spec.embed_dim
-    state = MOMENT_BYTES * n
-    if optimizer == "sparse_adam":
-        state += SPARSE_ADAM_ROW_STEP_BYTES * (hi - lo)
+    per_param, per_row = OPTIMIZER_STATE_BYTES[optimizer]
+    state = per_param * n + per_row * (hi - lo)
     return {"weight": 4 * n, "optimizer": state, "grad_max": 4 * n + 8 * (hi - lo)}

@@ -47,6 +47,10 @@ def _backend(cfg: ParallelConfig) -> str:
 
 def _init_process_group(backend: str) -> None:
     global _OWNS_PROCESS_GROUP, _STORE_FILE
+    if backend == "nccl":
+        # CPU tensors travel too: host-resident table rows in checkpoints (DCP on a CPU mesh) and
+        # their lookup plans. NCCL carries only CUDA tensors; gloo takes the CPU ones.
+        backend = "cuda:nccl,cpu:gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend=backend, init_method="env://")
     else:

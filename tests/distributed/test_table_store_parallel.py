@@ -54,6 +54,8 @@ LR = 1e-2
 RTOL, ATOL = 1e-4, 1e-5
 WEIGHT_ATOL = 1e-4          # table weights after Adam steps (see test_table_steps_match_adamw_and_rowwise_adam)
 OPTIMIZERS = ("adam", "sparse_adam")
+# Checkpoints carry every table optimizer's state (sparse_adam_rowwise: a [rows, 1] second moment).
+CHECKPOINT_OPTIMIZERS = OPTIMIZERS + ("sparse_adam_rowwise",)
 # Hash ids per step, the same range for every head: step 2 leaves ids 0..7 untouched (adam keeps moving
 # them, sparse_adam does not) and touches 16..30 for the first time (per-row bias correction).
 ID_RANGES = ((0, 16), (8, 31))
@@ -434,7 +436,7 @@ def _rank_save(path: str):
 
     dist.init_process_group("gloo")
     out = {}
-    for optimizer in OPTIMIZERS:
+    for optimizer in CHECKPOINT_OPTIMIZERS:
         store = _store_only("all", 1, optimizer, SEED)
         try:
             for step in range(2):
@@ -460,7 +462,7 @@ def _load(path: str, partition: str, tp: int):
     from engram_train.parallel import state as ps
 
     out = {}
-    for optimizer in OPTIMIZERS:
+    for optimizer in CHECKPOINT_OPTIMIZERS:
         store = _store_only(partition, tp, optimizer, SEED + 1)    # another seed: loading must overwrite
         try:
             checkpoint.load(store, os.path.join(path, optimizer))
@@ -498,7 +500,7 @@ def test_checkpoint_reshards(tmp_path):
     path = str(tmp_path)
     saved_ranks = run_distributed(_rank_save, 4, path, timeout=180)
     saved = {}
-    for optimizer in OPTIMIZERS:
+    for optimizer in CHECKPOINT_OPTIMIZERS:
         saved[optimizer] = {}
         for l in ENGRAM_LAYERS:
             shards = [r[optimizer][l] for r in saved_ranks]
@@ -509,9 +511,10 @@ def test_checkpoint_reshards(tmp_path):
     s = saved["sparse_adam"][1]
     assert set(s["row_steps"].unique().tolist()) == {0, 1, 2}
     assert saved["adam"][1]["num_steps"] == 2
+    assert saved["sparse_adam_rowwise"][1]["exp_avg_sq"].shape == (sum(TABLE_SIZES[1]), 1)
 
     def check(loaded, what):
-        for optimizer in OPTIMIZERS:
+        for optimizer in CHECKPOINT_OPTIMIZERS:
             for l in ENGRAM_LAYERS:
                 want = saved[optimizer][l]
                 got = _global(loaded[optimizer][l])
@@ -524,7 +527,7 @@ def test_checkpoint_reshards(tmp_path):
 
     # partition=tp at TP=2 on 2 ranks: each rank holds its half; both TP shards together are the table.
     tp_ranks = run_distributed(_rank_load, 2, path, "tp", 2, timeout=120)
-    check({o: {l: [r[o][l] for r in tp_ranks] for l in ENGRAM_LAYERS} for o in OPTIMIZERS}, "tp=2")
+    check({o: {l: [r[o][l] for r in tp_ranks] for l in ENGRAM_LAYERS} for o in CHECKPOINT_OPTIMIZERS}, "tp=2")
     for r, res in enumerate(tp_ranks):
         for l in ENGRAM_LAYERS:
             assert (res["adam"][l]["lo"], res["adam"][l]["hi"]) == row_range(sum(TABLE_SIZES[l]), 2, r)
@@ -533,10 +536,10 @@ def test_checkpoint_reshards(tmp_path):
     from engram_train.parallel import state as ps
 
     one = _load(path, "replicated", 1)
-    for optimizer in OPTIMIZERS:
+    for optimizer in CHECKPOINT_OPTIMIZERS:
         for l in ENGRAM_LAYERS:
             assert (one[optimizer][l]["lo"], one[optimizer][l]["hi"]) == (0, sum(TABLE_SIZES[l]))
-    check({o: {l: [one[o][l]] for l in ENGRAM_LAYERS} for o in OPTIMIZERS}, "replicated, one process")
+    check({o: {l: [one[o][l]] for l in ENGRAM_LAYERS} for o in CHECKPOINT_OPTIMIZERS}, "replicated, one process")
 
     # The optimizer must match the checkpoint's.
     store = _store_only("replicated", 1, "sparse_adam", SEED)

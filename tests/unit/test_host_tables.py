@@ -23,9 +23,10 @@ B, T, HEADS, DIM = 2, 12, 4, 8
 GAS, STEPS = 2, 5
 
 
-def _store(residency: str, staleness: int = 0, device: str = "cpu", host_dir=None) -> TableStore:
+def _store(residency: str, staleness: int = 0, device: str = "cpu", host_dir=None,
+           optimizer: str = "sparse_adam") -> TableStore:
     specs = table_specs(SIZES, n_embed_per_ngram=DIM * 2, heads_per_ngram=2)
-    return TableStore(specs, placement_for("replicated", 1, 0, 1, 0), optimizer="sparse_adam", seed=7,
+    return TableStore(specs, placement_for("replicated", 1, 0, 1, 0), optimizer=optimizer, seed=7,
                       residency=residency, staleness=staleness, device=device, host_dir=host_dir)
 
 
@@ -62,9 +63,10 @@ def _train(store: TableStore, prefetch: bool):
             for l, s in store.shards.items()}
 
 
-def test_host_resident_training_equals_device_resident_exactly():
-    device = _train(_store("device"), prefetch=False)
-    host_store = _store("host")
+@pytest.mark.parametrize("optimizer", ["sparse_adam", "sparse_adam_rowwise"])
+def test_host_resident_training_equals_device_resident_exactly(optimizer):
+    device = _train(_store("device", optimizer=optimizer), prefetch=False)
+    host_store = _store("host", optimizer=optimizer)
     host = _train(host_store, prefetch=True)
     stats = host_store.prefetcher.stats.pop()
     assert stats["engram_prefetch/rows"] > 0 and 0 < stats["engram_prefetch/unique_ratio"] < 1

@@ -186,7 +186,21 @@ def test_host_residency_text_names_the_copies_per_node():
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "host per node" in out and "device per rank" in out and "host RAM per node" in out
-    assert "shared memory is not built yet" in out and "ranks_per_node=2 copies" in out
+    assert "without engram.host_dir" in out and "ranks_per_node=2 copies" in out
+
+
+def test_host_dir_maps_one_copy_of_each_shard_per_node():
+    private = plan_json(*HOST, "world=4", "ranks_per_node=2")["host"]["placements"]
+    shared = plan_json(*HOST, "engram.host_dir=/dev/shm/engram", "world=4", "ranks_per_node=2")
+    h = shared["host"]["placements"]
+    # Node 0 = ranks 0 and 1: replicas of the whole table (replicated), the two TP halves (tp), or two
+    # quarters (all). Mapped files share the replicas only.
+    assert h["replicated"]["table_copies_per_node"] == 1
+    assert h["replicated"]["tables_per_node"] * 2 == private["replicated"]["tables_per_node"]
+    for name in ("tp", "all"):
+        assert h[name]["tables_per_node"] == private[name]["tables_per_node"]
+    assert "the same shard map one copy" in run_tool(*HOST, "engram.host_dir=/dev/shm/engram", "world=4",
+                                       "ranks_per_node=2").stdout
 
 
 DEVICE_KEYS = {"world", "tensor_parallel", "data_parallel", "expert_parallel", "expert_data_parallel",

@@ -107,6 +107,38 @@ def test_table_sparse_adam_matches_a_per_row_adamw(weight_decay):
     assert set(opt.state_tensors()) == {"exp_avg", "exp_avg_sq", "row_steps"}
 
 
+def test_table_sparse_adam_rowwise_matches_a_scalar_per_row_adam():
+    """Row-wise second moment: each row keeps m [D], one scalar v (EMA of the row's mean squared
+    gradient) and its own step; written here in plain Python floats, row by row."""
+    from engram_train.memory.optim import TableSparseAdamRowwise
+
+    weight = _weight()
+    opt = TableSparseAdamRowwise(weight.clone(), betas=BETAS, eps=EPS)
+    assert opt.exp_avg_sq.shape == (R, 1) and opt.nbytes() == R * D * 4 + R * 4 + R * 4
+    ref = {r: {"w": weight[r].double().tolist(), "m": [0.0] * D, "v": 0.0, "t": 0} for r in range(R)}
+    b1, b2 = BETAS
+    for ids, grads, lr in _step_grads():
+        opt.step(ids, grads, lr)
+        for r, g in zip(ids.tolist(), grads.double().tolist()):
+            st = ref[r]
+            st["t"] += 1
+            st["m"] = [b1 * m + (1 - b1) * x for m, x in zip(st["m"], g)]
+            st["v"] = b2 * st["v"] + (1 - b2) * sum(x * x for x in g) / D
+            denom = (st["v"] ** 0.5) / (1 - b2 ** st["t"]) ** 0.5 + EPS
+            st["w"] = [w - lr / (1 - b1 ** st["t"]) * m / denom for w, m in zip(st["w"], st["m"])]
+    for r in range(R):
+        torch.testing.assert_close(opt.weight[r].double(), torch.tensor(ref[r]["w"], dtype=torch.float64),
+                                   rtol=RTOL, atol=ATOL, msg=lambda m, r=r: f"row {r}: {m}")
+        torch.testing.assert_close(float(opt.exp_avg_sq[r, 0]), ref[r]["v"], rtol=RTOL, atol=1e-12)
+        assert int(opt.row_steps[r]) == ref[r]["t"]
+    assert any(ref[r]["t"] == 0 for r in range(R))   # some rows never touched: they stayed put
+    # Not sparse_adam: a row's coordinates share one step size.
+    other = TableSparseAdam(weight.clone(), betas=BETAS, eps=EPS)
+    for ids, grads, lr in _step_grads():
+        other.step(ids, grads, lr)
+    assert not torch.allclose(other.weight, opt.weight, rtol=RTOL, atol=ATOL)
+
+
 def test_adam_and_sparse_adam_agree_on_rows_touched_every_step():
     weight = _weight()
     dense, sparse = TableAdam(weight.clone(), betas=BETAS, eps=EPS), TableSparseAdam(weight.clone(), betas=BETAS,
@@ -331,7 +363,7 @@ def test_store_table_provider_checks_the_block_and_the_store_agree():
     assert not out.requires_grad and out.shape == (3, 32)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sparse_adam"])
+@pytest.mark.parametrize("optimizer", ["adam", "sparse_adam", "sparse_adam_rowwise"])
 def test_store_memory_matches_the_sizing_arithmetic(optimizer):
     from engram_train.memory.layout import shard_bytes
 
