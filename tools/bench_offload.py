@@ -2,6 +2,8 @@
 
     python tools/bench_offload.py                          # defaults below, ~3 minutes on 2 CPU cores
     python tools/bench_offload.py --steps 20 --json out.json
+    python tools/bench_offload.py --optimizer sparse_adam_rowwise     # the compact row-wise state
+    python tools/bench_offload.py --nproc 2 --extra engram.partition=all data.micro_batch_size=4
 
 Trains the same small Engram-MoE on the same generated corpus three times, one after another
 in this one invocation, with ``engram.optimizer=sparse_adam`` (``--optimizer sparse_adam_rowwise``
@@ -20,7 +22,7 @@ Reported (and written with ``--json PATH`` under these keys):
 * ``update_wait_share``: the time the next forward waited for the overlapped host table step
   (``engram_prefetch/update_wait_s``), as a share of run 2's step time;
 * ``host_bytes_per_param``: (peak RSS of run 2 - peak RSS of run 3) / (table parameters of
-  run 2 - those of run 3), from the processes' ``VmHWM``: every host byte the tables cost
+  run 2 - those of run 3), from the processes' ``VmHWM`` (summed over ranks with ``--nproc``): every host byte the tables cost
   (weights, moments, per-row step counts, staging, gradient rows), measured, not estimated.
 """
 
@@ -57,9 +59,10 @@ def _train(name, rows, residency, args, work, data) -> dict:
         f"engram.table_size_per_ngram=[{rows},{rows}]", f"trainer.max_steps={args.steps}",
         "trainer.log_interval=1", f"run.dir={run_dir}"]
     log_path = os.path.join(work, f"{name}.log")
-    peak = _run(1, over, log_path)[0]
+    # Every rank's peak and the whole table: bytes per parameter of the job, whatever the placement.
+    peak = sum(_run(args.nproc, over, log_path).values())
     text = open(log_path).read()
-    params = float(TABLES.search(text).group(2)) * 1e6
+    params = float(TABLES.search(text).group(3)) * 1e6
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
     step_s, wait_s, update_s = [], [], []
     for r in lines:
@@ -80,6 +83,8 @@ def main(argv=None) -> None:
     p.add_argument("--optimizer", choices=("sparse_adam", "sparse_adam_rowwise"), default="sparse_adam",
                    help="the table optimizer of all three runs (default sparse_adam)")
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the timing (default 2)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="ranks per run (default 1); e.g. --nproc 2 --extra engram.partition=all data.micro_batch_size=4")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", dest="json_path", default=None, help="write the three figures here")
     p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
@@ -119,4 +124,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from engram_train.errors import run_main
+
+    run_main(main, prog="bench_offload")
