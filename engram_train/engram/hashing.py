@@ -29,7 +29,11 @@ Backends (one dispatch point, ``NgramHasher(backend=...)``):
   (one pass per token, vectorized division-free modulo, threads split tokens).
   CPUs have no SIMD int64 division: torch's ``%`` costs ~2 ns per id and
   thread here (numpy's ~10 ns), most of the torch path's time.
-- ``"auto"`` (default): the kernel for CPU tensors when it builds here, else torch.
+- ``"triton"``: ``kernels/triton``, one launch for every layer (compression,
+  windows, mix, division-free modulo); compiled for CUDA tensors, Triton's
+  interpreter for CPU tensors (slow: tests and small runs).
+- ``"auto"`` (default): Triton for CUDA tensors, the native kernel for CPU
+  tensors, each when available here, else torch.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ def prime_table_sizes(layer_ids: Sequence[int], max_ngram: int, heads_per_ngram:
     return sizes
 
 
-HASH_BACKENDS = ("auto", "torch", "cpu_kernel")
+HASH_BACKENDS = ("auto", "torch", "cpu_kernel", "triton")
 
 
 def _check(cond: bool, key: str, value, why: str) -> None:
@@ -125,7 +129,7 @@ class NgramHasher:
                  reset_at_doc_boundary: bool = False, eos_id: Optional[int] = None,
                  compressed_vocab_size: Optional[int] = None, backend: str = "auto"):
         _check(backend in HASH_BACKENDS, "backend", backend,
-               "choose 'torch' (exact %, the reference), 'cpu_kernel' (native, CPU tensors) or 'auto'")
+               "choose 'torch' (exact %, the reference), 'cpu_kernel' (native, CPU tensors), 'triton' or 'auto'")
         lookup_t = torch.as_tensor(np.asarray(lookup) if not torch.is_tensor(lookup) else lookup)
         _check(lookup_t.ndim == 1 and lookup_t.numel() > 0 and not lookup_t.is_floating_point(),
                "lookup", f"tensor of shape {tuple(lookup_t.shape)} and dtype {lookup_t.dtype}",
@@ -194,6 +198,13 @@ class NgramHasher:
             ngram_hash._require(ngram_hash.library())   # fail at construction, with the reason
             _check(self._kernel_exact, "table_sizes", "a prime >= 2**40",
                    "backend='cpu_kernel' is exact below 2**40 rows per head; use 'torch'")
+        elif backend == "triton":
+            from kernels import triton as triton_kernels
+
+            reason = triton_kernels.unavailable_reason()
+            _check(reason is None, "backend", backend, f"Triton is unavailable here ({reason}); use 'auto' or 'torch'")
+            _check(self._kernel_exact, "table_sizes", "a prime >= 2**40",
+                   "backend='triton' is exact below 2**40 rows per head; use 'torch'")
 
     @property
     def num_heads(self) -> int:
@@ -239,19 +250,29 @@ class NgramHasher:
             windows = torch.where(offset_in_doc.unsqueeze(0) >= k, windows, self.compressed_pad_id)
         return windows
 
-    def _use_kernel(self, device: torch.device) -> bool:
+    def _path(self, device: torch.device) -> str:
+        """The implementation that hashes tensors on ``device``: the one dispatch point."""
         if self.backend == "torch":
-            return False
+            return "torch"
         if self.backend == "cpu_kernel":
             if device.type != "cpu":
                 raise ValueError(f"raw_ids on {device}: backend='cpu_kernel' hashes CPU tensors; use 'auto' or "
                                  "'torch' for other devices")
-            return True
-        if device.type != "cpu" or not self._kernel_exact:
-            return False
+            return "cpu_kernel"
+        if self.backend == "triton":
+            if device.type not in ("cpu", "cuda"):
+                raise ValueError(f"raw_ids on {device}: backend='triton' hashes CUDA tensors (CPU ones "
+                                 "interpreted); use 'auto' or 'torch' for other devices")
+            return "triton"
+        if not self._kernel_exact or device.type not in ("cpu", "cuda"):
+            return "torch"
+        if device.type == "cuda":
+            from kernels import triton as triton_kernels
+
+            return "triton" if triton_kernels.available() else "torch"
         from kernels import ngram_hash
 
-        return ngram_hash.available()   # built (or found unbuildable) once per process
+        return "cpu_kernel" if ngram_hash.available() else "torch"   # built (or found unbuildable) once
 
     def _check_out(self, out, B: int, T: int, device: torch.device) -> Dict[int, torch.Tensor]:
         want = (B, T, self.num_heads)
@@ -280,7 +301,12 @@ class NgramHasher:
         raw_ids = raw_ids.to(torch.int64)
         B, T = raw_ids.shape
         N, K = self.max_ngram, self.heads_per_ngram
-        if out is None:
+        path = self._path(raw_ids.device)
+        if out is None and path == "triton":
+            # One buffer, so the kernel addresses every layer by a stride.
+            buf = torch.empty((len(self.layer_ids), B, T, (N - 1) * K), dtype=torch.int64, device=raw_ids.device)
+            out = {l: buf[i] for i, l in enumerate(self.layer_ids)}
+        elif out is None:
             out = {l: torch.empty((B, T, (N - 1) * K), dtype=torch.int64, device=raw_ids.device)
                    for l in self.layer_ids}
         else:
@@ -291,8 +317,18 @@ class NgramHasher:
         if top >= self.vocab_size:
             raise ValueError(f"raw_ids: holds token id {top}, outside the tokenizer vocabulary of {self.vocab_size} "
                              f"ids the compression lookup was built for; rebuild it from this tokenizer")
+        if path == "triton":
+            from kernels import triton as triton_kernels
+
+            lookup, multipliers, primes, inv_primes = self._constants(raw_ids.device)
+            L = len(self.layer_ids)
+            triton_kernels.hash_ngrams(
+                raw_ids.contiguous(), lookup, multipliers.view(L, N), primes.view(L, -1),
+                inv_primes.view(L, -1), self.compressed_pad_id,
+                self.eos_id if self.reset_at_doc_boundary else None, [out[l] for l in self.layer_ids])
+            return out
         x = self.compress(raw_ids, any_negative=low < 0)
-        if self._use_kernel(raw_ids.device):
+        if path == "cpu_kernel":
             from kernels import ngram_hash
 
             _, multipliers, primes, inv_primes = self._constants(raw_ids.device)
