@@ -1,0 +1,92 @@
+"""moe_baseline_cpu stays iso-parameter with debug_cpu; tools/count_params.py agrees with a formula.
+
+The counts here are written out from the configuration (layer shapes of megatron's GPT with SwiGLU
+experts and Engram's block, docs/architecture.md), not taken from the model; the table sizes follow
+the prime search (distinct primes, in order, from table_size_multiplier x compressed vocabulary),
+with the compressed vocabulary the tool estimates when no data is prepared (75% of data.vocab_size)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from engram_train.config.store import compose
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NO_DATA = "data.dir=/nonexistent/engram_count_params"   # the tool's estimate of the compressed vocabulary
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    i = 2
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 1
+    return True
+
+
+def formula(experiment: str) -> dict:
+    cfg = compose([f"experiment={experiment}", NO_DATA])
+    m, e = cfg.model, cfg.engram
+    h, f, L = m.hidden_size, m.moe_ffn_hidden_size, m.num_layers
+    vocab = -(-cfg.data.vocab_size // m.make_vocab_size_divisible_by) * m.make_vocab_size_divisible_by
+    kv = h // m.num_attention_heads * (m.num_query_groups or m.num_attention_heads)
+    attention = h * (h + 2 * kv) + h * h + 2 * h            # qkv, output projection, two RMSNorm weights
+    expert = 2 * f * h + f * h                              # SwiGLU fc1 (gate and up), fc2
+    moe_layers = sum(1 for i in range(L) if i % m.moe_layer_freq == 0)
+    experts = moe_layers * m.num_experts * expert
+    router = moe_layers * m.num_experts * h
+    dense_mlp = (L - moe_layers) * 3 * m.ffn_hidden_size * h
+    dense = 2 * vocab * h + h + L * attention + router + dense_mlp   # untied embedding/output, final norm
+    tables = 0
+    if e.enabled:
+        d_e = (e.max_ngram - 1) * e.n_embed_per_ngram
+        G = e.hc_mult
+        block = d_e * G * h + G * h + d_e * h + h + 3 * G * h + G * h * e.kernel_size
+        dense += len(e.layer_ids) * block
+        p = int(e.table_size_multiplier * int(0.75 * cfg.data.vocab_size)) - 1
+        for _ in sorted(e.layer_ids):
+            for _ in range((e.max_ngram - 1) * e.heads_per_ngram):
+                p += 1
+                while not _is_prime(p):
+                    p += 1
+                tables += p * (e.n_embed_per_ngram // e.heads_per_ngram)
+    inactive = moe_layers * (m.num_experts - m.moe_router_topk) * expert
+    active = dense + experts - inactive
+    return {"total": dense + experts + tables, "engram_tables": tables, "experts": experts, "dense": dense,
+            "active_excl_tables": active,
+            "flops_per_token": 2 * (active - vocab * h) + 2 * L * cfg.data.seq_length * h}
+
+
+@pytest.fixture(scope="module")
+def tool_counts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("count") / "counts.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "count_params.py"), f"experiment=debug_cpu,{NO_DATA}",
+         f"experiment=moe_baseline_cpu,{NO_DATA}", "--json", str(out)],
+        env=dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "flops_per_token" in proc.stdout and "active_excl_tables" in proc.stdout
+    counts = json.loads(out.read_text())
+    return counts[f"experiment=debug_cpu,{NO_DATA}"], counts[f"experiment=moe_baseline_cpu,{NO_DATA}"]
+
+
+def test_baseline_is_iso_parameter_by_formula():
+    engram, baseline = formula("debug_cpu"), formula("moe_baseline_cpu")
+    assert engram["engram_tables"] > 0 and baseline["engram_tables"] == 0
+    assert abs(baseline["total"] / engram["total"] - 1) <= 0.02, (baseline["total"], engram["total"])
+    assert abs(baseline["active_excl_tables"] / engram["active_excl_tables"] - 1) <= 0.05
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["debug_cpu", "moe_baseline_cpu"])
+def test_tool_matches_formula(tool_counts, which):
+    name = ("debug_cpu", "moe_baseline_cpu")[which]
+    want, got = formula(name), tool_counts[which]
+    for key, value in want.items():
+        assert got[key] == value, (name, key, got[key], value)
