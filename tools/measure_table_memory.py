@@ -100,4 +100,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from engram_train.errors import run_main
+
+    run_main(main, prog="measure_table_memory")

@@ -24,6 +24,19 @@ from engram_train.data.prepare import prepare_data
 
 
 def main(argv=None) -> int:
+    """The exit code: 0, or 2 after printing ``prepare_data: error: <message>`` for a user error."""
+    from engram_train.errors import exit_code_for
+
+    try:
+        return _main(argv)
+    except Exception as e:
+        code = exit_code_for(e, prog="prepare_data")
+        if code is None:
+            raise
+        return code
+
+
+def _main(argv) -> int:
     d = DataConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -51,12 +64,8 @@ def main(argv=None) -> int:
     cfg = DataConfig(corpus=corpus, files=args.files, jsonl_text_key=args.jsonl_text_key, dir=args.dir,
                      tokenizer=args.tokenizer, vocab_size=args.vocab_size, valid_fraction=args.valid_fraction,
                      split_seed=args.split_seed)
-    try:
-        prepared = prepare_data(cfg, force=args.force, doc_chars=args.doc_chars, cache_dir=args.cache_dir,
-                                progress=not args.no_progress)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"prepare_data: error: {e}", file=sys.stderr)
-        return 1
+    prepared = prepare_data(cfg, force=args.force, doc_chars=args.doc_chars, cache_dir=args.cache_dir,
+                            progress=not args.no_progress)
     print(json.dumps({"dir": str(prepared.dir), "skipped": prepared.skipped, "vocab_size": prepared.vocab_size,
                       "eos_id": prepared.eos_id, "pad_id": prepared.pad_id, "documents": prepared.num_documents,
                       "tokens": prepared.num_tokens, "fingerprint": prepared.fingerprint}, indent=2))

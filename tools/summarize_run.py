@@ -4,13 +4,23 @@ import json
 import os
 import sys
 
+from engram_train.errors import DataError, MissingInputError, run_main
+
 
 def main(run_dir: str) -> int:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        print(f"no metrics at {path}: did the run start?", file=sys.stderr)
-        return 1
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+        raise MissingInputError(f"no metrics at {path}: give the run.dir of a run that has started")
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not a JSON line ({e.msg}); the file is not a metrics.jsonl "
+                                "written by engram-train, or it was cut mid-line") from None
     evals = [r for r in rows if "val_loss" in r]
     for r in evals:
         print(f"step {r['step']:>6}  val_loss {r['val_loss']:.4f}  val_ppl {r['val_ppl']:.1f}")
@@ -28,4 +38,4 @@ def main(run_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart"))
+    sys.exit(run_main(main, sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart", prog="summarize_run"))

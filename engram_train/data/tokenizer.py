@@ -15,6 +15,8 @@ import logging
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
+from engram_train.errors import DataError, MissingInputError
+
 log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
@@ -55,13 +57,13 @@ class Tokenizer:
 
         self.path = str(path)
         if not Path(self.path).is_file():
-            raise FileNotFoundError(f"tokenizer file {self.path} does not exist.  Fix: give data.tokenizer "
+            raise MissingInputError(f"tokenizer file {self.path} does not exist.  Fix: give data.tokenizer "
                                     f"a tokenizer.json (Hugging Face `tokenizers` format) or leave it unset to "
                                     f"train a BPE.")
         try:
             self._tok = HFTokenizer.from_file(self.path)
         except Exception as e:  # the library raises a bare Exception on malformed files
-            raise ValueError(f"{self.path} is not a Hugging Face tokenizer.json ({e}).  Fix: give the "
+            raise DataError(f"{self.path} is not a Hugging Face tokenizer.json ({e}).  Fix: give the "
                              f"tokenizer.json file itself, not a vocab/merges file or a directory.") from e
         self._tok.encode_special_tokens = True
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
@@ -79,7 +81,7 @@ class Tokenizer:
         for token in tried:
             if self._tok.token_to_id(token) is not None:
                 return token
-        raise ValueError(f"{self.path} has no {what} token: tried {list(tried)}.  Fix: add one of them "
+        raise DataError(f"{self.path} has no {what} token: tried {list(tried)}.  Fix: add one of them "
                          f"as a special token, or name yours explicitly ({what.lower()}_token=...).")
 
     def encode(self, text: str) -> List[int]:

@@ -1,6 +1,6 @@
 """DeepSpeed engine wiring for a megatron-core model.
 
-DeepSpeed trains the parameters (ZeRO stage 0-2, optional CPU optimizer offload);
+DeepSpeed trains the parameters (ZeRO stage 1-2, optional CPU optimizer offload);
 megatron's ``parallel_state`` is handed over as ``mpu`` so data-parallel
 reductions use megatron's DP group and the gradient norm counts each
 tensor-parallel shard once.
@@ -158,21 +158,56 @@ def deepspeed_config(cfg: Config, dp_size: int, use_bf16: bool) -> Dict[str, Any
         "gradient_accumulation_steps": gas,
         "train_batch_size": micro * gas * dp_size,
         "gradient_clipping": t.grad_clip,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": t.lr,
-                "betas": [t.adam_beta1, t.adam_beta2],
-                "eps": t.adam_eps,
-                "weight_decay": t.weight_decay,
-            },
-        },
+        "optimizer": {"type": "AdamW", "params": adamw_params(cfg)},
         "bf16": {"enabled": use_bf16},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def adamw_params(cfg: Config) -> Dict[str, Any]:
+    """DeepSpeed's AdamW, computed by ``torch.optim.AdamW`` (``torch_adam``).
+
+    DeepSpeed's own Adams (``FusedAdam``, and ``DeepSpeedCPUAdam`` under ZeRO-Offload) are C++/CUDA
+    extensions compiled on first use into a cache every environment of the user shares; a run
+    killed while one builds leaves a lock there that makes every later run wait forever, and on a
+    CPU the build costs a minute of the first run.  torch's AdamW needs no build and is the same
+    rule; its bias correction comes from the step count alone, so a resumed run continues bit for
+    bit (the C++ CPU kernels carry beta^t from step to step in the process).  On CUDA it runs
+    fused.  Cost: with ``parallel.offload_optimizer=cpu`` the CPU step is torch's rather than
+    DeepSpeed's AVX kernel (docs/configuration.md).
+    """
+    t, p = cfg.trainer, cfg.parallel
+    params: Dict[str, Any] = {
+        "lr": t.lr,
+        "betas": [t.adam_beta1, t.adam_beta2],
+        "eps": t.adam_eps,
+        "weight_decay": t.weight_decay,
+        "torch_adam": True,
+    }
+    if torch.cuda.is_available() and p.offload_optimizer == "none":
+        params["fused"] = True
+    return params
+
+
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from compiling its shared-memory collectives on a CPU machine.
+
+    DeepSpeed's communication backend builds the ``deepspeed_shm_comm`` extension when it starts on
+    its CPU accelerator (about 80 s on 2 cores, at run time, also for one process).  Only
+    ``inference_all_reduce`` uses it; training reduces through the process group (gloo).  Marking
+    the op incompatible in DeepSpeed's own table of compatible ops makes it skip the build.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 def param_groups(model: nn.Module, cfg: Config) -> List[Dict[str, Any]]:
@@ -237,6 +272,7 @@ def build_engine(model: nn.Module, cfg: Config, dp_size: int, use_bf16: bool, ta
 
     groups = param_groups(model, cfg)
     ds_cfg = deepspeed_config(cfg, dp_size, use_bf16)
+    skip_shm_comm_build()
     # deepspeed.initialize expects the launcher's env; a process started without torchrun has none.
     os.environ.setdefault("LOCAL_RANK", "0")
     engine, optimizer, _, _ = deepspeed.initialize(

@@ -234,5 +234,5 @@ def load(engine, path: str) -> None:
     if step:
         for i, hp in enumerate(opt.single_partition_of_fp32_groups):
             map_to_flat_opt_states(hp, opt.bit16_groups[i], opt.optimizer.state, list(MOMENTS))
-            opt.optimizer.state[hp]["step"] = torch.tensor(float(step))
+            opt.optimizer.state[hp]["step"] = torch.tensor(float(step))   # torch's AdamW keeps a float tensor
     log.info("dense state loaded from %s (Adam step %d)", path, step)

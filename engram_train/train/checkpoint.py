@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from engram_train.config.schema import ConfigError
+from engram_train.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,11 @@ class TrainState:
     consumed_samples: int = 0     # global samples consumed by those steps
 
 
-class IncompatibleCheckpoint(RuntimeError):
+class IncompatibleCheckpoint(UserError, RuntimeError):
     """The checkpoint cannot belong to this run's configuration: a user error, never a reason to fall back."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No checkpoint could be loaded although the run directory holds some."""
 
 
@@ -345,7 +346,7 @@ class Checkpointer:
             raise own_fatal
         for r, out in enumerate(outcomes):
             if out is not None and out[0] == "fatal":
-                raise RuntimeError(f"rank {r} stopped loading checkpoint {path}: {out[1]}")
+                raise IncompatibleCheckpoint(f"rank {r} stopped loading checkpoint {path}: {out[1]}")
         by_reason: Dict[str, List[int]] = {}
         for r, out in enumerate(outcomes):
             if out is not None:

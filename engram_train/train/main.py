@@ -1,6 +1,7 @@
 """``engram-train``: the Hydra entry point.
 
     engram-train experiment=debug_cpu trainer.max_steps=50 run.dir=runs/try
+    engram-train -m experiment=debug_cpu,moe_baseline_cpu trainer.seed=1,2,3   # a sweep: one run dir per job
     torchrun --nproc-per-node 2 -m engram_train.train.main experiment=debug_cpu parallel.tensor_parallel=2
 """
 
@@ -12,27 +13,109 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from engram_train.config.schema import ConfigError
-from engram_train.config.store import CONF_DIR, register, to_config
+from engram_train.config.store import CONF_DIR, compose, register, to_config
+from engram_train.errors import UserError, run_main
 
 register()
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _main(cfg: DictConfig) -> None:
-    try:
-        config = to_config(cfg)
-    except ConfigError as e:
-        print(f"engram-train: invalid configuration: {e}", file=sys.stderr)
-        sys.exit(2)
+    config = run_main(to_config, cfg)
     from engram_train.train.trainer import run
 
-    run(config)
+    multirun = _is_multirun()
+    if multirun:
+        # Every job of a sweep trains into its own job directory (hydra.sweep.dir/hydra.sweep.subdir),
+        # whatever run.dir its experiment names: jobs sharing one would resume each other's checkpoints.
+        from hydra.core.hydra_config import HydraConfig
+
+        config.run.dir = HydraConfig.get().runtime.output_dir
+    _write_run_config(config, cfg)
+    try:
+        # A user error on any rank, at start or later: `error: <message>` once, exit code 2 on every rank.
+        run_main(run, config)
+    finally:
+        if multirun:   # the next job of the sweep runs in this process and builds its groups afresh
+            from engram_train.parallel import state
+
+            if "RANK" in os.environ:
+                # Under torchrun the default group is kept for the next job: joining torchrun's
+                # rendezvous store a second time hangs.
+                state._OWNS_PROCESS_GROUP = False
+            state.destroy_parallel()
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _write_run_config(config, cfg: DictConfig) -> None:
+    """``<run.dir>/config.yaml``: the configuration this run trains with, the experiment chosen and the
+    command-line overrides (tools/compare_runs.py groups runs by them; docs/benchmarks.md)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    from dataclasses import asdict
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    record = {"experiment": None, "overrides": []}
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        record = {"experiment": hc.runtime.choices.get("experiment"), "overrides": list(hc.overrides.task)}
+    os.makedirs(config.run.dir, exist_ok=True)
+    path = os.path.join(config.run.dir, "config.yaml")
+    with open(path + ".tmp", "w") as f:
+        f.write(OmegaConf.to_yaml({**record, **asdict(config)}))
+    os.replace(path + ".tmp", path)
 
 
 def main() -> None:
+    _check_before_hydra(sys.argv[1:])   # before torch is imported: a bad input is reported in a second
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     _main()
+
+
+def _check_before_hydra(args) -> None:
+    """Compose and validate the overrides, check run.dir, data.dir and the data inputs, before Hydra
+    runs the job and before torch is imported: Hydra reports its own composition errors over several
+    lines ending in a hint, and creates directories under run.dir before the job starts.  Every rank
+    checks the same things; rank 0 alone prints.  Hydra's flags (--help, --cfg, -m, ...) are left to
+    Hydra, and whatever this misses is caught around the job (``run_main`` in ``_main``)."""
+    if any(a.startswith("-") for a in args):
+        return
+    config = run_main(compose, args)
+    run_main(check_dir, "run.dir", config.run.dir, "checkpoints and metrics go there")
+    run_main(check_dir, "data.dir", config.data.dir, "the prepared data and its lock file go there")
+    run_main(check_data_inputs, config.data)
+
+
+def check_data_inputs(data_cfg) -> None:
+    """What can be checked of the data without reading the corpus: the corpus name, that data.files
+    exist, that data.tokenizer is a tokenizer with an EOS token (the prepare step checks the text)."""
+    from engram_train.data.prepare import fingerprint
+    from engram_train.data.tokenizer import Tokenizer
+
+    fingerprint(data_cfg)
+    if data_cfg.tokenizer:
+        Tokenizer(data_cfg.tokenizer)
+
+
+def check_dir(key: str, value: str, why: str) -> None:
+    """``key=value`` must name a directory this process can create, or one it can write."""
+    existing = os.path.abspath(value)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{key}={value!r}: {existing} is a file, not a directory; point {key} at a directory "
+                        "(it is created if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={value!r}: {existing} is not writable by this user; choose a {key} you can "
+                        f"write ({why})")
 
 
 def _cuda() -> bool:

@@ -51,6 +51,11 @@ class Trainer:
         from engram_train.parallel.state import init_parallel
 
         self.cfg = cfg
+        # First thing: a preemption signal during setup (data, model, checkpoint load) must not kill
+        # the rank; it stops the run after its first step instead.
+        self._stop_signal: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):   # SLURM preemption / time limit warnings
+            signal.signal(sig, self._on_signal)
         init_parallel(cfg.parallel, seed=cfg.trainer.seed)
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
@@ -119,10 +124,6 @@ class Trainer:
                 counts["total"] += counts["engram_tables"]
             log.info("model parameters: %s", {k: f"{v / 1e6:.2f}M" for k, v in counts.items()})
         log_memory(self.model, self.optimizer, self.table_store, self.rank)
-
-        self._stop_signal: Optional[int] = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):   # SLURM preemption / time limit warnings
-            signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, _frame):
         self._stop_signal = signum

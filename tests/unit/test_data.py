@@ -399,5 +399,5 @@ def test_prepare_cli(corpus, tmp_path, capsys):
     second = json.loads(capsys.readouterr().out)
     assert (first["skipped"], second["skipped"]) == (False, True)
     assert first["documents"] == {"train": 49, "valid": 5} and first["tokens"] == second["tokens"]
-    assert cli.main(["--files", str(tmp_path / "missing.txt"), "--dir", str(tmp_path / "e")]) == 1
+    assert cli.main(["--files", str(tmp_path / "missing.txt"), "--dir", str(tmp_path / "e")]) == 2
     assert "missing.txt" in capsys.readouterr().err

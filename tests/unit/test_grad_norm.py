@@ -89,4 +89,5 @@ def test_engram_needs_zero_1_or_2():
         _cfg("parallel.zero_stage=0")
     with pytest.raises(ConfigError, match=r"parallel.zero_stage=3"):
         _cfg("parallel.zero_stage=3")
-    _cfg("parallel.zero_stage=0", "engram.enabled=false")   # without tables DeepSpeed owns everything
+    with pytest.raises(ConfigError, match=r"parallel.zero_stage=0"):   # dense checkpoints need ZeRO-1/2 too
+        _cfg("parallel.zero_stage=0", "engram.enabled=false")

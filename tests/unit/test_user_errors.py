@@ -1,0 +1,217 @@
+"""Bad inputs end in one message naming the key, file or value, exit code 2 and no traceback.
+
+Each case runs an entry point as a subprocess, as a user would: ``engram-train`` (the module
+behind the console script), the scripts in ``tools/``, and one 2-rank launch through
+``engram_train.torchrun``.  Most errors are found before torch is imported, so a case takes
+about a second; the few that need the trainer (data read by the prepare step, a checkpoint,
+a batch that does not fit the ranks) take longer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN = [sys.executable, "-m", "engram_train.train.main"]
+
+
+def _tool(name):
+    return [sys.executable, str(ROOT / "tools" / f"{name}.py")]
+
+
+def _run(cmd, cwd, env_extra=None, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.pop("ENGRAM_TRAIN_DEBUG", None)
+    env.update(env_extra or {})
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_one_clear_error(proc, *needles):
+    err = proc.stderr
+    assert proc.returncode == 2, f"exit code {proc.returncode}\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    assert "HYDRA_FULL_ERROR" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if "error: " in ln]
+    assert len(lines) == 1, err[-3000:]
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Bad (and good) input files, written once."""
+    from tokenizers import Tokenizer, models
+
+    d = tmp_path_factory.mktemp("inputs")
+    rng = __import__("random").Random(0)
+    (d / "random.txt").write_bytes(bytes(rng.randrange(256) for _ in range(20000)))
+    (d / "latin1.txt").write_bytes(("Voilà une phrase très française, à l'été.\n\n" * 200).encode("latin-1"))
+    (d / "nul.txt").write_bytes(b"text\x00with a NUL byte\n\n" * 100)
+    (d / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    (d / "notext.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    (d / "table.csv").write_text("a,b\n1,2\n")
+    (d / "not_a_tokenizer.json").write_text("hello")
+    Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")).save(str(d / "no_eos_tokenizer.json"))
+    (d / "a_file").write_text("I am a file")
+    (d / "garbage_run").mkdir()
+    (d / "garbage_run" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo\n')
+    return d
+
+
+# (overrides of engram-train, substrings the one error line must contain)
+CONFIG_CASES = [
+    (["model.foo=1"], ["model.foo"]),
+    (["+foo=1"], ["foo: not a configuration key"]),
+    (["+trainer.foo=1"], ["trainer.foo: not a configuration key"]),
+    (["model.hidden_size=abc"], ["model.hidden_size", "abc"]),
+    (["trainer.max_steps=1.5"], ["trainer.max_steps"]),
+    (["experiment=nope"], ["experiment/nope", "debug_cpu"]),
+    (["model=nope"], ["model/nope"]),
+    (["model.hidden_size=["], ["model.hidden_size=["]),
+    (["parallel.zero_stage=3"], ["parallel.zero_stage=3", "parallel.zero_stage=1 or 2"]),
+    (["parallel.zero_stage=0"], ["parallel.zero_stage=0"]),
+    (["experiment=moe_baseline_cpu", "parallel.zero_stage=3"], ["parallel.zero_stage=3"]),
+    (["parallel.sequence_parallel=true"], ["parallel.sequence_parallel=True", "tensor_parallel"]),
+    (["trainer.stop_at_step=-1"], ["trainer.stop_at_step=-1"]),
+    (["trainer.stop_at_step=0"], ["trainer.stop_at_step=0"]),
+    (["trainer.max_steps=0"], ["trainer.max_steps=0"]),
+    (["engram.hc_mult=2"], ["engram.hc_mult=2", "engram.hc_mult=1"]),
+    (["parallel.tensor_parallel=3"], ["parallel.tensor_parallel=3", "model.num_attention_heads=4"]),
+    (["parallel.tensor_parallel=2", "model.ffn_hidden_size=511"], ["model.ffn_hidden_size=511"]),
+    (["parallel.tensor_parallel=2", "model.moe_ffn_hidden_size=127"], ["model.moe_ffn_hidden_size=127"]),
+    (["parallel.tensor_parallel=2", "model.num_query_groups=1"], ["model.num_query_groups=1"]),
+    (["parallel.tensor_parallel=2", "parallel.sequence_parallel=false"], ["parallel.sequence_parallel=False"]),
+    (["parallel.expert_parallel=3"], ["parallel.expert_parallel=3", "model.num_experts=4"]),
+    (["parallel.offload_optimizer=nvme"], ["parallel.offload_optimizer='nvme'"]),
+    (["parallel.backend=mpi"], ["parallel.backend='mpi'"]),
+    (["engram.partition=rows"], ["engram.partition='rows'"]),
+    (["engram.optimizer=sgd"], ["engram.optimizer='sgd'"]),
+    (["engram.residency=host"], ["engram.optimizer='adam'", "sparse_adam"]),
+    (["engram.layer_ids=[1,9]"], ["engram.layer_ids=[1, 9]", "model.num_layers=4"]),
+    (["engram.n_embed_per_ngram=30"], ["engram.n_embed_per_ngram=30"]),
+    (["data.seq_length=512"], ["data.seq_length=512", "model.max_seq_length=256"]),
+    (["data.global_batch_size=12"], ["data.global_batch_size=12"]),
+    (["data.vocab_size=100"], ["data.vocab_size=100"]),
+    (["trainer.precision=fp8"], ["trainer.precision='fp8'"]),
+    (["run.wandb_mode=loud"], ["run.wandb_mode='loud'"]),
+    (["model.moe_token_dispatcher_type=flex"], ["model.moe_token_dispatcher_type='flex'"]),
+    (["data.corpus=wikipedia"], ["data.corpus='wikipedia'"]),
+    (["data.files=[a.txt]"], ["data.files", "data.corpus=files"]),
+    (["data.corpus=files"], ["data.files"]),
+    (["data.global_batch_size=0"], ["data.global_batch_size=0"]),
+    (["trainer.grad_clip=-1"], ["trainer.grad_clip=-1"]),
+    (["trainer.adam_beta2=1.5"], ["trainer.adam_beta2=1.5"]),
+    (["trainer.weight_decay=-0.1"], ["trainer.weight_decay=-0.1"]),
+    (["engram.table_weight_decay=-1"], ["engram.table_weight_decay=-1"]),
+    (["model.hidden_dropout=1.5"], ["model.hidden_dropout=1.5"]),
+]
+
+
+@pytest.mark.parametrize("overrides, needles", CONFIG_CASES, ids=[" ".join(c[0]) for c in CONFIG_CASES])
+def test_engram_train_config_errors(overrides, needles, tmp_path):
+    proc = _run(TRAIN + ["experiment=debug_cpu", f"run.dir={tmp_path}/run"] + overrides, cwd=tmp_path)
+    _assert_one_clear_error(proc, *needles)
+
+
+# Errors about files, found before training: (overrides with {d} = the inputs dir, needles)
+FILE_CASES = [
+    (["data.corpus=files", "data.files=[{d}/missing.txt]"], ["{d}/missing.txt"]),
+    (["data.corpus=files", "data.files=[{d}/*.nomatch]"], ["*.nomatch", "matches no file"]),
+    (["data.corpus=files", "data.files=[{d}/table.csv]"], ["table.csv", ".txt"]),
+    (["data.tokenizer={d}/missing.json"], ["data.tokenizer", "missing.json"]),
+    (["data.tokenizer={d}/not_a_tokenizer.json"], ["not_a_tokenizer.json"]),
+    (["data.tokenizer={d}/no_eos_tokenizer.json"], ["no_eos_tokenizer.json", "EOS"]),
+    (["run.dir={d}/a_file/run"], ["run.dir=", "a_file is a file"]),
+    (["data.dir={d}/a_file/data"], ["data.dir=", "a_file is a file"]),
+]
+
+
+@pytest.mark.parametrize("overrides, needles", FILE_CASES, ids=[" ".join(c[0]) for c in FILE_CASES])
+def test_engram_train_file_errors(overrides, needles, inputs, tmp_path):
+    args = [o.format(d=inputs) for o in overrides]
+    proc = _run(TRAIN + ["experiment=debug_cpu", f"run.dir={tmp_path}/run", f"data.dir={tmp_path}/data"] + args,
+                cwd=tmp_path)
+    _assert_one_clear_error(proc, *[n.format(d=inputs) for n in needles])
+
+
+TOOL_CASES = [
+    ("plan_memory", ["experiment=debug_cpu"], ["world=N"]),
+    ("plan_memory", ["experiment=debug_cpu", "world=2", "model.foo=1"], ["model.foo"]),
+    ("plan_memory", ["experiment=debug_cpu", "world=2", "parallel.zero_stage=3"], ["parallel.zero_stage=3"]),
+    ("plan_memory", ["experiment=debug_cpu", "world=3", "parallel.tensor_parallel=2"], ["world size 3"]),
+    ("count_params", ["experiment=debug_cpu,model.foo=1"], ["model.foo"]),
+    ("prepare_data", ["--files", "{d}/missing.txt", "--dir", "{t}/d"], ["missing.txt"]),
+    ("prepare_data", ["--files", "{d}/random.txt", "--dir", "{t}/d"], ["random.txt", "not UTF-8"]),
+    ("prepare_data", ["--files", "{d}/latin1.txt", "--dir", "{t}/d"], ["latin1.txt", "not UTF-8", "iconv"]),
+    ("prepare_data", ["--files", "{d}/nul.txt", "--dir", "{t}/d"], ["nul.txt", "NUL"]),
+    ("prepare_data", ["--files", "{d}/bad.jsonl", "--dir", "{t}/d"], ["bad.jsonl:2", "JSON"]),
+    ("prepare_data", ["--files", "{d}/notext.jsonl", "--dir", "{t}/d"], ["notext.jsonl:1", "data.jsonl_text_key"]),
+    ("prepare_data", ["--tokenizer", "{d}/missing.json", "--dir", "{t}/d"], ["missing.json"]),
+    ("prepare_data", ["--vocab-size", "100", "--dir", "{t}/d"], ["data.vocab_size=100"]),
+    ("summarize_run", ["{t}/no_such_run"], ["no_such_run"]),
+    ("summarize_run", ["{d}/garbage_run"], ["metrics.jsonl:2"]),
+]
+
+
+@pytest.mark.parametrize("tool, args, needles", TOOL_CASES, ids=[f"{c[0]} {' '.join(c[1])}" for c in TOOL_CASES])
+def test_tool_errors(tool, args, needles, inputs, tmp_path):
+    proc = _run(_tool(tool) + [a.format(d=inputs, t=tmp_path) for a in args], cwd=ROOT)
+    line = _assert_one_clear_error(proc, *needles)
+    assert line.startswith(f"{tool}: error: ")
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    for env in ({"HYDRA_FULL_ERROR": "1"}, {"ENGRAM_TRAIN_DEBUG": "1"}):
+        proc = _run(TRAIN + ["experiment=debug_cpu", f"run.dir={tmp_path}/run", "trainer.stop_at_step=-1"],
+                    cwd=tmp_path, env_extra=env)
+        assert proc.returncode != 0
+        assert "Traceback" in proc.stderr and "trainer.stop_at_step=-1" in proc.stderr
+
+
+def test_training_data_that_is_not_text_fails_in_the_trainer(inputs, tmp_path):
+    """The prepare step of a training run (after the process group is up) reads the file: Latin-1 text
+    is refused, not decoded to replacement characters."""
+    proc = _run(TRAIN + ["experiment=debug_cpu", f"run.dir={tmp_path}/run", f"data.dir={tmp_path}/data",
+                         "data.corpus=files", f"data.files=[{inputs}/latin1.txt]", "run.wandb_mode=disabled"],
+                cwd=tmp_path)
+    _assert_one_clear_error(proc, f"{inputs}/latin1.txt", "not UTF-8")
+
+
+@pytest.mark.slow
+def test_checkpoint_error_in_the_trainer(tmp_path):
+    """``latest`` names a checkpoint that is not there: one line naming it, not a traceback."""
+    ckpt = tmp_path / "run" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / "latest").write_text("step_00000005\n")
+    proc = _run(TRAIN + ["experiment=debug_cpu", f"run.dir={tmp_path}/run", "run.wandb_mode=disabled"],
+                cwd=tmp_path)
+    _assert_one_clear_error(proc, "step_00000005", "trainer.resume=false")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", ["every_rank", "rank0_only"])
+def test_two_ranks_print_one_error(case, inputs, tmp_path):
+    """Errors found after the process group is up, printed once, exit code 2, no traceback from the ranks
+    or from torchrun.  every_rank: the batch does not fit 2 data-parallel ranks (every rank finds it; the
+    message proposes the micro-batch that fits).  rank0_only: rank 0 prepares the data and finds Latin-1
+    text while rank 1 waits for it in a barrier, which breaks when rank 0 leaves."""
+    if case == "every_rank":
+        overrides, needles = ["parallel.expert_parallel=2"], ["data.micro_batch_size=8", "set data.micro_batch_size=4"]
+    else:
+        overrides = ["data.micro_batch_size=4", f"data.dir={tmp_path}/data", "data.corpus=files",
+                     f"data.files=[{inputs}/latin1.txt]"]
+        needles = [f"{inputs}/latin1.txt", "not UTF-8"]
+    cmd = [sys.executable, "-m", "engram_train.torchrun", "--standalone", "--nproc-per-node", "2",
+           "-m", "engram_train.train.main", "experiment=debug_cpu", f"run.dir={tmp_path}/run",
+           "run.wandb_mode=disabled", *overrides]
+    proc = _run(cmd, cwd=ROOT)
+    _assert_one_clear_error(proc, *needles)
+    assert "ChildFailedError" not in proc.stderr and "FAILED" not in proc.stderr, proc.stderr[-3000:]
