@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from engram_train.config.store import CONF_DIR, compose, register, to_config
 from engram_train.errors import UserError, run_main
+from engram_train.train import signals
 
 register()
 
@@ -31,10 +32,9 @@ def _main(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
         config.run.dir = HydraConfig.get().runtime.output_dir
-    _write_run_config(config, cfg)
     try:
         # A user error on any rank, at start or later: `error: <message>` once, exit code 2 on every rank.
-        run_main(run, config)
+        run_main(run, config, on_start=lambda: _write_run_config(config, cfg))
     finally:
         if multirun:   # the next job of the sweep runs in this process and builds its groups afresh
             from engram_train.parallel import state
@@ -75,6 +75,7 @@ def _write_run_config(config, cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    signals.install()   # first: a preemption signal during start-up must not kill the rank
     _check_before_hydra(sys.argv[1:])   # before torch is imported: a bad input is reported in a second
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     _main()

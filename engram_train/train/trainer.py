@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import random
-import signal
 import time
 from dataclasses import asdict
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from engram_train.config.schema import Config
 from engram_train.train.checkpoint import Checkpointer, TrainState
 from engram_train.train.evaluate import evaluate, forward_loss, to_device
+from engram_train.train import signals
 from engram_train.train.metrics import build_logger
 from engram_train.train.schedule import apply_lr, lr_at
 
@@ -51,11 +51,9 @@ class Trainer:
         from engram_train.parallel.state import init_parallel
 
         self.cfg = cfg
-        # First thing: a preemption signal during setup (data, model, checkpoint load) must not kill
-        # the rank; it stops the run after its first step instead.
-        self._stop_signal: Optional[int] = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):   # SLURM preemption / time limit warnings
-            signal.signal(sig, self._on_signal)
+        # A preemption signal during setup (data, model, checkpoint load) must not kill the rank; it
+        # stops the run after its first step instead (the entry point installed this already).
+        signals.install()
         init_parallel(cfg.parallel, seed=cfg.trainer.seed)
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
@@ -125,14 +123,11 @@ class Trainer:
             log.info("model parameters: %s", {k: f"{v / 1e6:.2f}M" for k, v in counts.items()})
         log_memory(self.model, self.optimizer, self.table_store, self.rank)
 
-    def _on_signal(self, signum, _frame):
-        self._stop_signal = signum
-
     def _stop_requested(self) -> bool:
         """True on every rank once any rank got SIGTERM/SIGUSR1 (checked between steps)."""
         if self.world == 1:
-            return self._stop_signal is not None
-        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
+            return signals.received() is not None
+        flag = torch.tensor([1.0 if signals.received() is not None else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -209,7 +204,7 @@ class Trainer:
                                        extra={"loss": last["loss"], "data_fingerprint": self.data.fingerprint})
             if preempted:
                 log.warning("signal %s: stopped at step %d with a checkpoint; relaunch to resume",
-                            self._stop_signal, step)
+                            signals.received(), step)
                 break
         if bar is not None:
             bar.close()
@@ -265,8 +260,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(cfg: Config) -> Dict[str, float]:
+def run(cfg: Config, on_start: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+    """Train ``cfg``; ``on_start`` runs once the trainer is set up (data, model, checkpoint loaded),
+    so that a launch refused at start leaves the run directory as it was."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     seed_everything(cfg.trainer.seed)
     trainer = Trainer(cfg)
+    if on_start is not None:
+        on_start()
     return trainer.train()

@@ -215,3 +215,31 @@ def test_two_ranks_print_one_error(case, inputs, tmp_path):
     proc = _run(cmd, cwd=ROOT)
     _assert_one_clear_error(proc, *needles)
     assert "ChildFailedError" not in proc.stderr and "FAILED" not in proc.stderr, proc.stderr[-3000:]
+
+
+def _snapshot(root: Path) -> dict:
+    """Every file under ``root`` with its bytes, Hydra's log (appended to by each launch) excepted:
+    what a failed launch must leave as it was."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] != "hydra"}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_model_is_refused_and_nothing_is_changed(tmp_path):
+    """Relaunching a run directory with another model shape stops with one line naming the mismatch,
+    and leaves the run's checkpoints and metrics byte for byte as they were (nothing moved aside,
+    nothing overwritten)."""
+    from tests.distributed.test_train import TINY, _write_corpus
+
+    _write_corpus(str(tmp_path / "corpus.jsonl"))
+    run = tmp_path / "run"
+    common = TINY + ["data.corpus=files", f"data.files=[{tmp_path / 'corpus.jsonl'}]", f"data.dir={tmp_path / 'data'}",
+                     f"run.dir={run}", "trainer.max_steps=2"]
+    first = _run(TRAIN + common, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _snapshot(run)
+    assert {"checkpoints/latest", "metrics.jsonl", "config.yaml"} <= set(before)
+    proc = _run(TRAIN + common + ["model.moe_ffn_hidden_size=32"], cwd=tmp_path)
+    _assert_one_clear_error(proc, "step_00000002", "(64, 64)", "(32, 64)",
+                            "new run.dir")
+    assert _snapshot(run) == before
