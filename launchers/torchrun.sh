@@ -11,4 +11,4 @@ shift
 source "$ROOT/tools/setup_env.sh"
 cd "$ROOT"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec python "$ROOT/launchers/torchrun_graceful.py" --standalone --nproc-per-node "$NPROC" -m engram_train.train.main "$@"
+exec python -m engram_train.torchrun --standalone --nproc-per-node "$NPROC" -m engram_train.train.main "$@"

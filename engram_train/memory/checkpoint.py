@@ -17,6 +17,13 @@ read the overlapping chunks of whatever ranks wrote them, so a checkpoint
 saved with ``partition=all`` on 4 ranks loads with ``partition=tp`` at TP=2,
 or into one process.  Row ranges follow ``torch.chunk`` (see ``layout``),
 which is also ``DTensor``'s rule for uneven ``Shard(0)``.
+
+Each rank's rows are written as chunks of at most ``BLOCK_BYTES``
+(:class:`RowBlockSavePlanner`): DCP reads a saved chunk whole before copying
+the part a rank needs, so a chunk as large as a rank's whole shard (4 GB for
+one tensor of ``experiment=host_1b_cpu``) would cost that much extra memory at
+every resume.  The chunking is DCP metadata only: keys and global shapes do
+not change, and a checkpoint written in any chunking loads at any layout.
 """
 
 from __future__ import annotations
@@ -33,6 +40,64 @@ from engram_train.memory.layout import row_range
 
 PREFIX = "engram_tables"
 MANIFEST = "manifest.json"
+BLOCK_BYTES = 256 << 20
+
+
+def _save_planner():
+    import dataclasses
+    import math
+
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItemType
+    from torch.distributed.tensor import DTensor
+
+    class RowBlockSavePlanner(DefaultSavePlanner):
+        """DCP's default save plan with every tensor chunk of more than ``BLOCK_BYTES`` split into
+        blocks of whole rows (module docstring)."""
+
+        def create_local_plan(self):
+            plan = super().create_local_plan()
+            self._blocks: Dict[Any, int] = {}   # (fqn, global offsets) of a block -> its rows
+            items = []
+            for item in plan.items:
+                td = item.tensor_data
+                if td is None or len(td.chunk.sizes) == 0:
+                    items.append(item)
+                    continue
+                rows = td.chunk.sizes[0]
+                row_bytes = math.prod(td.chunk.sizes[1:]) * td.properties.dtype.itemsize
+                per_block = max(1, BLOCK_BYTES // max(1, row_bytes))
+                if rows <= per_block:
+                    items.append(item)
+                    continue
+                for r0 in range(0, rows, per_block):
+                    n = min(per_block, rows - r0)
+                    offsets = torch.Size([td.chunk.offsets[0] + r0, *td.chunk.offsets[1:]])
+                    sizes = torch.Size([n, *td.chunk.sizes[1:]])
+                    index = MetadataIndex(item.index.fqn, offsets)
+                    self._blocks[(index.fqn, offsets)] = n
+                    items.append(dataclasses.replace(
+                        item, index=index, type=WriteItemType.SHARD,
+                        tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=offsets, sizes=sizes),
+                                                    properties=td.properties, size=td.size)))
+            self.plan = dataclasses.replace(plan, items=items)
+            return self.plan
+
+        def lookup_object(self, index):
+            rows = self._blocks.get((index.fqn, index.offset))
+            if rows is None:
+                return super().lookup_object(index)
+            obj = self.state_dict[index.fqn]
+            local, first_row = obj, 0
+            if isinstance(obj, DTensor):
+                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+                local = obj.to_local()
+                first_row = compute_local_shape_and_global_offset(obj.shape, obj.device_mesh, obj.placements)[1][0]
+            return local.narrow(0, index.offset[0] - first_row, rows)
+
+    return RowBlockSavePlanner()
 
 
 def _mesh(store):
@@ -100,7 +165,7 @@ def save(store, path: str) -> None:
     """Write the store into directory ``path`` (collective over all ranks)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(state_dict(store), checkpoint_id=path)
+    dcp.save(state_dict(store), checkpoint_id=path, planner=_save_planner())
     if dist.get_rank() == 0:
         with open(os.path.join(path, MANIFEST), "w") as f:
             json.dump(manifest(store), f, indent=1)

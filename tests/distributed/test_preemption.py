@@ -26,7 +26,6 @@ pytestmark = [pytest.mark.distributed]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHER = os.path.join(ROOT, "launchers", "torchrun.sh")
-GRACEFUL = os.path.join(ROOT, "launchers", "torchrun_graceful.py")
 
 # A worker that stands in for the trainer: it stops on SIGTERM/SIGUSR1 with the given exit code.
 WORKER = textwrap.dedent("""
@@ -61,7 +60,7 @@ def test_graceful_torchrun_forwards_the_signal_and_returns_the_workers_status(tm
                                                                                to_group, want_rc):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    proc = subprocess.Popen([sys.executable, GRACEFUL, "--standalone", "--nproc-per-node=2", str(worker),
+    proc = subprocess.Popen([sys.executable, "-m", "engram_train.torchrun", "--standalone", "--nproc-per-node=2", str(worker),
                              str(worker_code), str(tmp_path)], env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

@@ -27,7 +27,7 @@ without sequence parallelism, ``all`` at world 2 (TP=1, DP=2) and world 4
 mode, so the SP-off configurations run in eval mode, oracle included (see
 :func:`_training`).
 
-``test_checkpoint_reshards`` saves stores (``all`` on 4 ranks, two table steps)
+``test_checkpoint_reshards`` saves stores (``all`` on 4 ranks, two table steps, in blocks of a few rows)
 with ``engram_train.memory.checkpoint`` and loads them at ``tp`` TP=2 on 2 ranks
 and into one replicated process.
 """
@@ -427,6 +427,9 @@ def _shard_state(store):
             for l, s in store.shards.items()}
 
 
+SMALL_BLOCK_BYTES = 200
+
+
 def _rank_save(path: str):
     """Two table steps through the store's own lookups (no model), then save; returns this rank's shards."""
     import torch.distributed as dist
@@ -435,6 +438,8 @@ def _rank_save(path: str):
     from engram_train.parallel import state as ps
 
     dist.init_process_group("gloo")
+    # Blocks of a few rows: every shard is written as several DCP chunks, which loads must reassemble.
+    checkpoint.BLOCK_BYTES = SMALL_BLOCK_BYTES
     out = {}
     for optimizer in CHECKPOINT_OPTIMIZERS:
         store = _store_only("all", 1, optimizer, SEED)
@@ -493,6 +498,8 @@ def _global(shards):
 def test_checkpoint_reshards(tmp_path):
     import json
 
+    import torch.distributed.checkpoint as dcp
+
     from engram_train.config.schema import ConfigError
     from engram_train.memory import checkpoint
     from engram_train.memory.layout import row_range
@@ -506,6 +513,13 @@ def test_checkpoint_reshards(tmp_path):
             shards = [r[optimizer][l] for r in saved_ranks]
             assert [(s["lo"], s["hi"]) for s in shards] == [row_range(sum(TABLE_SIZES[l]), 4, i) for i in range(4)]
             saved[optimizer][l] = _global(shards)
+        meta = dcp.FileSystemReader(os.path.join(path, optimizer)).read_metadata().state_dict_metadata
+        for l in ENGRAM_LAYERS:
+            weight = meta[f"{checkpoint.PREFIX}.layer{l}.weight"]
+            rows_per_chunk = max(1, SMALL_BLOCK_BYTES // (weight.size[1] * 4))
+            assert max(c.sizes[0] for c in weight.chunks) == rows_per_chunk
+            assert len(weight.chunks) >= sum(-(-(hi - lo) // rows_per_chunk) for lo, hi in
+                                             (row_range(sum(TABLE_SIZES[l]), 4, i) for i in range(4)))
         manifest = json.load(open(os.path.join(path, optimizer, checkpoint.MANIFEST)))
         assert manifest["partition"] == "all" and manifest["world_size"] == 4 and manifest["optimizer"] == optimizer
     s = saved["sparse_adam"][1]

@@ -15,20 +15,12 @@ import sys
 import pytest
 
 from engram_train.config.store import compose
+from tests.unit.test_engram_hashing import ref_isprime as _is_prime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NO_DATA = "data.dir=/nonexistent/engram_count_params"   # the tool's estimate of the compressed vocabulary
 
 
-def _is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    i = 2
-    while i * i <= n:
-        if n % i == 0:
-            return False
-        i += 1
-    return True
 
 
 def formula(experiment: str) -> dict:

@@ -12,19 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-SIZES = {0: [31, 37, 41, 43], 1: [47, 53, 59, 61]}
-B, T, VOCAB = 2, 16, 128
+from tests.unit.test_grad_norm import B, SIZES, T, VOCAB, _cfg as _grad_norm_cfg
 
 
 def _cfg(*overrides):
-    from engram_train.config.store import compose
-
-    return compose(["experiment=debug_cpu", "model.num_layers=2", "model.hidden_size=64",
-                    "model.num_attention_heads=4", "model.ffn_hidden_size=96", "model.moe_ffn_hidden_size=32",
-                    f"model.max_seq_length={T}", "engram.layer_ids=[0,1]", "engram.max_ngram=3",
-                    "engram.heads_per_ngram=2", "engram.n_embed_per_ngram=16", f"data.seq_length={T}",
-                    f"data.micro_batch_size={B}", f"data.global_batch_size={B}", "trainer.grad_clip=0.0",
-                    "trainer.weight_decay=0.1", *overrides])
+    return _grad_norm_cfg("trainer.grad_clip=0.0", "trainer.weight_decay=0.1", *overrides)
 
 
 def _adamw_first_step(w, g, lr, wd, b1, b2, eps):

@@ -209,9 +209,12 @@ def test_two_ranks_print_one_error(case, inputs, tmp_path):
         overrides = ["data.micro_batch_size=4", f"data.dir={tmp_path}/data", "data.corpus=files",
                      f"data.files=[{inputs}/latin1.txt]"]
         needles = [f"{inputs}/latin1.txt", "not UTF-8"]
-    cmd = [sys.executable, "-m", "engram_train.torchrun", "--standalone", "--nproc-per-node", "2",
-           "-m", "engram_train.train.main", "experiment=debug_cpu", f"run.dir={tmp_path}/run",
-           "run.wandb_mode=disabled", *overrides]
+    args = ["experiment=debug_cpu", f"run.dir={tmp_path}/run", "run.wandb_mode=disabled", *overrides]
+    if case == "every_rank":   # the README's launcher, as a user types it
+        cmd = ["bash", str(ROOT / "launchers" / "torchrun.sh"), "2", *args]
+    else:
+        cmd = [sys.executable, "-m", "engram_train.torchrun", "--standalone", "--nproc-per-node", "2",
+               "-m", "engram_train.train.main", *args]
     proc = _run(cmd, cwd=ROOT)
     _assert_one_clear_error(proc, *needles)
     assert "ChildFailedError" not in proc.stderr and "FAILED" not in proc.stderr, proc.stderr[-3000:]
