@@ -40,7 +40,7 @@ from engram_train.memory.layout import row_range
 
 PREFIX = "engram_tables"
 MANIFEST = "manifest.json"
-BLOCK_BYTES = 256 << 20
+BLOCK_BYTES = 64 << 20
 
 
 def _save_planner():
