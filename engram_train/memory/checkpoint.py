@@ -22,8 +22,13 @@ Each rank's rows are written as chunks of at most ``BLOCK_BYTES``
 (:class:`RowBlockSavePlanner`): DCP reads a saved chunk whole before copying
 the part a rank needs, so a chunk as large as a rank's whole shard (4 GB for
 one tensor of ``experiment=host_1b_cpu``) would cost that much extra memory at
-every resume.  The chunking is DCP metadata only: keys and global shapes do
-not change, and a checkpoint written in any chunking loads at any layout.
+every resume.  Small blocks also bound what saving holds: DCP's writer
+copies each block (a view of a larger tensor) and keeps the last copy of every
+key until the rank's file is complete, and the allocator keeps freed blocks of
+a few MiB for reuse: about one block per key (measured: +40 MB saving 800 MB in
+4 MiB blocks, +330 MB in 64 MiB blocks).  The
+chunking is DCP metadata only: keys and global shapes do not change, and a
+checkpoint written in any chunking loads at any layout.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from engram_train.memory.layout import row_range
 
 PREFIX = "engram_tables"
 MANIFEST = "manifest.json"
-BLOCK_BYTES = 64 << 20
+BLOCK_BYTES = 4 << 20
 
 
 def _save_planner():
