@@ -20,6 +20,16 @@ SIZES = {0: [31, 37, 41, 43], 1: [47, 53, 59, 61]}
 B, T, VOCAB = 2, 16, 128
 
 
+def backward_one_batch(engine) -> None:
+    """One micro-batch of random tokens and hash ids (seed 0) through ``engine``, and its backward."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (B, T), generator=g)
+    labels = torch.randint(0, VOCAB, (B, T), generator=g)
+    hash_ids = {l: torch.randint(0, min(s), (B, T, 4), generator=g) for l, s in SIZES.items()}
+    loss = engine(tokens, torch.arange(T).expand(B, T), labels, engram_hash_ids=hash_ids).float().mean()
+    engine.backward(loss)
+
+
 def _cfg(*overrides):
     from engram_train.config.store import compose
 
@@ -49,12 +59,7 @@ def test_deepspeed_norm_includes_tables_and_tables_are_clipped_alike(overrides, 
         model, store = build_parallel_model(cfg, VOCAB, SIZES, torch.bfloat16 if bf16 else torch.float32)
         engine, optimizer = build_engine(model, cfg, 1, bf16, store)
         assert type(optimizer).__name__ == optimizer_class
-        g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, VOCAB, (B, T), generator=g)
-        labels = torch.randint(0, VOCAB, (B, T), generator=g)
-        hash_ids = {l: torch.randint(0, min(s), (B, T, 4), generator=g) for l, s in SIZES.items()}
-        loss = engine(tokens, torch.arange(T).expand(B, T), labels, engram_hash_ids=hash_ids).float().mean()
-        engine.backward(loss)
+        backward_one_batch(engine)
         table_sq = float(store.reduce_gradients())
         dense_sq = sum(float(safe_get_full_grad(p).double().square().sum()) for p in model.parameters())
         assert table_sq > 0 and dense_sq > 0

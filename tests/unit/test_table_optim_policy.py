@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.test_grad_norm import B, SIZES, T, VOCAB, _cfg as _grad_norm_cfg
+from tests.unit.test_grad_norm import SIZES, VOCAB, _cfg as _grad_norm_cfg, backward_one_batch
 
 
 def _cfg(*overrides):
@@ -51,12 +51,7 @@ def test_table_rows_keep_their_lr_multiplier_and_weight_decay(optimizer, lr_mult
 
         lr = 2e-3
         apply_lr(ds_optimizer, lr)
-        g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, VOCAB, (B, T), generator=g)
-        labels = torch.randint(0, VOCAB, (B, T), generator=g)
-        hash_ids = {l: torch.randint(0, min(s), (B, T, 4), generator=g) for l, s in SIZES.items()}
-        loss = engine(tokens, torch.arange(T).expand(B, T), labels, engram_hash_ids=hash_ids).float().mean()
-        engine.backward(loss)
+        backward_one_batch(engine)
         store.reduce_gradients()
         before = {l: s.weight.clone() for l, s in store.shards.items()}
         grads = {l: (s.grad[0].clone(), s.grad[1].clone()) for l, s in store.shards.items()}
