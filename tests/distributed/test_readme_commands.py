@@ -68,7 +68,7 @@ def _env():
 @pytest.mark.parametrize("argv", COMMANDS, ids=[_id(c) for c in COMMANDS])
 def test_readme_command_runs(argv, data_overrides, tmp_path):
     if argv[0] == "sbatch":
-        pytest.skip("needs SLURM")
+        pytest.skip("a GPU recipe; tests/slurm/ submits launchers/slurm.sbatch with a CPU experiment")
     if argv[0] == "python" and argv[1] in SKIPPED_TOOLS:
         pytest.skip("a benchmark of minutes")
     if argv[0] == "python":
