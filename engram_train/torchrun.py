@@ -31,6 +31,7 @@ import signal
 import sys
 
 from engram_train.errors import USER_ERROR_EXIT
+from engram_train.train.signals import STOP_SIGNAL_ENV
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -38,6 +39,9 @@ FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 def _forward(signum, _frame) -> None:
     import psutil
 
+    # Workers started after this (the signal came while the agent was still starting them) inherit
+    # the request through the environment (engram_train.train.signals).
+    os.environ[STOP_SIGNAL_ENV] = str(int(signum))
     # The workers are the agent's direct children (torchrun starts each with Popen).
     for child in psutil.Process().children():
         try:

@@ -184,9 +184,10 @@ def reduce_row_grads(row_ids: torch.Tensor, grads: torch.Tensor,
     """Unique ``row_ids`` ascending (int64 ``[U]``) and the sum of their duplicates' ``grads`` (``[U, d]``).
 
     ``row_ids`` int64 ``[M]``, ``grads [M, d]`` on one device.  Sums accumulate in
-    fp32 and come back in ``grads``' dtype.  Deterministic on every backend:
-    Triton sorts stably and sums each run of equal ids in a fixed order, with no
-    float atomics.
+    fp32 and come back in ``grads``' dtype.  The Triton kernel is deterministic on
+    every device: it sorts stably and sums each run of equal ids in a fixed order,
+    with no float atomics.  The torch reference (``index_add_``) is deterministic
+    on the CPU; on CUDA it adds with float atomics.
     """
     if row_ids.dtype != torch.int64 or row_ids.dim() != 1:
         raise ValueError(f"row_ids: expected int64 [M], got {row_ids.dtype} {list(row_ids.shape)}")

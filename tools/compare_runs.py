@@ -23,7 +23,7 @@ Definitions (docs/benchmarks.md): "final" is the last step every seed of the gro
 tokens/s of a run is the mean over its logged steps, the first one excepted when there are several
 (its interval includes start-up); the difference is paired by seed when both experiments have the same
 seeds (mean and std of the per-seed differences), else the difference of the means with spread
-sqrt(sA^2/nA + sB^2/nB).
+sqrt(sA^2 + sB^2) (the spread of one B run minus one A run).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
+
+from engram_train.errors import UserError
 
 SKIP_OVERRIDES = ("trainer.seed", "run.dir", "hydra.")
 
@@ -58,7 +60,7 @@ def find_run_dirs(paths: List[str]) -> List[str]:
     found: List[str] = []
     for p in paths:
         if not os.path.isdir(p):
-            raise SystemExit(f"compare_runs: {p} is not a directory; pass run directories or a sweep directory")
+            raise UserError(f"{p} is not a directory; pass run directories or a sweep directory")
         if os.path.isfile(os.path.join(p, "metrics.jsonl")):
             found.append(p)
             continue
@@ -67,7 +69,7 @@ def find_run_dirs(paths: List[str]) -> List[str]:
             if "metrics.jsonl" in files:
                 found.append(dirpath)
     if not found:
-        raise SystemExit(f"compare_runs: no metrics.jsonl under {' '.join(paths)}; did the runs start?")
+        raise UserError(f"no metrics.jsonl under {' '.join(paths)}; did the runs start?")
     return found
 
 
@@ -173,7 +175,8 @@ def difference(a: List[Run], b: List[Run], key: str) -> Tuple[List[int], List[fl
     """B - A of ``key`` at the steps both experiments logged for every seed: (steps, mean, spread, paired)."""
     steps = sorted(set(common_steps(a, key)) & set(common_steps(b, key)))
     seeds_a, seeds_b = [r.seed for r in a], [r.seed for r in b]
-    paired = (None not in seeds_a and sorted(seeds_a) == sorted(seeds_b) and len(set(seeds_a)) == len(seeds_a))
+    paired = (None not in seeds_a and None not in seeds_b and sorted(seeds_a) == sorted(seeds_b)
+              and len(set(seeds_a)) == len(seeds_a))
     means, spreads = [], []
     if paired:
         sa = {r.seed: r.series(key) for r in a}
@@ -187,7 +190,9 @@ def difference(a: List[Run], b: List[Run], key: str) -> Tuple[List[int], List[fl
             ma, sa_ = mean_std([r.series(key)[t] for r in a])
             mb, sb_ = mean_std([r.series(key)[t] for r in b])
             means.append(mb - ma)
-            spreads.append(math.sqrt(sa_ ** 2 / len(a) + sb_ ** 2 / len(b)))
+            # The spread of one B run minus one A run, the same scale as the paired case's std of
+            # per-seed differences (not the standard error of the difference of means).
+            spreads.append(math.sqrt(sa_ ** 2 + sb_ ** 2))
     return steps, means, spreads, paired
 
 
@@ -224,7 +229,7 @@ def markdown(groups: Dict[str, List[Run]], summaries: Dict[str, dict], diffs: Li
     for d in diffs:
         lines += ["", f"## {d['b']} − {d['a']}", "",
                   ("Paired by seed: mean ± std of the per-seed differences." if d["paired"] else
-                   "Seeds differ: difference of the means, spread sqrt(sA²/nA + sB²/nB)."),
+                   "Seeds differ: difference of the means, spread sqrt(sA² + sB²)."),
                   "Negative: B has the lower loss.", "",
                   "| metric | step | B − A |", "|---|---:|---:|"]
         for key in ("loss", "val_loss"):
@@ -341,7 +346,7 @@ def compare(paths: List[str], out: str, diff: Optional[List[str]] = None, plots:
     if diff:
         for name in diff:
             if name not in groups:
-                raise SystemExit(f"compare_runs: --diff {name!r} is not an experiment here; "
+                raise UserError(f"--diff {name!r} is not an experiment here; "
                                  f"choose among {', '.join(repr(g) for g in groups)}")
         pairs = [(diff[0], diff[1])]
     elif len(groups) >= 2:
@@ -379,4 +384,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engram_train.errors import run_main
+
+    sys.exit(run_main(main, prog="compare_runs"))

@@ -70,7 +70,8 @@ def unique_rows(ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def sum_rows(inv: torch.Tensor, grad: torch.Tensor, num_unique: int) -> torch.Tensor:
-    """``out[u] = sum of grad[i] with inv[i] == u`` (fixed order: deterministic)."""
+    """``out[u] = sum of grad[i] with inv[i] == u`` (deterministic on the CPU; CUDA's ``index_add_``
+    uses float atomics, ``kernels.reduce_row_grads(backend="triton")`` does not)."""
     out = grad.new_zeros(num_unique, grad.shape[-1])
     return out.index_add_(0, inv, grad)
 

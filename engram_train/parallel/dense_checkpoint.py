@@ -234,5 +234,9 @@ def load(engine, path: str) -> None:
     if step:
         for i, hp in enumerate(opt.single_partition_of_fp32_groups):
             map_to_flat_opt_states(hp, opt.bit16_groups[i], opt.optimizer.state, list(MOMENTS))
-            opt.optimizer.state[hp]["step"] = torch.tensor(float(step))   # torch's AdamW keeps a float tensor
+            # torch's AdamW keeps its step as a float32 tensor: on the CPU, except for the fused and
+            # capturable kernels (CUDA), which need it on the parameters' device.
+            group = opt.optimizer.param_groups[i]
+            device = hp.device if group.get("fused") or group.get("capturable") else "cpu"
+            opt.optimizer.state[hp]["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
     log.info("dense state loaded from %s (Adam step %d)", path, step)

@@ -22,6 +22,8 @@ register()
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _main(cfg: DictConfig) -> None:
+    if signals.received() is not None:   # a sweep preempted in an earlier job: start no other
+        return
     config = run_main(to_config, cfg)
     from engram_train.train.trainer import run
 
@@ -84,15 +86,28 @@ def main() -> None:
 def _check_before_hydra(args) -> None:
     """Compose and validate the overrides, check run.dir, data.dir and the data inputs, before Hydra
     runs the job and before torch is imported: Hydra reports its own composition errors over several
-    lines ending in a hint, and creates directories under run.dir before the job starts.  Every rank
-    checks the same things; rank 0 alone prints.  Hydra's flags (--help, --cfg, -m, ...) are left to
-    Hydra, and whatever this misses is caught around the job (``run_main`` in ``_main``)."""
-    if any(a.startswith("-") for a in args):
+    lines ending in a hint, and creates directories under run.dir before the job starts.  A sweep
+    (``-m``) is checked job by job, before its first job trains.  Every rank checks the same things;
+    rank 0 alone prints.  Hydra's other flags (--help, --cfg, ...) are left to Hydra, and whatever
+    this misses is caught around the job (``run_main`` in ``_main``)."""
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    overrides = [a for a in args if a not in ("-m", "--multirun")]
+    if any(a.startswith("-") for a in overrides):
         return
-    config = run_main(compose, args)
-    run_main(check_dir, "run.dir", config.run.dir, "checkpoints and metrics go there")
-    run_main(check_dir, "data.dir", config.data.dir, "the prepared data and its lock file go there")
-    run_main(check_data_inputs, config.data)
+    for job in (run_main(sweep_jobs, overrides) if multirun else [overrides]):
+        config = run_main(compose, job)
+        run_main(check_dir, "run.dir", config.run.dir, "checkpoints and metrics go there")
+        run_main(check_dir, "data.dir", config.data.dir, "the prepared data and its lock file go there")
+        run_main(check_data_inputs, config.data)
+
+
+def sweep_jobs(overrides):
+    """The override lists of a sweep's jobs, expanded the way Hydra's basic sweeper expands them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
 def check_data_inputs(data_cfg) -> None:

@@ -176,7 +176,7 @@ class Trainer:
     def train(self) -> Dict[str, float]:
         t = self.cfg.trainer
         tokens_per_step = self.cfg.data.global_batch_size * self.cfg.data.seq_length
-        if self.state.step == 0:
+        if self.state.step == 0 and signals.received() is None:   # preempted during setup: no time for it
             self._evaluate()
         bar = _progress(t.max_steps, self.state.step, t.progress and self.rank == 0)
         last: Dict[str, float] = {}

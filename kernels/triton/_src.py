@@ -159,7 +159,8 @@ def row_adam_kernel(w_ptr, m_ptr, v_ptr, ids_ptr, g_ptr, bc1_ptr, bc2_ptr, U, D,
     row = tl.load(ids_ptr + r, mask=mr, other=0)
     bc1 = tl.load(bc1_ptr + r, mask=mr, other=1.0)
     bc2 = tl.load(bc2_ptr + r, mask=mr, other=1.0)
-    # IEEE-rounded division and square root (tl.sqrt and / are approximate on the GPU), as torch computes them.
+    # IEEE-rounded division and square root (tl.sqrt and / are approximate on the GPU); torch rounds
+    # lr / bc1 as a reciprocal and a product, so the two agree to an ulp or so, not bit for bit.
     step = tl.div_rn(bc1 * 0.0 + lr, bc1)      # lr as a [BLOCK_R] vector (bc1 is finite): exactly lr
     off = row[:, None] * D + c[None, :]
     g = tl.load(g_ptr + r[:, None] * D + c[None, :], mask=mask, other=0).to(tl.float32)

@@ -126,7 +126,7 @@ def test_unpaired_difference_and_groups_by_differing_overrides(tmp_path):
     vb = np.array([METRICS["debug_cpu"][s][1][-1] for s in (2, 3)])
     assert d["val_loss"]["mean"][-1] == pytest.approx(vb.mean() - va.mean(), abs=1e-12)
     assert d["val_loss"]["spread"][-1] == pytest.approx(
-        np.sqrt(va.var(ddof=1) / 2 + vb.var(ddof=1) / 2), abs=1e-12)
+        np.sqrt(va.var(ddof=1) + vb.var(ddof=1)), abs=1e-12)
 
 
 def test_run_without_config_is_its_own_group_and_errors_are_one_line(tmp_path):

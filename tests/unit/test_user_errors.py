@@ -112,6 +112,9 @@ CONFIG_CASES = [
     (["trainer.weight_decay=-0.1"], ["trainer.weight_decay=-0.1"]),
     (["engram.table_weight_decay=-1"], ["engram.table_weight_decay=-1"]),
     (["model.hidden_dropout=1.5"], ["model.hidden_dropout=1.5"]),
+    # A sweep is checked job by job before its first job trains.
+    (["-m", "trainer.seed=1,2", "model.foo=1"], ["model.foo"]),
+    (["-m", "trainer.seed=1,2", "parallel.zero_stage=1,3"], ["parallel.zero_stage=3"]),
 ]
 
 
@@ -158,6 +161,8 @@ TOOL_CASES = [
     ("prepare_data", ["--vocab-size", "100", "--dir", "{t}/d"], ["data.vocab_size=100"]),
     ("summarize_run", ["{t}/no_such_run"], ["no_such_run"]),
     ("summarize_run", ["{d}/garbage_run"], ["metrics.jsonl:2"]),
+    ("compare_runs", ["{t}/no_runs", "--out", "{t}/cmp"], ["no_runs is not a directory"]),
+    ("inspect_engram", ["{t}/no_ckpt", "--out", "{t}/insp"], ["no_ckpt is not a directory"]),
 ]
 
 
