@@ -11,7 +11,9 @@ overrides count as user errors too (``describe``).  ``HYDRA_FULL_ERROR=1`` or
 Several ranks print the message once:
 
 * before the process group exists every rank runs the same deterministic checks (composition,
-  validation), so rank 0 alone prints;
+  validation), so rank 0 alone prints; checks of a node's own files (run.dir, data.dir, data
+  files, tokenizer) are reported by each node's local rank 0 too, naming the host, since another
+  node's files may differ;
 * afterwards the first rank to report claims a key in the process group's store (under torchrun
   the launcher holds it, so it outlives the ranks) and prints; the other ranks exit with the same
   code without a word -- also those whose collective broke because the reporting rank left, whose
@@ -124,11 +126,11 @@ def _store(dist):
         return None
 
 
-def _claim_report() -> bool:
+def _claim_report(node_local: bool = False) -> bool:
     """True on the one rank that prints (module docstring)."""
     dist = _dist()
     if dist is None:
-        return os.environ.get("RANK", "0") in ("", "0")
+        return os.environ.get("RANK", "0") in ("", "0") or (node_local and _local_rank_0())
     store = _store(dist)
     if store is None:
         return True
@@ -136,6 +138,14 @@ def _claim_report() -> bool:
         return store.add(_STORE_KEY, 1) == 1
     except Exception:
         return True
+
+
+def _local_rank_0() -> bool:
+    return os.environ.get("LOCAL_RANK", "0") in ("", "0")
+
+
+def _other_node() -> bool:
+    return os.environ.get("RANK", "0") not in ("", "0") and _local_rank_0()
 
 
 def _peer_reported() -> bool:
@@ -152,7 +162,7 @@ def _peer_reported() -> bool:
         return False
 
 
-def exit_code_for(exc: BaseException, prog: str = "") -> Optional[int]:
+def exit_code_for(exc: BaseException, prog: str = "", node_local: bool = False) -> Optional[int]:
     """Report ``exc`` if it is a user error (or the echo of one on another rank) and return the exit
     code; None means: not a user error, let it propagate with its traceback."""
     if isinstance(exc, (KeyboardInterrupt, SystemExit)) or debug_requested():
@@ -160,18 +170,23 @@ def exit_code_for(exc: BaseException, prog: str = "") -> Optional[int]:
     msg = describe(exc)
     if msg is None:
         return USER_ERROR_EXIT if _peer_reported() else None
-    if _claim_report():
+    if _claim_report(node_local):
         prefix = f"{prog}: " if prog else ""
+        if node_local and _other_node() and _dist() is None:
+            import socket
+
+            prefix += f"[{socket.gethostname()}] "
         print(f"{prefix}error: {msg}", file=sys.stderr, flush=True)
     return USER_ERROR_EXIT
 
 
-def run_main(fn: Callable[..., T], *args, prog: str = "", **kwargs) -> T:
-    """``fn(*args, **kwargs)``; a user error ends the process: ``error: <message>``, exit code 2."""
+def run_main(fn: Callable[..., T], *args, prog: str = "", node_local: bool = False, **kwargs) -> T:
+    """``fn(*args, **kwargs)``; a user error ends the process: ``error: <message>``, exit code 2.
+    ``node_local``: ``fn`` checks this node's files, so each node reports (module docstring)."""
     try:
         return fn(*args, **kwargs)
     except Exception as e:
-        code = exit_code_for(e, prog)
+        code = exit_code_for(e, prog, node_local)
         if code is None:
             raise
         _leave(code)

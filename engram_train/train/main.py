@@ -96,9 +96,10 @@ def _check_before_hydra(args) -> None:
         return
     for job in (run_main(sweep_jobs, overrides) if multirun else [overrides]):
         config = run_main(compose, job)
-        run_main(check_dir, "run.dir", config.run.dir, "checkpoints and metrics go there")
-        run_main(check_dir, "data.dir", config.data.dir, "the prepared data and its lock file go there")
-        run_main(check_data_inputs, config.data)
+        run_main(check_dir, "run.dir", config.run.dir, "checkpoints and metrics go there", node_local=True)
+        run_main(check_dir, "data.dir", config.data.dir, "the prepared data and its lock file go there",
+                 node_local=True)
+        run_main(check_data_inputs, config.data, node_local=True)
 
 
 def sweep_jobs(overrides):

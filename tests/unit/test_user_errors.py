@@ -251,3 +251,18 @@ def test_a_checkpoint_of_another_model_is_refused_and_nothing_is_changed(tmp_pat
     _assert_one_clear_error(proc, "step_00000002", "(64, 64)", "(32, 64)",
                             "new run.dir")
     assert _snapshot(run) == before
+
+
+def test_another_node_reports_its_own_missing_files_and_not_config_errors(tmp_path):
+    """Before the process group exists, rank 0 reports; the first rank of another node reports only
+    what it checks of its own files (they may differ from node 0's), naming its host."""
+    import socket
+
+    other_node = {"RANK": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
+    proc = _run(TRAIN + ["experiment=debug_cpu", f"run.dir={tmp_path}/run", "data.corpus=files",
+                         f"data.files=[{tmp_path}/missing.txt]"], cwd=tmp_path, env_extra=other_node)
+    line = _assert_one_clear_error(proc, "missing.txt")
+    assert line.startswith(f"[{socket.gethostname()}] error: ")
+    proc = _run(TRAIN + ["experiment=debug_cpu", f"run.dir={tmp_path}/run", "model.foo=1"], cwd=tmp_path,
+                env_extra=other_node)
+    assert proc.returncode == 2 and "error" not in proc.stderr, proc.stderr[-2000:]
