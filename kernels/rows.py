@@ -83,6 +83,10 @@ def _gather_torch(weight, hash_ids, offsets):
     return out.view(*hash_ids.shape[:-1], hash_ids.shape[-1] * weight.shape[1])
 
 
+def _gather(weight, hash_ids, offsets, backend):
+    return _gather_triton(weight, hash_ids, offsets) if backend == "triton" else _gather_torch(weight, hash_ids, offsets)
+
+
 def _gather_triton(weight, hash_ids, offsets):
     dev = hash_ids.device
     H, D = hash_ids.shape[-1], weight.shape[1]
@@ -109,8 +113,7 @@ class _GatherRows(torch.autograd.Function):
         ctx.save_for_backward(hash_ids, offsets)
         ctx.table = (weight.shape, weight.dtype, weight.device)
         ctx.backend = backend
-        return _gather_triton(weight, hash_ids, offsets) if backend == "triton" else \
-            _gather_torch(weight, hash_ids, offsets)
+        return _gather(weight, hash_ids, offsets, backend)
 
     @staticmethod
     def backward(ctx, grad):
@@ -137,9 +140,7 @@ def gather_rows(weight: torch.Tensor, hash_ids: torch.Tensor, offsets: torch.Ten
     backend = _backend(backend, dev, "hash_ids")
     if weight.requires_grad and torch.is_grad_enabled():
         return _GatherRows.apply(weight, hash_ids, offsets, backend)
-    if backend == "triton":
-        return _gather_triton(weight, hash_ids, offsets)
-    return _gather_torch(weight, hash_ids, offsets)
+    return _gather(weight, hash_ids, offsets, backend)
 
 
 def gather_rows_grad(grad: torch.Tensor, hash_ids: torch.Tensor, offsets: torch.Tensor,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on this machine (slurmctld + slurmd + munge), for tests/slurm/.
-#   sudo bash tools/local_slurm.sh            # run as root; idempotent
+#   bash tools/local_slurm.sh                 # as root; idempotent
 # Installs Debian's slurm-wlm and munge if missing, writes /etc/slurm/slurm.conf for this host
 # (CPUs=2 unless LOCAL_SLURM_CPUS says otherwise), starts the daemons that are not running and
 # waits until `sinfo` shows the node idle.  No systemd needed (containers have none).

@@ -354,10 +354,6 @@ class Config:
             _require(m.is_moe, "parallel.expert_parallel", p.expert_parallel, "needs model.num_experts > 0")
             _require(m.num_experts % p.expert_parallel == 0, "parallel.expert_parallel", p.expert_parallel,
                      f"must divide model.num_experts={m.num_experts}")
-        if e.enabled:
-            _require(p.zero_stage in (1, 2), "parallel.zero_stage", p.zero_stage,
-                     "Engram tables live in the table store, whose gradient norm joins the dense one inside "
-                     "DeepSpeed's ZeRO-1/2 optimizer (gradient clipping); set parallel.zero_stage=1 or 2")
         if p.tensor_parallel > 1 and m.is_moe:
             _require(p.use_sequence_parallel, "parallel.sequence_parallel", p.sequence_parallel,
                      "megatron's MoE layers under tensor parallelism need sequence parallelism; "

@@ -63,7 +63,8 @@ def _save_planner():
 
         def create_local_plan(self):
             plan = super().create_local_plan()
-            self._blocks: Dict[Any, int] = {}   # (fqn, global offsets) of a block -> its rows
+            # (fqn, global offsets) of a block -> (its rows, the first global row of the chunk it splits)
+            self._blocks: Dict[Any, Any] = {}
             items = []
             for item in plan.items:
                 td = item.tensor_data
@@ -81,7 +82,7 @@ def _save_planner():
                     offsets = torch.Size([td.chunk.offsets[0] + r0, *td.chunk.offsets[1:]])
                     sizes = torch.Size([n, *td.chunk.sizes[1:]])
                     index = MetadataIndex(item.index.fqn, offsets)
-                    self._blocks[(index.fqn, offsets)] = n
+                    self._blocks[(index.fqn, offsets)] = (n, td.chunk.offsets[0])
                     items.append(dataclasses.replace(
                         item, index=index, type=WriteItemType.SHARD,
                         tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=offsets, sizes=sizes),
@@ -90,16 +91,12 @@ def _save_planner():
             return self.plan
 
         def lookup_object(self, index):
-            rows = self._blocks.get((index.fqn, index.offset))
-            if rows is None:
+            block = self._blocks.get((index.fqn, index.offset))
+            if block is None:
                 return super().lookup_object(index)
+            rows, first_row = block
             obj = self.state_dict[index.fqn]
-            local, first_row = obj, 0
-            if isinstance(obj, DTensor):
-                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-                local = obj.to_local()
-                first_row = compute_local_shape_and_global_offset(obj.shape, obj.device_mesh, obj.placements)[1][0]
+            local = obj.to_local() if isinstance(obj, DTensor) else obj
             return local.narrow(0, index.offset[0] - first_row, rows)
 
     return RowBlockSavePlanner()
