@@ -115,8 +115,6 @@ def plan(cfg, world, compressed_vocab=None, ranks_per_node=8):
 
     cfg.validate(world_size=world)
     m, e, p, d, t = cfg.model, cfg.engram, cfg.parallel, cfg.data, cfg.trainer
-    if e.enabled and e.hc_mult != 1:
-        raise ConfigError(f"engram.hc_mult={e.hc_mult}: the megatron backbone has one residual stream; set 1")
     if (m.num_query_groups or m.num_attention_heads) % p.tensor_parallel:
         raise ConfigError(f"model.num_query_groups={m.num_query_groups}: must be divisible by "
                           f"parallel.tensor_parallel={p.tensor_parallel}")

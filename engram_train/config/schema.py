@@ -55,6 +55,12 @@ class ModelConfig:
     moe_token_dispatcher_type: str = "allgather"
     # "aux_loss": the switch-transformer balance loss per micro-batch (megatron's default); "none": off
     moe_router_load_balancing_type: str = "aux_loss"
+    # mHC residual streams (docs/architecture.md): 1 = the plain residual stream; the paper trains 4
+    hc_mult: int = 1
+    hc_sinkhorn_iters: int = 20         # column/row normalizations of each mixing matrix
+    # Activation recomputation: "none" | "selective" (megatron's: core attention) | "full" (every
+    # layer's attention and MLP sublayers; the Engram block is kept out of the recomputed region)
+    recompute: str = "none"
 
     def __post_init__(self):
         for key in ("num_layers", "hidden_size", "num_attention_heads", "max_seq_length",
@@ -79,6 +85,14 @@ class ModelConfig:
                  "model.moe_router_load_balancing_type", self.moe_router_load_balancing_type,
                  "choose 'aux_loss' or 'none'")
 
+        _require(isinstance(self.hc_mult, int) and self.hc_mult >= 1, "model.hc_mult", self.hc_mult,
+                 "the number of residual streams must be an integer >= 1 (1: plain residual; the paper uses 4)")
+        _require(isinstance(self.hc_sinkhorn_iters, int) and self.hc_sinkhorn_iters >= 1,
+                 "model.hc_sinkhorn_iters", self.hc_sinkhorn_iters,
+                 "must be an integer >= 1 (Sinkhorn normalizations of the mHC mixing matrix; default 20)")
+        _require(self.recompute in ("none", "selective", "full"), "model.recompute", self.recompute,
+                 "choose 'none', 'selective' (megatron's: core attention) or 'full' (every layer's sublayers)")
+
     @property
     def is_moe(self) -> bool:
         return bool(self.num_experts)
@@ -97,7 +111,7 @@ class EngramConfig:
     # Empty: table_size_multiplier x compressed vocabulary for every order.
     table_size_per_ngram: List[int] = field(default_factory=list)
     table_size_multiplier: float = 5.0
-    hc_mult: int = 1
+    hc_mult: Optional[int] = None     # follows model.hc_mult (Engram's branches are the residual streams)
     kernel_size: int = 4
     seed: int = 0
     reset_at_doc_boundary: bool = False   # False = reference-exact (n-grams may cross EOS)
@@ -171,8 +185,6 @@ class EngramConfig:
         else:
             _require(self.table_size_multiplier > 0, "engram.table_size_multiplier",
                      self.table_size_multiplier, "must be > 0")
-        _require(self.hc_mult == 1, "engram.hc_mult", self.hc_mult,
-                 "the megatron backbone has one residual stream (no hyper-connections); set engram.hc_mult=1")
         _require(self.kernel_size >= 1, "engram.kernel_size", self.kernel_size, "must be >= 1")
         _require(self.table_lr_mult > 0, "engram.table_lr_mult", self.table_lr_mult, "must be > 0")
         _require(self.table_weight_decay >= 0, "engram.table_weight_decay", self.table_weight_decay, "must be >= 0")
@@ -333,6 +345,9 @@ class Config:
 
     def validate(self, world_size: Optional[int] = None) -> "Config":
         m, e, p, d = self.model, self.engram, self.parallel, self.data
+        _require(e.hc_mult is None or e.hc_mult == m.hc_mult, "engram.hc_mult", e.hc_mult,
+                 f"Engram's branches are the backbone's residual streams (model.hc_mult={m.hc_mult}); "
+                 "set model.hc_mult only and leave engram.hc_mult unset (it follows)")
         if e.enabled:
             bad = [i for i in e.layer_ids if i >= m.num_layers]
             _require(not bad, "engram.layer_ids", e.layer_ids,

@@ -2,7 +2,8 @@
 
 - ``gpt``: ``build_model`` and ``EngramGPTModel`` (the entry point)
 - ``spec``: layer specs; the one place that picks TE / local / CPU modules
-- ``engram_layer``: ``EngramTransformerLayer`` and the per-step ``EngramContext``
+- ``layer``: ``BackboneLayer`` (Engram slot, mHC streams, full recompute) and the per-step ``EngramContext``
+- ``hyper_connection``: mHC mixing, the stream collapse before the final norm
 
 The model knows nothing of placement: tables come through the layer spec
 (``table_provider``) and ``engram_train.parallel.parallelize`` applies the

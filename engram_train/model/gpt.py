@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram_train.config.schema import ConfigError, EngramConfig, ModelConfig, ParallelConfig
-from engram_train.model.engram_layer import EngramContext, EngramTransformerLayer, layer_id_of
+from engram_train.model.layer import EngramContext, layer_id_of
 from engram_train.platform.device import get_device, is_cpu
 
 _EXPERT_PARAM = re.compile(r"\.mlp\.experts\.")
@@ -52,9 +52,10 @@ def engram_block_kwargs(model_cfg: ModelConfig, engram_cfg: EngramConfig,
     """Validated ``EngramBlock`` arguments per 0-based Engram layer id ({} when Engram is off)."""
     if not engram_cfg.enabled:
         return {}
-    if engram_cfg.hc_mult != 1:
-        raise ConfigError(f"engram.hc_mult={engram_cfg.hc_mult}: the megatron backbone has one residual "
-                          "stream; set engram.hc_mult=1 (hyper-connections are not supported)")
+    if engram_cfg.hc_mult not in (None, model_cfg.hc_mult):
+        raise ConfigError(f"engram.hc_mult={engram_cfg.hc_mult}: Engram's branches are the backbone's "
+                          f"residual streams, model.hc_mult={model_cfg.hc_mult}; set model.hc_mult only "
+                          "(engram.hc_mult follows it)")
     bad = [i for i in engram_cfg.layer_ids if not 0 <= i < model_cfg.num_layers]
     if bad:
         raise ConfigError(f"engram.layer_ids={engram_cfg.layer_ids}: layer ids are 0-based and must be "
@@ -70,7 +71,7 @@ def engram_block_kwargs(model_cfg: ModelConfig, engram_cfg: EngramConfig,
             raise ConfigError(f"engram_table_sizes[{layer_id}] has {len(sizes)} sizes, expected "
                               f"(max_ngram-1)*heads_per_ngram = {n_tables}")
         out[layer_id] = dict(
-            hidden_size=model_cfg.hidden_size, hc_mult=1, table_sizes=list(sizes),
+            hidden_size=model_cfg.hidden_size, hc_mult=model_cfg.hc_mult, table_sizes=list(sizes),
             n_embed_per_ngram=engram_cfg.n_embed_per_ngram, heads_per_ngram=engram_cfg.heads_per_ngram,
             max_ngram=engram_cfg.max_ngram, kernel_size=engram_cfg.kernel_size,
             table_init_std=engram_cfg.table_init_std)
@@ -113,6 +114,10 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
             moe_layer_freq=model_cfg.moe_layer_freq,
             moe_router_dtype="fp32",
         )
+    if model_cfg.recompute == "selective":
+        # megatron's selective recompute (core attention by default); "full" is per layer in
+        # BackboneLayer, which keeps the Engram block out of the recomputed region.
+        kwargs.update(recompute_granularity="selective")
     if is_cpu():
         from engram_train.platform import cpu_backend
 
@@ -152,7 +157,7 @@ class EngramGPTModel(nn.Module):
 
     def engram_blocks(self) -> Dict[int, nn.Module]:
         """``{layer_id (0-based): EngramBlock}``."""
-        return {l.engram_layer_id: l.engram for l in self._layers() if isinstance(l, EngramTransformerLayer)}
+        return {l.engram_layer_id: l.engram for l in self._layers() if getattr(l, "engram", None) is not None}
 
     def engram_gate_means(self) -> Dict[int, torch.Tensor]:
         """Mean Engram gate of the last forward per layer (detached 0-d tensors; no sync)."""
@@ -246,7 +251,10 @@ def build_model(model_cfg: ModelConfig, engram_cfg: EngramConfig, parallel_cfg: 
     context = EngramContext()
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=decoder_block_spec(config, blocks, context, table_provider),
+        transformer_layer_spec=decoder_block_spec(config, blocks, context, table_provider,
+                                                  hc_mult=model_cfg.hc_mult,
+                                                  hc_sinkhorn_iters=model_cfg.hc_sinkhorn_iters,
+                                                  recompute_full=model_cfg.recompute == "full"),
         vocab_size=vocab,
         max_sequence_length=model_cfg.max_seq_length,
         share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,

@@ -18,9 +18,12 @@ experts and the token dispatcher named in the config.  Without TE, megatron's
 torch norm cannot run under sequence parallelism and apex is optional, hence
 our RMSNorm on CUDA too.
 
-At every Engram layer the layer's spec is the same, with the module swapped
-for :class:`~engram_train.model.engram_layer.EngramTransformerLayer` and the
-block's arguments passed as ``ModuleSpec.params``.
+Where a layer needs more than megatron's ``TransformerLayer`` (an Engram block,
+``model.hc_mult > 1`` mHC streams, ``model.recompute=full``) its spec is the same
+with the module swapped for :class:`~engram_train.model.layer.BackboneLayer` and
+the extra arguments passed as ``ModuleSpec.params``; under mHC the final norm is
+:class:`~engram_train.model.hyper_connection.CollapseAndNorm` around the backend's
+norm.  With none of these the stock layer is used unchanged.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from engram_train.platform.cpu_backend import RMSNorm, SDPAttention, ensure_te_optional
-from engram_train.model.engram_layer import EngramContext, EngramTransformerLayer
+from engram_train.model.hyper_connection import CollapseAndNorm
+from engram_train.model.layer import BackboneLayer, EngramContext
 from engram_train.platform.device import is_cpu
 
 
@@ -133,24 +137,24 @@ def moe_layer_pattern(config: TransformerConfig) -> List[bool]:
     return [bool(x) for x in freq]
 
 
-def engram_layer_spec(base: ModuleSpec, layer_id: int, block_kwargs: dict,
-                      context: EngramContext, table_provider=None) -> ModuleSpec:
-    """``base`` with the Engram block in front (``layer_id`` is the 0-based config id)."""
+def backbone_layer_spec(base: ModuleSpec, **params) -> ModuleSpec:
+    """``base`` built as a :class:`BackboneLayer` with ``params`` (Engram slot, mHC, recompute)."""
     return ModuleSpec(
-        module=EngramTransformerLayer,
+        module=BackboneLayer,
         submodules=base.submodules,
-        params=dict(base.params or {}, engram_layer_id=layer_id, engram_block_kwargs=block_kwargs,
-                    engram_context=context, engram_table_provider=table_provider),
+        params=dict(base.params or {}, **params),
         metainfo=dict(base.metainfo or {}),
     )
 
 
 def decoder_block_spec(config: TransformerConfig, engram_blocks: Dict[int, dict],
-                       context: EngramContext, table_provider=None) -> TransformerBlockSubmodules:
+                       context: EngramContext, table_provider=None, hc_mult: int = 1,
+                       hc_sinkhorn_iters: int = 20, recompute_full: bool = False) -> TransformerBlockSubmodules:
     """The decoder's spec: one layer spec per layer (MoE or dense, Engram or not) and the final norm.
 
     ``engram_blocks`` maps 0-based layer ids to :class:`EngramBlock` keyword arguments;
-    ``table_provider`` (see :class:`EngramTransformerLayer`) supplies their tables.
+    ``table_provider`` (see :class:`BackboneLayer`) supplies their tables.  ``hc_mult > 1``
+    gives every layer mHC streams; ``recompute_full`` recomputes every layer's sublayers.
     """
     if is_cpu() or not have_transformer_engine():
         ensure_te_optional()   # megatron's router reads a name that only a TE import binds
@@ -171,6 +175,15 @@ def decoder_block_spec(config: TransformerConfig, engram_blocks: Dict[int, dict]
     if moe is not None:
         moe = with_rng_neutral_experts(moe)
     specs = [moe if is_moe else dense for is_moe in moe_layer_pattern(config)]
-    for layer_id, kwargs in engram_blocks.items():
-        specs[layer_id] = engram_layer_spec(specs[layer_id], layer_id, kwargs, context, table_provider)
+    for i, spec in enumerate(specs):
+        params = {}
+        if hc_mult > 1 or recompute_full:
+            params.update(hc_mult=hc_mult, hc_sinkhorn_iters=hc_sinkhorn_iters, recompute=recompute_full)
+        if i in engram_blocks:
+            params.update(engram_layer_id=i, engram_block_kwargs=engram_blocks[i], engram_context=context,
+                          engram_table_provider=table_provider, hc_mult=hc_mult)
+        if params:
+            specs[i] = backbone_layer_spec(spec, **params)
+    if hc_mult > 1:
+        final_norm = ModuleSpec(module=CollapseAndNorm, params=dict(norm=final_norm, hc_mult=hc_mult))
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)

@@ -55,6 +55,12 @@ Patches (:func:`activate_cpu_backend`; each listed in :data:`PATCHES`)
      is replaced by :class:`CpuRNGStatesTracker`, which forks the CPU
      generator instead of the CUDA one; seeded by
      :func:`cpu_model_parallel_manual_seed` with megatron's seed offsets.
+  4. ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``
+     return an empty state / do nothing while no CUDA device exists.  megatron's
+     activation checkpointing (``tensor_parallel.checkpoint``: selective and
+     full recompute) saves and restores the CPU generator, the CUDA generator
+     and the tracker's states; there is no CUDA generator here, and the other
+     two (the tracker's are CPU states, patch 3) are all a CPU replay needs.
 """
 
 from __future__ import annotations
@@ -89,6 +95,7 @@ PATCHES: List[str] = [
     "torch.cuda.current_device -> cpu device (no CUDA device in this process)",
     "megatron.core.transformer.moe.moe_utils.te_general_gemm = None (unbound without TE)",
     "megatron.core.tensor_parallel.random tracker -> CpuRNGStatesTracker",
+    "megatron.core.tensor_parallel.random CUDA generator state get/set -> empty/no-op (no CUDA device)",
 ]
 
 _ACTIVE = False
@@ -134,6 +141,12 @@ def activate_cpu_backend() -> None:
 
     # Patch 3.
     install_cpu_rng_tracker()
+
+    # Patch 4.
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
     _ACTIVE = True
 
 

@@ -39,7 +39,7 @@ def formula(experiment: str) -> dict:
     tables = 0
     if e.enabled:
         d_e = (e.max_ngram - 1) * e.n_embed_per_ngram
-        G = e.hc_mult
+        G = m.hc_mult
         block = d_e * G * h + G * h + d_e * h + h + 3 * G * h + G * h * e.kernel_size
         dense += len(e.layer_ids) * block
         p = int(e.table_size_multiplier * int(0.75 * cfg.data.vocab_size)) - 1

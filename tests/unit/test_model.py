@@ -70,11 +70,15 @@ def test_loss_is_per_token_finite_and_decreases():
 
 
 def test_engram_layers_are_zero_based_and_add_before_attention():
-    from engram_train.model.engram_layer import EngramTransformerLayer
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from engram_train.model.layer import BackboneLayer
 
     model = _build()
     layers = model.gpt.decoder.layers
-    assert [isinstance(l, EngramTransformerLayer) for l in layers] == [True, False, True]
+    # Engram layers are BackboneLayers; the others stay megatron's own layer (hc_mult=1, no recompute)
+    assert [type(l) is BackboneLayer for l in layers] == [True, False, True]
+    assert type(layers[1]) is TransformerLayer
     assert sorted(model.engram_blocks()) == [0, 2] and layers[2].layer_number == 3
 
     seen = {}
@@ -137,8 +141,9 @@ def test_engram_disabled_builds_a_plain_moe_model():
 def test_config_errors():
     from engram_train.model.gpt import build_model
 
-    with pytest.raises(ConfigError, match="engram.hc_mult=2"):   # refused by the schema, at start
-        _cfgs(hc_mult=2)
+    m, e, p = _cfgs(hc_mult=2)    # engram.hc_mult follows model.hc_mult; a different value is refused
+    with pytest.raises(ConfigError, match=r"engram.hc_mult=2: .*model.hc_mult=1"):
+        build_model(m, e, p, VOCAB, TABLE_SIZES)
     m, e, p = _cfgs(layer_ids=[1, 3])
     with pytest.raises(ConfigError, match=r"engram.layer_ids=\[1, 3\].*0-based.*num_layers=3"):
         build_model(m, e, p, VOCAB, {1: TABLE_SIZES[0], 3: TABLE_SIZES[2]})
