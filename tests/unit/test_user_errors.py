@@ -111,6 +111,7 @@ CONFIG_CASES = [
     (["trainer.adam_beta2=1.5"], ["trainer.adam_beta2=1.5"]),
     (["trainer.weight_decay=-0.1"], ["trainer.weight_decay=-0.1"]),
     (["engram.table_weight_decay=-1"], ["engram.table_weight_decay=-1"]),
+    (["engram.pad_id=-1"], ["engram.pad_id=-1", "null"]),
     (["model.hidden_dropout=1.5"], ["model.hidden_dropout=1.5"]),
     # A sweep is checked job by job before its first job trains.
     (["-m", "trainer.seed=1,2", "model.foo=1"], ["model.foo"]),
