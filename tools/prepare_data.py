@@ -47,7 +47,7 @@ def _main(argv) -> int:
                    help="with --corpus files: .txt/.jsonl files, directories or glob patterns")
     p.add_argument("--jsonl-text-key", default=d.jsonl_text_key, help="key of the document text in .jsonl lines")
     p.add_argument("--dir", default=d.dir, help="output directory (data.dir)")
-    p.add_argument("--tokenizer", default=d.tokenizer, help="a tokenizer.json to use instead of training a BPE")
+    p.add_argument("--tokenizer", default=d.tokenizer, help="a tokenizer.json, or a Hugging Face tokenizer directory, to use instead of training a BPE")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="vocabulary of the trained BPE")
     p.add_argument("--valid-fraction", type=float, default=d.valid_fraction, help="fraction of documents for validation")
     p.add_argument("--split-seed", type=int, default=d.split_seed, help="seed of the train/valid document split")

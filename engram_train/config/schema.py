@@ -115,6 +115,9 @@ class EngramConfig:
     kernel_size: int = 4
     seed: int = 0
     reset_at_doc_boundary: bool = False   # False = reference-exact (n-grams may cross EOS)
+    # Raw tokenizer id that left-pads the n-gram windows (compressed like every id, as the reference does).
+    # null: the tokenizer's pad token, else EOS.  DeepSeek's demo pads with 2 (DeepSeek-V3's <｜▁pad▁｜>).
+    pad_id: Optional[int] = None
     # "auto": Triton for CUDA tensors, the native CPU kernel for CPU tensors (each when available), else
     # torch | "torch" | "cpu_kernel" | "triton" (CPU tensors: Triton's interpreter, slow)
     hash_backend: str = "auto"
@@ -165,6 +168,8 @@ class EngramConfig:
         _require(self.prefetch_depth >= 1, "engram.prefetch_depth", self.prefetch_depth, "must be >= 1")
         _require(self.staleness in (0, 1), "engram.staleness", self.staleness,
                  "choose 0 (exact: read after write) or 1 (lock-free, rows up to one step stale)")
+        _require(self.pad_id is None or self.pad_id >= 0, "engram.pad_id", self.pad_id,
+                 "must be a raw tokenizer id >= 0, or null for the tokenizer's pad token (else EOS)")
         if not self.enabled:
             return
         _require(len(self.layer_ids) > 0, "engram.layer_ids", self.layer_ids,

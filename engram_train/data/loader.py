@@ -310,4 +310,10 @@ def build_engram_hasher(prepared: PreparedData, engram_cfg) -> Optional[Hasher]:
     from engram_train.engram.hashing import hasher_from_config
 
     lookup, compressed_vocab_size = load_or_build_compression(str(prepared.tokenizer_path))
-    return hasher_from_config(engram_cfg, lookup, compressed_vocab_size, prepared.pad_id, prepared.eos_id)
+    hasher = hasher_from_config(engram_cfg, lookup, compressed_vocab_size, prepared.pad_id, prepared.eos_id)
+    tok = prepared.tokenizer
+    source = "engram.pad_id" if engram_cfg.pad_id is not None else \
+        f"{tok.pad_source}; engram.pad_id overrides it"
+    log.info("engram: pad id %d %r (%s), compressed to %d", hasher.pad_id, tok.id_to_token(hasher.pad_id), source,
+             hasher.compressed_pad_id)
+    return hasher

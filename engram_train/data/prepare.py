@@ -3,6 +3,8 @@
 ``prepare_data(data_cfg)`` fills ``data.dir`` with::
 
     tokenizer.json            trained byte-level BPE, or a copy of data.tokenizer
+    special_tokens_map.json   copies of those next to data.tokenizer's tokenizer.json, when it has them
+    tokenizer_config.json     (they name special tokens and the decoding's cleanup flag)
     train.bin / train.idx     megatron-core IndexedDataset: one sequence per document, EOS appended
     valid.bin / valid.idx
     meta.json                 vocab_size, eos_id, pad_id, per-split document/token counts, fingerprint
@@ -40,13 +42,15 @@ import numpy as np
 from engram_train.errors import DataError, MissingInputError
 
 from .corpus import DEFAULT_DOC_CHARS, corpus_identity, load_corpus, split_documents
-from .tokenizer import Tokenizer, train_bpe
+from .tokenizer import Tokenizer, tokenizer_json_path, train_bpe
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
 _OUTPUTS = ("tokenizer.json", "train.bin", "train.idx", "valid.bin", "valid.idx")
+# A Hugging Face tokenizer directory's files beside tokenizer.json, copied when present.
+_TOKENIZER_SIDE_FILES = ("special_tokens_map.json", "tokenizer_config.json")
 _ENCODE_BATCH_DOCS = 256
 
 
@@ -102,6 +106,7 @@ class PreparedData:
     @classmethod
     def _from_meta(cls, data_dir: Path, meta: dict, skipped: bool) -> "PreparedData":
         tokenizer = Tokenizer(str(data_dir / "tokenizer.json"), meta["eos_token"], meta["pad_token"])
+        tokenizer.pad_source = meta.get("pad_source", tokenizer.pad_source)
         splits = meta["splits"]
         return cls(dir=data_dir, tokenizer=tokenizer, fingerprint=meta["fingerprint"],
                    num_documents={s: splits[s]["documents"] for s in SPLITS},
@@ -136,12 +141,15 @@ def fingerprint(data_cfg, doc_chars: Optional[int] = None) -> str:
     """Hash of everything that determines the prepared files (no corpus read, no download)."""
     doc_chars = _resolve_doc_chars(data_cfg, doc_chars)
     if data_cfg.tokenizer:
-        tok_path = Path(data_cfg.tokenizer)
+        tok_path = tokenizer_json_path(data_cfg.tokenizer)
         if not tok_path.is_file():
             raise MissingInputError(f"data.tokenizer={data_cfg.tokenizer!r} does not exist (resolved to "
-                                    f"{tok_path.resolve()}).  Fix: point it at a tokenizer.json, or set it to "
-                                    f"null to train a byte-level BPE of data.vocab_size={data_cfg.vocab_size}.")
+                                    f"{tok_path.resolve()}).  Fix: point it at a tokenizer.json or a Hugging Face "
+                                    f"tokenizer directory holding one, or set it to null to train a byte-level "
+                                    f"BPE of data.vocab_size={data_cfg.vocab_size}.")
         tokenizer = f"file:{_sha256_file(tok_path)}"
+        for side in _tokenizer_side_files(tok_path):
+            tokenizer += f",{side.name}:{_sha256_file(side)}"
     else:
         tokenizer = f"bpe:{data_cfg.vocab_size}"
     settings = {
@@ -152,6 +160,10 @@ def fingerprint(data_cfg, doc_chars: Optional[int] = None) -> str:
         "split_seed": int(data_cfg.split_seed),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _tokenizer_side_files(tok_path: Path):
+    return [tok_path.parent / n for n in _TOKENIZER_SIDE_FILES if (tok_path.parent / n).is_file()]
 
 
 @contextmanager
@@ -204,7 +216,10 @@ def _prepare(data_cfg, data_dir: Path, fp: str, doc_chars: int, cache_dir, progr
     try:
         tok_tmp = tmp / "tokenizer.json"
         if data_cfg.tokenizer:
-            shutil.copyfile(data_cfg.tokenizer, tok_tmp)
+            user_tok = tokenizer_json_path(data_cfg.tokenizer)
+            shutil.copyfile(user_tok, tok_tmp)
+            for side in _tokenizer_side_files(user_tok):
+                shutil.copyfile(side, tmp / side.name)
         else:
             t = time.perf_counter()
             train_bpe(docs["train"], data_cfg.vocab_size, len(docs["train"])).save(str(tok_tmp))
@@ -221,7 +236,7 @@ def _prepare(data_cfg, data_dir: Path, fp: str, doc_chars: int, cache_dir, progr
             "files": list(map(str, data_cfg.files)),
             "vocab_size": tokenizer.vocab_size,
             "eos_token": tokenizer.eos_token, "eos_id": tokenizer.eos_id,
-            "pad_token": tokenizer.pad_token, "pad_id": tokenizer.pad_id,
+            "pad_token": tokenizer.pad_token, "pad_id": tokenizer.pad_id, "pad_source": tokenizer.pad_source,
             "tokenizer_source": str(data_cfg.tokenizer) if data_cfg.tokenizer else f"bpe:{data_cfg.vocab_size}",
             "doc_chars": doc_chars, "valid_fraction": data_cfg.valid_fraction, "split_seed": data_cfg.split_seed,
             "splits": splits,
@@ -231,6 +246,11 @@ def _prepare(data_cfg, data_dir: Path, fp: str, doc_chars: int, cache_dir, progr
         (data_dir / "meta.json").unlink(missing_ok=True)
         for name in _OUTPUTS:
             os.replace(tmp / name, data_dir / name)
+        for name in _TOKENIZER_SIDE_FILES:   # the new tokenizer's, or none: never a previous one's
+            if (tmp / name).is_file():
+                os.replace(tmp / name, data_dir / name)
+            else:
+                (data_dir / name).unlink(missing_ok=True)
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=2)
         os.replace(tmp / "meta.json", data_dir / "meta.json")

@@ -70,6 +70,30 @@ def _check(cond: bool, key: str, value, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
+REFERENCE_OFFSETS_KEY = "multi_head_embedding.offsets"
+REFERENCE_TABLE_KEY = "multi_head_embedding.embedding.weight"
+
+
+def reference_hc_mult(state_dict: Mapping[str, torch.Tensor]) -> int:
+    """Residual branches of reference weights: how many ``key_projs.{i}.weight`` they hold (0: none)."""
+    return sum(1 for k in state_dict if k.startswith("key_projs.") and k.endswith(".weight"))
+
+
+def reference_table_sizes(state_dict: Mapping[str, torch.Tensor]) -> Optional[List[int]]:
+    """Each head's rows, from the reference's offsets buffer and table rows (None without both)."""
+    offsets, table = state_dict.get(REFERENCE_OFFSETS_KEY), state_dict.get(REFERENCE_TABLE_KEY)
+    if offsets is None or table is None:
+        return None
+    bounds = [int(v) for v in torch.as_tensor(offsets).flatten()] + [int(table.shape[0])]
+    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def hc_mult_mismatch(ours: int, theirs: int) -> str:
+    return (f"engram.hc_mult={ours}: the weights have {theirs} residual branches (key_projs.0..{theirs - 1}, "
+            f"made with hc_mult={theirs}); set engram.hc_mult={theirs} (in a model: model.hc_mult={theirs}, its "
+            f"residual streams) or port weights made with hc_mult={ours}")
+
+
 class EngramBlock(nn.Module):
     """The Engram module of one layer: ``forward(hidden [B, T, G, H], hash_ids [B, T, heads]) -> [B, T, G, H]``.
 
@@ -171,22 +195,40 @@ class EngramBlock(nn.Module):
             views[f"norm2.{i}.weight"] = self.query_norm.branch_weight(i)
         return views
 
+    def table_offsets(self) -> torch.Tensor:
+        """First row of each head in the table (the reference's ``multi_head_embedding.offsets``)."""
+        starts = [0]
+        for size in self.table_sizes[:-1]:
+            starts.append(starts[-1] + size)
+        return torch.tensor(starts, dtype=torch.int64)
+
     def reference_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Our weights under the reference ``Engram`` module's parameter names (detached copies)."""
-        return {k: v.detach().clone() for k, v in self._reference_views().items()}
+        """Our weights under the reference ``Engram`` module's names (detached copies), offsets buffer included,
+        so that the reference's ``load_state_dict(strict=True)`` takes them."""
+        sd = {k: v.detach().clone() for k, v in self._reference_views().items()}
+        sd[REFERENCE_OFFSETS_KEY] = self.table_offsets()
+        return sd
 
     @torch.no_grad()
     def load_reference_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load weights saved by the reference ``Engram`` module (all of its parameters, strictly)."""
-        views = self._reference_views()
-        # The reference also saves its offsets buffer; it must describe our table sizes.
+        """Load weights saved by the reference ``Engram`` module (all of its parameters, strictly).
+
+        Weights of another ``hc_mult`` or other table sizes are refused with one line naming the
+        key to set (``engram.hc_mult``, ``engram.table_size_per_ngram``); ``engram.port`` also strips
+        the demo's ``engram.`` prefix and works out the table sizes to set.
+        """
         sd = dict(state_dict)
-        ref_offsets = sd.pop("multi_head_embedding.offsets", None)
-        if ref_offsets is not None and hasattr(self.table, "offsets"):
-            if not torch.equal(torch.as_tensor(ref_offsets).cpu().long(), self.table.offsets.cpu()):
-                raise ValueError("state_dict['multi_head_embedding.offsets'] differs from this block's table "
-                                 "offsets: the weights were made for other table sizes; build the block with "
-                                 "the table_sizes of the hasher that the reference used")
+        branches = reference_hc_mult(sd)
+        if branches and branches != self.hc_mult:
+            raise ConfigError(hc_mult_mismatch(self.hc_mult, branches))
+        sizes = reference_table_sizes(sd)
+        if sizes is not None and sizes != self.table_sizes:
+            raise ConfigError(f"engram.table_size_per_ngram: the weights' tables have {len(sizes)} heads of sizes "
+                              f"{sizes}, this block's {self.table_sizes}; set engram.table_size_per_ngram (and "
+                              f"engram.layer_ids, heads_per_ngram, max_ngram) to what the weights were made with "
+                              f"(the demo: 5 x its raw vocabulary for every order)")
+        sd.pop(REFERENCE_OFFSETS_KEY, None)
+        views = self._reference_views()
         missing = sorted(set(views) - set(sd))
         unexpected = sorted(set(sd) - set(views))
         if missing or unexpected:

@@ -8,7 +8,7 @@ heads of that order, by
     id  = mix mod prime[l][n][head]
 
 where ``x`` are compressed token ids, positions before the sequence start read
-the compressed pad id, ``m`` are the layer's odd multipliers drawn from
+the compressed pad id (``engram.pad_id``, raw, compressed like every id), ``m`` are the layer's odd multipliers drawn from
 ``numpy.random.default_rng(seed + 10007*l)`` and the primes are distinct over
 all layers (searched in the configured layer order).  Output ids are laid out
 n-major then head: ``[B, T, (N-1)*K]``.
@@ -357,11 +357,25 @@ class NgramHasher:
         return out
 
 
+def table_size_per_ngram(cfg: EngramConfig, compressed_vocab_size: int) -> List[int]:
+    """``engram.table_size_per_ngram``, or ``table_size_multiplier * V'`` for every order when unset."""
+    return [int(s) for s in cfg.table_size_per_ngram] or \
+        [int(cfg.table_size_multiplier * compressed_vocab_size)] * (cfg.max_ngram - 1)
+
+
 def hasher_from_config(cfg: EngramConfig, lookup, compressed_vocab_size: int, pad_id: int,
                        eos_id: Optional[int]) -> NgramHasher:
-    """The hasher an ``EngramConfig`` describes; unset table sizes are ``table_size_multiplier * V'``."""
-    sizes = list(cfg.table_size_per_ngram) or \
-        [int(cfg.table_size_multiplier * compressed_vocab_size)] * (cfg.max_ngram - 1)
+    """The hasher an ``EngramConfig`` describes; unset table sizes are ``table_size_multiplier * V'``.
+
+    ``pad_id`` is the tokenizer's default (its pad token, else EOS); ``engram.pad_id`` overrides it.
+    """
+    sizes = table_size_per_ngram(cfg, compressed_vocab_size)
+    if getattr(cfg, "pad_id", None) is not None:
+        vocab = len(lookup)
+        _check(0 <= int(cfg.pad_id) < vocab, "engram.pad_id", cfg.pad_id,
+               f"must be a raw id of the tokenizer's {vocab} ids; set it in [0, {vocab}) or null for the "
+               f"tokenizer's pad token")
+        pad_id = int(cfg.pad_id)
     return NgramHasher(lookup, layer_ids=list(cfg.layer_ids), max_ngram=cfg.max_ngram,
                        heads_per_ngram=cfg.heads_per_ngram, table_size_per_ngram=sizes, pad_id=pad_id,
                        seed=cfg.seed, reset_at_doc_boundary=cfg.reset_at_doc_boundary, eos_id=eos_id,

@@ -15,7 +15,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from engram_train.config.schema import ConfigError
 from engram_train.engram.block import EngramBlock
+from engram_train.engram.port import demo_state_dict, load_demo_state_dict
 from engram_train.engram.table import HashIdOutOfRangeError, MultiHeadEmbeddingTable
 
 
@@ -151,8 +153,7 @@ def test_reference_state_dict_roundtrip_and_fresh_init():
     assert 0.015 < float(fresh.table.weight.detach().std()) < 0.025
     # our weights exported under reference names load into the reference and give the same output
     ref2 = RefEngram(16, 4, SIZES_K2_N3, 8, 2, 3)
-    missing, unexpected = ref2.load_state_dict(fresh.reference_state_dict(), strict=False)
-    assert missing == ["multi_head_embedding.offsets"] and unexpected == []
+    ref2.load_state_dict(fresh.reference_state_dict(), strict=True)     # offsets buffer included
     hidden, hash_ids = inputs(4)
     torch.testing.assert_close(fresh(hidden, hash_ids), ref2(hidden, hash_ids), rtol=1e-5, atol=1e-5)
 
@@ -171,8 +172,13 @@ def test_load_reference_state_dict_errors():
     with pytest.raises(ValueError, match=r"state_dict\['value_proj.weight'\]: shape \(16, 5\)"):
         blk.load_reference_state_dict(bad)
     bad = dict(sd, **{"multi_head_embedding.offsets": torch.tensor([0, 1, 2, 3])})
-    with pytest.raises(ValueError, match=r"offsets'\] differs from this block's table offsets"):
+    with pytest.raises(ConfigError, match=r"engram.table_size_per_ngram: the weights' tables have 4 heads of sizes "
+                                          r"\[1, 1, 1, 165\], this block's \[37, 41, 43, 47\]"):
         blk.load_reference_state_dict(bad)
+    ref4, _ = make_pair(G=4)
+    with pytest.raises(ConfigError, match=r"^engram.hc_mult=2: the weights have 4 residual branches .* set "
+                                          r"engram.hc_mult=4 \(in a model: model.hc_mult=4"):
+        blk.load_reference_state_dict(ref4.state_dict())
 
 
 @pytest.mark.parametrize("B, T, G", [(1, 1, 1), (2, 7, 3), (5, 2, 2)])
@@ -248,3 +254,101 @@ def test_hidden_shape_error():
     _, blk = make_pair(G=2)
     with pytest.raises(ValueError, match=r"hidden: expected shape \[B, T, hc_mult=2, hidden_size=16\]"):
         blk(torch.zeros(2, 3, 16), torch.zeros(2, 3, 4, dtype=torch.long))
+
+
+# ---- the demo's TransformerBlock format: engram.-prefixed keys, offsets, table sizes from the raw vocabulary --------
+
+class DemoTransformerBlock(nn.Module):
+    """The demo's block: attention and MoE are stand-ins without weights; the Engram module sits at ``.engram``."""
+
+    def __init__(self, engram):
+        super().__init__()
+        self.attn = lambda x: x
+        self.engram = engram
+
+
+def ref_is_prime(n):
+    return n >= 2 and all(n % d for d in range(2, int(n ** 0.5) + 1))
+
+
+def ref_primes(layer_ids, max_ngram, heads, start_sizes):
+    """The reference's prime search: one global seen set, layer by layer, order by order, head by head."""
+    seen, out = set(), {}
+    for layer in layer_ids:
+        sizes = []
+        for n in range(2, max_ngram + 1):
+            p = start_sizes[n - 2] - 1
+            for _ in range(heads):
+                p += 1
+                while not (ref_is_prime(p) and p not in seen):
+                    p += 1
+                seen.add(p)
+                sizes.append(p)
+        out[layer] = sizes
+    return out
+
+
+RAW_VOCAB, COMPRESSED_VOCAB = 300, 240      # the demo sizes tables 5 x raw, our default 5 x compressed
+
+
+def demo_pair(layer_id, G=1, layer_ids=(1, 15), H=16, n_embed=8, heads=2, max_ngram=3, seed=0):
+    sizes = ref_primes(layer_ids, max_ngram, heads, [5 * RAW_VOCAB] * (max_ngram - 1))[layer_id]
+    torch.manual_seed(seed)
+    demo = DemoTransformerBlock(RefEngram(H, G, sizes, n_embed, heads, max_ngram))
+    with torch.no_grad():
+        for p in demo.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.ndim == 1 else 0.0))
+    return demo, sizes
+
+
+@pytest.mark.parametrize("layer_id", [1, 15])
+def test_demo_block_weights_load_and_export_back_equal(layer_id):
+    demo, sizes = demo_pair(layer_id)
+    sd = demo.state_dict()
+    assert "engram.multi_head_embedding.offsets" in sd and all(k.startswith("engram.") for k in sd)
+    blk = EngramBlock(16, 1, sizes, 8, 2, 3)
+    load_demo_state_dict(blk, sd, layer_id=layer_id, layer_ids=[1, 15])
+    hidden, hash_ids = inputs(1, sizes=sizes)
+    torch.testing.assert_close(blk(hidden, hash_ids), demo.engram(hidden, hash_ids), rtol=1e-5, atol=1e-5)
+    back = demo_state_dict(blk)
+    assert sorted(back) == sorted(sd)
+    for name, value in sd.items():
+        assert back[name].dtype == value.dtype and torch.equal(back[name], value), name
+    demo2, _ = demo_pair(layer_id, seed=1)
+    demo2.load_state_dict(back, strict=True)
+    # a whole demo model's state dict: the layer is picked by its id
+    model_sd = {f"layers.{layer_id}.{k}": v for k, v in sd.items()}
+    blk2 = EngramBlock(16, 1, sizes, 8, 2, 3)
+    load_demo_state_dict(blk2, model_sd, layer_id=layer_id, layer_ids=[1, 15])
+    assert all(torch.equal(a, b) for a, b in zip(blk2.state_dict().values(), blk.state_dict().values()))
+
+
+@pytest.mark.parametrize("layer_id", [1, 15])
+def test_demo_table_sizes_mismatch_names_the_value_to_set(layer_id):
+    demo, sizes = demo_pair(layer_id)
+    ours = ref_primes([1, 15], 3, 2, [5 * COMPRESSED_VOCAB] * 2)[layer_id]
+    blk = EngramBlock(16, 1, ours, 8, 2, 3)
+    first_prime = next(p for p in range(5 * RAW_VOCAB, 10 * RAW_VOCAB) if ref_is_prime(p))   # what 5 x raw searches to
+    with pytest.raises(ConfigError) as e:
+        load_demo_state_dict(blk, demo.state_dict(), layer_id=layer_id, layer_ids=[1, 15])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("engram.table_size_per_ngram: ")
+    assert f"set engram.table_size_per_ngram=[{first_prime}, {first_prime}]" in msg, msg
+    # the value named reproduces the weights' tables
+    fixed = EngramBlock(16, 1, ref_primes([1, 15], 3, 2, [first_prime] * 2)[layer_id], 8, 2, 3)
+    load_demo_state_dict(fixed, demo.state_dict(), layer_id=layer_id, layer_ids=[1, 15])
+
+
+def test_demo_hc_mult_mismatch_is_one_line():
+    demo, sizes = demo_pair(1, G=4)
+    blk = EngramBlock(16, 1, sizes, 8, 2, 3)
+    with pytest.raises(ConfigError) as e:
+        load_demo_state_dict(blk, demo.state_dict(), layer_id=1, layer_ids=[1, 15])
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("engram.hc_mult=1: the weights have 4 residual branches")
+    assert "set engram.hc_mult=4 (in a model: model.hc_mult=4" in msg
+    blk4 = EngramBlock(16, 4, sizes, 8, 2, 3)                    # the matching width loads
+    load_demo_state_dict(blk4, demo.state_dict(), layer_id=1, layer_ids=[1, 15])
+    hidden, hash_ids = inputs(4, sizes=sizes)
+    torch.testing.assert_close(blk4(hidden, hash_ids), demo.engram(hidden, hash_ids), rtol=1e-5, atol=1e-5)

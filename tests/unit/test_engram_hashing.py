@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from engram_train.config.schema import EngramConfig
+from engram_train.config.schema import ConfigError, EngramConfig
 from engram_train.engram.compress import build_compression
 from engram_train.engram.hashing import NgramHasher, hasher_from_config
 from kernels import ngram_hash as ngram_kernel
@@ -370,3 +370,104 @@ def test_backend_validation(compression):
     lookup, size, _, pad, _ = compression
     with pytest.raises(ValueError, match="backend='fast': choose 'torch'"):
         NgramHasher(lookup, [1], 2, 2, [500], pad_id=pad, backend="fast")
+
+
+# ---- DeepSeek-V3-like tokenizer with engram.pad_id=2, end to end from a tokenizer directory ----------------------
+
+DEEPSEEK_SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"]   # ids 0, 1, 2 as in DeepSeek-V3
+
+
+def _ref_lookup(tok):
+    """The reference's compression of a tokenizers.Tokenizer (unicodedata port of the normalizer)."""
+    import re
+    import unicodedata
+
+    white = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(chr(c) for c in range(0x2000, 0x200B)) + "\u2028\u2029\u202f\u205f\u3000"
+
+    def norm(text):
+        s = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
+        s = "".join(c.lower() for c in s if not unicodedata.category(c).startswith("M"))
+        s = re.sub(r"[ \t\r\n]+", " ", s)
+        return " " if s == " " else s.strip(white)
+
+    keys, lookup = {}, []
+    for tid in range(tok.get_vocab_size(with_added_tokens=True)):
+        text = tok.decode([tid], skip_special_tokens=False)
+        key = tok.id_to_token(tid) if "\ufffd" in text else (norm(text) or text)
+        lookup.append(keys.setdefault(key, len(keys)))
+    return np.array(lookup, dtype=np.int64)
+
+
+def test_deepseek_like_tokenizer_with_pad_id_2_hashes_like_the_reference(tmp_path, caplog):
+    import json
+    import logging
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from engram_train.config.schema import DataConfig
+    from engram_train.data.loader import build_engram_hasher
+    from engram_train.data.prepare import prepare_data
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT] * 4, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=DEEPSEEK_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    assert [tok.token_to_id(t) for t in DEEPSEEK_SPECIALS] == [0, 1, 2]
+    hf_dir = tmp_path / "deepseek_v3_like"
+    hf_dir.mkdir()
+    tok.save(str(hf_dir / "tokenizer.json"))
+
+    def added(content):
+        return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True, "rstrip": False,
+                "single_word": False}
+
+    # As DeepSeek-V3's own config: its pad token is the EOS; the demo pads with id 2 all the same.
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": added(DEEPSEEK_SPECIALS[0]), "eos_token": added(DEEPSEEK_SPECIALS[1]),
+        "pad_token": added(DEEPSEEK_SPECIALS[1]), "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "LlamaTokenizerFast"}))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join([TEXT] * 30))
+    prepared = prepare_data(DataConfig(corpus="files", files=[str(corpus)], dir=str(tmp_path / "data"),
+                                       tokenizer=str(hf_dir), valid_fraction=0.2), doc_chars=200, progress=False)
+    assert (prepared.eos_id, prepared.pad_id) == (1, 1)    # named by the directory's config, not by a list of names
+    assert (tmp_path / "data" / "tokenizer_config.json").is_file()
+
+    layer_ids, max_ngram, heads = [1, 15], 3, 8
+    cfg = EngramConfig(layer_ids=layer_ids, max_ngram=max_ngram, heads_per_ngram=heads, pad_id=2)
+    with caplog.at_level(logging.INFO, logger="engram_train.data.loader"):
+        h = build_engram_hasher(prepared, cfg)
+    line = [r.getMessage() for r in caplog.records if "pad id" in r.getMessage()]
+    assert len(line) == 1 and "pad id 2 '<｜▁pad▁｜>' (engram.pad_id)" in line[0], line
+
+    lookup = _ref_lookup(tok)
+    size = int(lookup.max()) + 1
+    assert lookup[2] != lookup[1]                           # the pad id changes the padded windows
+    sizes = [5 * size] * (max_ngram - 1)
+    ids = np.array(tok.encode(TEXT * 2).ids, dtype=np.int64)
+    raw = batch(ids, B=3, T=17, seed=5)
+    ref, primes, _ = ref_hash(lookup, raw, layer_ids, max_ngram, heads, sizes, pad_raw=2, seed=0)
+    out = h(torch.from_numpy(raw))
+    for layer in layer_ids:
+        np.testing.assert_array_equal(out[layer].numpy(), ref[layer])
+    default_pad, _, _ = ref_hash(lookup, raw, layer_ids, max_ngram, heads, sizes, pad_raw=1, seed=0)
+    assert not np.array_equal(default_pad[1][:, :2], ref[1][:, :2])
+
+    # without engram.pad_id the default is the tokenizer's pad token (here the EOS), and the log says so
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="engram_train.data.loader"):
+        h1 = build_engram_hasher(prepared, EngramConfig(layer_ids=layer_ids, max_ngram=max_ngram, heads_per_ngram=heads))
+    assert h1.pad_id == 1
+    assert any("pad id 1 '<｜end▁of▁sentence｜>' (the pad token of its special-tokens map" in r.getMessage()
+               for r in caplog.records)
+    np.testing.assert_array_equal(h1(torch.from_numpy(raw))[1].numpy(), default_pad[1])
+
+
+def test_engram_pad_id_outside_the_vocabulary(compression):
+    lookup, size, _, pad, eos = compression
+    with pytest.raises(ConfigError, match=rf"engram.pad_id={len(lookup)}: must be a raw id of the tokenizer's "):
+        hasher_from_config(EngramConfig(pad_id=len(lookup)), lookup, size, pad_id=pad, eos_id=eos)
+    with pytest.raises(ConfigError, match=r"engram.pad_id=-1: must be a raw tokenizer id >= 0"):
+        EngramConfig(pad_id=-1)

@@ -115,6 +115,7 @@ CONFIG_CASES = [
     (["trainer.adam_beta2=1.5"], ["trainer.adam_beta2=1.5"]),
     (["trainer.weight_decay=-0.1"], ["trainer.weight_decay=-0.1"]),
     (["engram.table_weight_decay=-1"], ["engram.table_weight_decay=-1"]),
+    (["engram.pad_id=-1"], ["engram.pad_id=-1", "null"]),
     (["model.hidden_dropout=1.5"], ["model.hidden_dropout=1.5"]),
     # A sweep is checked job by job before its first job trains.
     (["-m", "trainer.seed=1,2", "model.foo=1"], ["model.foo"]),
@@ -270,3 +271,48 @@ def test_another_node_reports_its_own_missing_files_and_not_config_errors(tmp_pa
     proc = _run(TRAIN + ["experiment=debug_cpu", f"run.dir={tmp_path}/run", "model.foo=1"], cwd=tmp_path,
                 env_extra=other_node)
     assert proc.returncode == 2 and "error" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_port_reference_round_trip_and_its_one_line_errors(tmp_path):
+    """tools/port_reference.py: demo TransformerBlock weights -> ours -> demo give the same tensors; weights of
+    other table sizes or another hc_mult end in one line naming the key to set."""
+    import torch
+
+    from engram_train.config.store import compose
+    from engram_train.engram.block import EngramBlock
+    from engram_train.engram.hashing import prime_table_sizes
+
+    over = ["experiment=debug_cpu", "engram.layer_ids=[1,3]", "engram.table_size_per_ngram=[1500,1500]"]
+    cfg = compose(over)
+    e, H = cfg.engram, cfg.model.hidden_size
+    sizes = prime_table_sizes([1, 3], e.max_ngram, e.heads_per_ngram, [1500] * (e.max_ngram - 1))[3]
+
+    def demo_file(name, hc_mult, table_sizes):
+        torch.manual_seed(0)
+        blk = EngramBlock(H, hc_mult, table_sizes, e.n_embed_per_ngram, e.heads_per_ngram, e.max_ngram)
+        with torch.no_grad():
+            for p in blk.parameters():
+                p.normal_()
+        sd = {"engram." + k: v for k, v in blk.reference_state_dict().items()}   # the demo block's key layout
+        torch.save(sd, tmp_path / name)
+        return sd
+
+    sd = demo_file("demo.pt", 1, sizes)
+    tool = _tool("port_reference")
+    proc = _run(tool + ["to-ours", str(tmp_path / "demo.pt"), str(tmp_path / "ours.pt"), "--layer-id", "3"] + over,
+                cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run(tool + ["to-demo", str(tmp_path / "ours.pt"), str(tmp_path / "back.pt"), "--layer-id", "3"] + over,
+                cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert sorted(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+    other = ["experiment=debug_cpu", "engram.layer_ids=[1,3]", "engram.table_size_per_ngram=[1200,1200]"]
+    proc = _run(tool + ["to-ours", str(tmp_path / "demo.pt"), str(tmp_path / "x.pt"), "--layer-id", "3"] + other,
+                cwd=ROOT)
+    _assert_one_clear_error(proc, "engram.table_size_per_ngram", "set engram.table_size_per_ngram=[1511, 1511]")
+    demo_file("demo_hc4.pt", 4, sizes)
+    proc = _run(tool + ["to-ours", str(tmp_path / "demo_hc4.pt"), str(tmp_path / "x.pt"), "--layer-id", "3"] + over,
+                cwd=ROOT)
+    _assert_one_clear_error(proc, "engram.hc_mult=1", "set engram.hc_mult=4", "model.hc_mult=4")
