@@ -44,7 +44,7 @@ def build_block(cfg, layer_id: int, tokenizer):
         _, compressed = load_or_build_compression(path)
     starts = table_size_per_ngram(e, compressed)
     sizes = prime_table_sizes(list(e.layer_ids), e.max_ngram, e.heads_per_ngram, starts)[layer_id]
-    return EngramBlock(cfg.model.hidden_size, e.hc_mult, sizes, e.n_embed_per_ngram, e.heads_per_ngram, e.max_ngram,
+    return EngramBlock(cfg.model.hidden_size, cfg.model.hc_mult, sizes, e.n_embed_per_ngram, e.heads_per_ngram, e.max_ngram,
                        kernel_size=e.kernel_size)
 
 

@@ -89,9 +89,9 @@ def reference_table_sizes(state_dict: Mapping[str, torch.Tensor]) -> Optional[Li
 
 
 def hc_mult_mismatch(ours: int, theirs: int) -> str:
-    return (f"engram.hc_mult={ours}: the weights have {theirs} residual branches (key_projs.0..{theirs - 1}, "
-            f"made with hc_mult={theirs}); set engram.hc_mult={theirs} (in a model: model.hc_mult={theirs}, its "
-            f"residual streams) or port weights made with hc_mult={ours}")
+    return (f"model.hc_mult={ours}: the weights have {theirs} residual branches (key_projs.0..{theirs - 1}, "
+            f"made with hc_mult={theirs}); set model.hc_mult={theirs} (the residual streams; engram.hc_mult "
+            f"follows it) or port weights made with hc_mult={ours}")
 
 
 class EngramBlock(nn.Module):

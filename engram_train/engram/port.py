@@ -6,7 +6,7 @@ model), ``<name>`` being the reference parameter names that ``EngramBlock.refere
 uses, plus the ``multi_head_embedding.offsets`` buffer.
 
 - ``load_demo_state_dict(block, sd, layer_id=..., layer_ids=...)`` strips the prefix and loads
-  strictly.  Weights of another ``hc_mult`` are refused in one line naming ``engram.hc_mult``;
+  strictly.  Weights of another ``hc_mult`` are refused in one line naming ``model.hc_mult``;
   weights whose tables have other sizes in one line naming ``engram.table_size_per_ngram`` and,
   where it can be worked out, the value that reproduces them (the demo sizes its tables from the
   raw vocabulary, 5 x 129280; ours default to 5 x the compressed one).

@@ -346,8 +346,8 @@ def test_demo_hc_mult_mismatch_is_one_line():
         load_demo_state_dict(blk, demo.state_dict(), layer_id=1, layer_ids=[1, 15])
     msg = str(e.value)
     assert "\n" not in msg
-    assert msg.startswith("engram.hc_mult=1: the weights have 4 residual branches")
-    assert "set engram.hc_mult=4 (in a model: model.hc_mult=4" in msg
+    assert msg.startswith("model.hc_mult=1: the weights have 4 residual branches")
+    assert "set model.hc_mult=4 (the residual streams; engram.hc_mult follows it)" in msg
     blk4 = EngramBlock(16, 4, sizes, 8, 2, 3)                    # the matching width loads
     load_demo_state_dict(blk4, demo.state_dict(), layer_id=1, layer_ids=[1, 15])
     hidden, hash_ids = inputs(4, sizes=sizes)

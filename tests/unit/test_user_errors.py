@@ -315,4 +315,4 @@ def test_port_reference_round_trip_and_its_one_line_errors(tmp_path):
     demo_file("demo_hc4.pt", 4, sizes)
     proc = _run(tool + ["to-ours", str(tmp_path / "demo_hc4.pt"), str(tmp_path / "x.pt"), "--layer-id", "3"] + over,
                 cwd=ROOT)
-    _assert_one_clear_error(proc, "engram.hc_mult=1", "set engram.hc_mult=4", "model.hc_mult=4")
+    _assert_one_clear_error(proc, "model.hc_mult=1", "set model.hc_mult=4")
