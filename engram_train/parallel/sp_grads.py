@@ -15,7 +15,8 @@ only ever sees complete gradients.  Each TP rank runs the same backward graph,
 so the hooks fire in the same order on every rank and the collectives pair
 up.  Parameters are identical across the TP group, so no other parameter needs
 this (TP-partitioned weights are complete per shard; Engram blocks recompute
-the full sequence on every TP rank, see ``engram_layer``).
+the full sequence on every TP rank, see ``model/layer.py``).  mHC mixing weights are
+replicated and per token like the norms, and carry the same flag.
 """
 
 from __future__ import annotations

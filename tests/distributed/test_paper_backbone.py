@@ -1,0 +1,105 @@
+"""The paper's backbone end to end (``experiment=paper_cpu``, shrunk): layouts, recompute, resharding.
+
+Every run goes through the real entry point under torchrun (gloo).  The single
+process with the same seed and global batch is the oracle of the parallel layouts
+(1e-4 relative over 5 steps); ``model.recompute=full|selective`` must give the
+``none`` run's losses at the same layout bit for bit (fp32 on CPU), with device-
+and with host-resident tables; a checkpoint written at one layout continues at
+another with the uninterrupted losses.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed.test_train import _assert_close, data_overrides, launch, logged_steps, losses  # noqa: F401
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+# paper_cpu's features at the size of test_train's TINY model.
+PAPER = [
+    "experiment=paper_cpu",
+    "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+    "model.ffn_hidden_size=128", "model.max_seq_length=64",
+    "engram.layer_ids=[0,1]", "engram.n_embed_per_ngram=32", "engram.heads_per_ngram=4",
+    "engram.table_size_multiplier=2.0",
+    "data.seq_length=64", "data.micro_batch_size=4", "data.global_batch_size=8", "data.vocab_size=512",
+    "data.valid_fraction=0.05",
+    "trainer.warmup_steps=1", "trainer.log_interval=1", "trainer.eval_interval=1000",
+    "trainer.eval_iters=2", "trainer.save_interval=1000", "trainer.progress=false",
+    "run.wandb_mode=disabled", "trainer.max_steps=5",
+]
+NONE = ["model.recompute=none"]
+HOST = ["engram.optimizer=sparse_adam", "engram.residency=host"]
+SPARSE = ["engram.optimizer=sparse_adam"]
+LAYOUTS = {
+    "single": (1, []),
+    "tp2": (2, ["parallel.tensor_parallel=2"]),
+    "ep2": (2, ["parallel.expert_parallel=2"]),
+    "all_dp2": (2, ["engram.partition=all"]),
+}
+
+
+@pytest.fixture(scope="module")
+def paper_runs(tmp_path_factory, data_overrides):
+    """Each layout once, without recompute: the single process is the oracle of the others."""
+    runs = {}
+    for name, (nproc, extra) in LAYOUTS.items():
+        run_dir = tmp_path_factory.mktemp(f"paper_{name}")
+        launch(nproc, PAPER + data_overrides + NONE + extra + [f"run.dir={run_dir}"])
+        runs[name] = run_dir
+    return runs
+
+
+def test_paper_backbone_trains_and_the_layouts_match_one_process(paper_runs):
+    single = losses(paper_runs["single"])
+    assert sorted(single) == [1, 2, 3, 4, 5] and single[5] < single[1]
+    for name in ("tp2", "ep2", "all_dp2"):
+        _assert_close(losses(paper_runs[name]), single, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def host_runs(tmp_path_factory, data_overrides):
+    """Host-resident tables without recompute, at the layouts the recompute tests use."""
+    runs = {}
+    for name in ("tp2", "all_dp2"):
+        nproc, extra = LAYOUTS[name]
+        run_dir = tmp_path_factory.mktemp(f"paper_host_{name}")
+        launch(nproc, PAPER + data_overrides + NONE + HOST + extra + [f"run.dir={run_dir}"])
+        runs[name] = run_dir
+    return runs
+
+
+@pytest.mark.parametrize("name, layout, recompute, tables", [
+    ("tp2_full_device", "tp2", "full", "device"),
+    ("all_full_device", "all_dp2", "full", "device"),
+    ("tp2_selective_device", "tp2", "selective", "device"),
+    ("tp2_full_host", "tp2", "full", "host"),
+    ("all_full_host", "all_dp2", "full", "host"),
+    ("all_selective_host", "all_dp2", "selective", "host"),
+])
+def test_recompute_gives_the_losses_of_no_recompute(tmp_path, paper_runs, host_runs, data_overrides, name, layout,
+                                                    recompute, tables):
+    """Recomputed sublayers replay no table exchange and push no row gradient twice: bit for bit."""
+    nproc, extra = LAYOUTS[layout]
+    want = losses((paper_runs if tables == "device" else host_runs)[layout])
+    assert sorted(want) == [1, 2, 3, 4, 5]
+    run_dir = tmp_path / name
+    launch(nproc, PAPER + data_overrides + extra + (HOST if tables == "host" else [])
+           + [f"model.recompute={recompute}", f"run.dir={run_dir}"])
+    assert losses(run_dir) == want
+
+
+@pytest.mark.parametrize("name, first, second", [
+    ("tp2_to_tp1", "tp2", "single"),
+    ("all_dp2_to_tp2", "all_dp2", "tp2"),
+])
+def test_paper_checkpoint_resumes_at_another_layout(tmp_path, paper_runs, data_overrides, name, first, second):
+    run_dir = tmp_path / name
+    common = PAPER + data_overrides + NONE + [f"run.dir={run_dir}"]
+    launch(LAYOUTS[first][0], common + LAYOUTS[first][1] + ["trainer.stop_at_step=2"])
+    assert logged_steps(run_dir) == [0, 1, 2]
+    out = launch(LAYOUTS[second][0], common + LAYOUTS[second][1])
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000002'} (step 2)" in out
+    assert logged_steps(run_dir) == [0, 1, 2, 3, 4, 5]     # continued, not started over
+    _assert_close(losses(run_dir), losses(paper_runs["single"]), rtol=1e-4)
