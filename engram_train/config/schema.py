@@ -55,6 +55,23 @@ class ModelConfig:
     moe_token_dispatcher_type: str = "allgather"
     # "aux_loss": the switch-transformer balance loss per micro-batch (megatron's default); "none": off
     moe_router_load_balancing_type: str = "aux_loss"
+    # DeepSeekMoE routing and multi-latent attention (issue 15; docs/architecture.md), megatron-core's own options.
+    # Shared experts: their total SwiGLU width (n_shared x per-expert width, megatron's
+    # moe_shared_expert_intermediate_size); every token passes through them next to its routed experts. 0: none
+    moe_shared_expert_ffn_hidden_size: int = 0
+    moe_router_score_function: str = "softmax"     # "softmax" | "sigmoid" (DeepSeek-V3)
+    # Auxiliary-loss-free balancing: a per-expert bias added to the scores for the top-k choice only, moved by
+    # moe_router_bias_update_rate x sign(mean load - load) once per optimizer step (needs sigmoid scores)
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    moe_router_topk_scaling_factor: Optional[float] = None   # routed-expert weights x this (DeepSeek-V3: 2.5)
+    attention: str = "gqa"              # "gqa" (grouped-query, num_query_groups) | "mla" (multi-latent attention)
+    # MLA (attention=mla), megatron's MLATransformerConfig names and defaults:
+    q_lora_rank: Optional[int] = 512    # query latent width; null: a full-rank query projection
+    kv_lora_rank: int = 512             # key/value latent width
+    qk_head_dim: int = 128              # per-head query/key width without position
+    qk_pos_emb_head_dim: int = 64       # per-head rotary query/key width (the key part is shared by heads)
+    v_head_dim: int = 128               # per-head value width
 
     def __post_init__(self):
         for key in ("num_layers", "hidden_size", "num_attention_heads", "max_seq_length",
@@ -78,6 +95,56 @@ class ModelConfig:
         _require(self.moe_router_load_balancing_type in ("aux_loss", "none"),
                  "model.moe_router_load_balancing_type", self.moe_router_load_balancing_type,
                  "choose 'aux_loss' or 'none'")
+        self._validate_routing()
+        self._validate_attention()
+
+    def _validate_routing(self):
+        _require(isinstance(self.moe_shared_expert_ffn_hidden_size, int) and self.moe_shared_expert_ffn_hidden_size >= 0,
+                 "model.moe_shared_expert_ffn_hidden_size", self.moe_shared_expert_ffn_hidden_size,
+                 "must be an integer >= 0 (0: no shared experts)")
+        _require(self.moe_router_score_function in ("softmax", "sigmoid"), "model.moe_router_score_function",
+                 self.moe_router_score_function, "choose 'softmax' or 'sigmoid'")
+        _require(self.moe_router_bias_update_rate >= 0, "model.moe_router_bias_update_rate",
+                 self.moe_router_bias_update_rate, "must be >= 0")
+        if self.moe_router_topk_scaling_factor is not None:
+            _require(self.moe_router_topk_scaling_factor > 0, "model.moe_router_topk_scaling_factor",
+                     self.moe_router_topk_scaling_factor, "must be > 0, or null for no scaling")
+        if not self.is_moe:
+            return
+        if self.moe_router_enable_expert_bias:
+            # megatron's TransformerConfig refuses it (the bias is tuned for scores in (0, 1)).
+            _require(self.moe_router_score_function == "sigmoid", "model.moe_router_enable_expert_bias",
+                     self.moe_router_enable_expert_bias,
+                     "expert-bias balancing needs sigmoid scores; set model.moe_router_score_function=sigmoid")
+            _require(self.moe_router_load_balancing_type == "none", "model.moe_router_load_balancing_type",
+                     self.moe_router_load_balancing_type,
+                     "the expert bias balances the load without an auxiliary loss; set "
+                     "model.moe_router_load_balancing_type=none (or model.moe_router_enable_expert_bias=false)")
+        if self.moe_router_topk == 1 and self.moe_router_score_function == "softmax":
+            _require(False, "model.moe_router_topk", self.moe_router_topk,
+                     "a softmax over one selected expert has zero gradient (megatron refuses it); "
+                     "set model.moe_router_topk>=2 or model.moe_router_score_function=sigmoid")
+
+    def _validate_attention(self):
+        _require(self.attention in ("gqa", "mla"), "model.attention", self.attention,
+                 "choose 'gqa' (grouped-query attention) or 'mla' (multi-latent attention)")
+        if self.attention != "mla":
+            return
+        for key in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+            v = getattr(self, key)
+            _require(isinstance(v, int) and v > 0, f"model.{key}", v, "must be a positive integer")
+        if self.q_lora_rank is not None:
+            _require(isinstance(self.q_lora_rank, int) and 0 < self.q_lora_rank < self.hidden_size,
+                     "model.q_lora_rank", self.q_lora_rank,
+                     f"the query latent must be narrower than model.hidden_size={self.hidden_size} "
+                     "(null: a full-rank query projection)")
+        _require(self.kv_lora_rank < self.hidden_size, "model.kv_lora_rank", self.kv_lora_rank,
+                 f"the key/value latent must be narrower than model.hidden_size={self.hidden_size}")
+        _require(self.qk_pos_emb_head_dim % 2 == 0, "model.qk_pos_emb_head_dim", self.qk_pos_emb_head_dim,
+                 "rotary embeddings rotate pairs of channels: choose an even width")
+        _require(self.num_query_groups is None, "model.num_query_groups", self.num_query_groups,
+                 "multi-latent attention derives keys and values from one latent per token; set "
+                 "model.num_query_groups=null with model.attention=mla")
 
     @property
     def is_moe(self) -> bool:
@@ -345,6 +412,13 @@ class Config:
         tp_split = [("model.num_query_groups", m.num_query_groups), ("model.ffn_hidden_size", m.ffn_hidden_size)]
         if m.is_moe:
             tp_split.append(("model.moe_ffn_hidden_size", m.moe_ffn_hidden_size))
+            if m.moe_shared_expert_ffn_hidden_size:
+                tp_split.append(("model.moe_shared_expert_ffn_hidden_size", m.moe_shared_expert_ffn_hidden_size))
+        if m.attention == "mla":
+            # megatron's MLA down projections are column-parallel: their latents are split over TP too
+            if m.q_lora_rank is not None:
+                tp_split.append(("model.q_lora_rank", m.q_lora_rank))
+            tp_split.append(("model.kv_lora_rank + model.qk_pos_emb_head_dim", m.kv_lora_rank + m.qk_pos_emb_head_dim))
         for key, v in tp_split:
             if v is not None:
                 _require(v % p.tensor_parallel == 0, "parallel.tensor_parallel", p.tensor_parallel,

@@ -90,6 +90,18 @@ SMALL = {
                          "model.untie_embeddings_and_output_weights=false", "engram.max_ngram=4",
                          "engram.n_embed_per_ngram=32", "engram.kernel_size=3",
                          "engram.table_size_per_ngram=[31,37,41]"],
+    # DeepSeekMoE + MLA (issue 15): shared experts, sigmoid + expert-bias routing, query latent
+    "mla_shared_sigmoid_bias": ["experiment=debug_cpu", "model.attention=mla", "model.q_lora_rank=48",
+                                "model.kv_lora_rank=40", "model.qk_head_dim=24", "model.qk_pos_emb_head_dim=8",
+                                "model.v_head_dim=20", "model.moe_shared_expert_ffn_hidden_size=96",
+                                "model.moe_router_score_function=sigmoid", "model.moe_router_enable_expert_bias=true",
+                                "model.moe_router_load_balancing_type=none", "model.moe_layer_freq=2",
+                                "data.vocab_size=500", "engram.table_size_per_ngram=[31,37]"],
+    # MLA with a full-rank query projection, tied embeddings, dense MLPs only
+    "mla_no_q_latent_dense": ["experiment=debug_cpu", "model.attention=mla", "model.q_lora_rank=null",
+                              "model.kv_lora_rank=32", "model.qk_head_dim=16", "model.qk_pos_emb_head_dim=16",
+                              "model.v_head_dim=32", "model.num_experts=null", "data.vocab_size=300",
+                              "model.untie_embeddings_and_output_weights=false", "engram.enabled=false"],
 }
 
 
@@ -97,13 +109,15 @@ SMALL = {
 def test_dense_parameter_count_matches_the_real_model(name):
     from engram_train.config.store import compose
     from engram_train.engram.hashing import prime_table_sizes
+    from engram_train.model.counts import param_counts
     from engram_train.model.gpt import build_model
     from engram_train.parallel.state import destroy_parallel, init_parallel
 
     tool = load_tool()
     cfg = compose(SMALL[name])
     e = cfg.engram
-    sizes = prime_table_sizes(e.layer_ids, e.max_ngram, e.heads_per_ngram, e.table_size_per_ngram)
+    sizes = prime_table_sizes(e.layer_ids, e.max_ngram, e.heads_per_ngram, e.table_size_per_ngram) \
+        if e.enabled else None
     init_parallel(cfg.parallel, seed=0)
     try:
         model = build_model(cfg.model, e, cfg.parallel, cfg.data.vocab_size, sizes)
@@ -113,12 +127,21 @@ def test_dense_parameter_count_matches_the_real_model(name):
                          if getattr(p, "tensor_model_parallel", False) and ".mlp.experts." not in n)
     finally:
         destroy_parallel()
-    want = tool.dense_param_counts(cfg.model, e, tool.padded_vocab(cfg))
+    want = param_counts(cfg.model, e, tool.padded_vocab(cfg))
     assert (want["dense"], want["experts"]) == (real["dense"], real["experts"])
     assert want["tp_split"] == real_split
+    n_experts = cfg.model.num_experts or 0
+    assert want["expert_bias"] == sum(b.numel() for n, b in model.named_buffers() if n.endswith(".expert_bias"))
+    moe_layers = sum(1 for layer in model.gpt.decoder.layers if hasattr(layer.mlp, "router"))
+    per_expert = real["experts"] // max(1, moe_layers * n_experts)
+    inactive = moe_layers * (n_experts - cfg.model.moe_router_topk) * per_expert if n_experts else 0
+    assert want["active"] == real["total"] - real["engram_tables"] - inactive
     assert want["total"] + real["engram_tables"] == real["total"]
-    tables, _ = tool.table_sizes(e, None, cfg.data.vocab_size)
-    assert real["engram_tables"] == sum(map(sum, tables.values())) * e.n_embed_per_ngram // e.heads_per_ngram
+    if e.enabled:
+        tables, _ = tool.table_sizes(e, None, cfg.data.vocab_size)
+        assert real["engram_tables"] == sum(map(sum, tables.values())) * e.n_embed_per_ngram // e.heads_per_ngram
+    else:
+        assert real["engram_tables"] == 0
 
 
 def test_engram_27b_recipe_validates_and_holds_about_5_7b_table_parameters():
