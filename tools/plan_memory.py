@@ -51,7 +51,8 @@ RAM, so the tool also prints, per placement:
 
 ``--json`` prints ``plan()``'s dict. Keys: ``placements`` (per rank and placement: ``weight``,
 ``optimizer``, ``grad_max``, ``total``, wherever they live), ``totals`` (per rank: tables + dense),
-``dense``, ``engram``; with ``engram.residency=host`` also ``residency``, ``host_bytes_per_node``
+``dense`` (``counts`` with ``pieces`` by component and ``expert_bias``), ``engram``, ``model`` (attention and
+MoE routing settings); with ``engram.residency=host`` also ``residency``, ``host_bytes_per_node``
 and ``device_bytes_per_rank`` (``{placement: bytes}``) and ``host``: ``ranks_per_node``,
 ``node_ranks``, ``nodes``, ``prefetch_depth``, ``blocks_in_flight``, ``ids_per_micro_batch`` and
 ``placements`` (per placement: ``parts``, ``shard_rows``, ``tables_per_rank``, ``tables_per_node``,
@@ -233,7 +234,8 @@ def report(r):
         routing += (f", expert-bias balancing ({c['expert_bias']:,} fp32 bias values, replicated, "
                     f"checkpointed; update rate {m['bias_update_rate']:g})")
     if m["num_experts"]:
-        print(f"  MoE routing: {routing}; active per token {c['active'] / 1e6:,.2f}M of {c['total'] / 1e6:,.2f}M")
+        print(f"  MoE routing: {routing}; active per token {c['active'] / 1e6:,.2f}M of the "
+              f"{c['total'] / 1e6:,.2f}M above (Engram tables apart)")
     print(f"  per rank: params {fmt(dn['params'])}, grads {fmt(dn['grads'])}, optimizer {fmt(dn['optimizer'])} "
           f"(fp32 master + 2 moments){' in host RAM (offload)' if r['offload_optimizer'] == 'cpu' else ''}, "
           f"total {fmt(dn['total'])}")

@@ -147,6 +147,12 @@ def test_dense_parameter_count_matches_the_real_model(name):
 def test_engram_27b_recipe_validates_and_holds_about_5_7b_table_parameters():
     from engram_train.config.store import compose
 
+    proc = run_tool("experiment=engram_27b", "world=64")
+    assert proc.returncode == 0, proc.stderr
+    for piece in ("MLA attention", "shared experts", "routed experts (55, top-6)", "routers", "Engram blocks",
+                  "sigmoid scores x 2.5", "expert-bias balancing (1,650 fp32 bias values"):
+        assert piece in proc.stdout, piece
+
     cfg = compose(["experiment=engram_27b"])
     cfg.validate(world_size=64)
     assert cfg.engram.layer_ids == [1, 14] and cfg.engram.heads_per_ngram == 8 and cfg.engram.max_ngram == 3
@@ -154,7 +160,9 @@ def test_engram_27b_recipe_validates_and_holds_about_5_7b_table_parameters():
     assert r["engram"]["params"] == pytest.approx(5.7e9, rel=0.05)
     primes = [p for s in r["engram"]["table_sizes"].values() for p in s]
     assert len(primes) == len(set(primes)) == 2 * 2 * 8
-    assert (r["tensor_parallel"], r["data_parallel"], r["expert_parallel"], r["zero_stage"]) == (4, 16, 8, 2)
+    # 55 routed experts: no EP size divides them and DP 16 (moe_27b's 72 go over EP 8)
+    assert (r["tensor_parallel"], r["data_parallel"], r["expert_parallel"], r["zero_stage"]) == (4, 16, 1, 2)
+    assert plan_json("experiment=moe_27b", "world=64")["expert_parallel"] == 8
     assert r["precision"] == "bf16" and r["default_partition"] == "tp"
     assert r["placements"]["tp"]["shard_rows"] * 4 == pytest.approx(r["engram"]["rows"], abs=8)
 
@@ -228,7 +236,7 @@ def test_host_dir_maps_one_copy_of_each_shard_per_node():
 
 DEVICE_KEYS = {"world", "tensor_parallel", "data_parallel", "expert_parallel", "expert_data_parallel",
                "zero_stage", "offload_optimizer", "padded_vocab", "precision", "precision_assumed",
-               "default_partition", "placements", "dense", "engram", "totals"}
+               "default_partition", "placements", "dense", "engram", "totals", "model"}
 
 
 def test_device_residency_output_has_no_host_part_and_ignores_ranks_per_node():
