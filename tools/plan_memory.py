@@ -23,8 +23,8 @@ holds the largest shard):
   moments (12 B/param) partitioned over the data-parallel group from ZeRO-1, gradients
   partitioned from ZeRO-2, params from ZeRO-3. TP-split weights are divided by TP; experts by
   EP x TP (expert tensor parallel = TP, megatron's default) and ZeRO-partitioned over the
-  expert data-parallel group (dp / EP); norms, routers, MLA latent norms and Engram blocks are
-  replicated; shared experts are split over TP like a dense MLP. The routers' expert-bias buffers
+  expert data-parallel group (dp / EP); norms, routers, MLA's down projections and latent norms
+  and Engram blocks are replicated; shared experts are split over TP like a dense MLP. The routers' expert-bias buffers
   (fp32, one value per expert and MoE layer) are not parameters and are too small to count.
 Not counted: activations, DeepSpeed buckets, communication buffers, allocator slack.
 

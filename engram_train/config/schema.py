@@ -414,11 +414,6 @@ class Config:
             tp_split.append(("model.moe_ffn_hidden_size", m.moe_ffn_hidden_size))
             if m.moe_shared_expert_ffn_hidden_size:
                 tp_split.append(("model.moe_shared_expert_ffn_hidden_size", m.moe_shared_expert_ffn_hidden_size))
-        if m.attention == "mla":
-            # megatron's MLA down projections are column-parallel: their latents are split over TP too
-            if m.q_lora_rank is not None:
-                tp_split.append(("model.q_lora_rank", m.q_lora_rank))
-            tp_split.append(("model.kv_lora_rank + model.qk_pos_emb_head_dim", m.kv_lora_rank + m.qk_pos_emb_head_dim))
         for key, v in tp_split:
             if v is not None:
                 _require(v % p.tensor_parallel == 0, "parallel.tensor_parallel", p.tensor_parallel,
@@ -432,6 +427,12 @@ class Config:
             _require(p.use_sequence_parallel, "parallel.sequence_parallel", p.sequence_parallel,
                      "megatron's MoE layers under tensor parallelism need sequence parallelism; "
                      "set parallel.sequence_parallel=true (or leave it unset)")
+        if p.tensor_parallel > 1 and m.attention == "mla":
+            # The replicated down projections (model/spec.py) get whole-sequence gradients only through
+            # the sequence-parallel gather of the rotary key.
+            _require(p.use_sequence_parallel, "parallel.sequence_parallel", p.sequence_parallel,
+                     "multi-latent attention (model.attention=mla) under tensor parallelism needs sequence "
+                     "parallelism; set parallel.sequence_parallel=true (or leave it unset)")
         if p.use_sequence_parallel:
             _require(d.seq_length % p.tensor_parallel == 0, "data.seq_length", d.seq_length,
                      f"sequence parallelism needs it divisible by parallel.tensor_parallel={p.tensor_parallel}")

@@ -11,7 +11,7 @@ parallel layout splits it, which is what the memory planner needs:
 
 * ``tp_split``: megatron's column/row-parallel weights and the vocabulary-
   parallel embedding and output layer (divided by TP);
-* ``replicated``: norms, routers, Engram blocks, residual-stream mixing;
+* ``replicated``: norms, routers, MLA's down projections, Engram blocks, residual-stream mixing;
 * ``experts``: routed experts (divided by EP x expert-TP).
 
 ``dense`` = ``tp_split + replicated`` is what ``EngramGPTModel.num_parameters``
@@ -37,16 +37,17 @@ def attention_params(model) -> Dict[str, int]:
     """One layer's attention: ``{"tp_split": ..., "replicated": ...}`` (the layer's input norm excluded)."""
     h, heads = model.hidden_size, model.num_attention_heads
     if model.attention == "mla":
+        # Down projections and latent norms are replicated over TP (model/spec.py), the rest split by head.
         q_dim = model.qk_head_dim + model.qk_pos_emb_head_dim
         if model.q_lora_rank is None:
-            split, norms = h * heads * q_dim, 0                                  # linear_q_proj
+            split, rep = h * heads * q_dim, 0                                    # linear_q_proj
         else:
-            split = h * model.q_lora_rank + model.q_lora_rank * heads * q_dim   # q down, q up
-            norms = model.q_lora_rank                                           # q latent RMSNorm
-        split += h * (model.kv_lora_rank + model.qk_pos_emb_head_dim)           # kv down (+ rotary key)
+            split = model.q_lora_rank * heads * q_dim                            # q up
+            rep = h * model.q_lora_rank + model.q_lora_rank                      # q down, q latent RMSNorm
+        rep += h * (model.kv_lora_rank + model.qk_pos_emb_head_dim) + model.kv_lora_rank   # kv down, kv norm
         split += model.kv_lora_rank * heads * (model.qk_head_dim + model.v_head_dim)   # kv up
         split += heads * model.v_head_dim * h                                   # output projection
-        return dict(tp_split=split, replicated=norms + model.kv_lora_rank)      # + kv latent RMSNorm
+        return dict(tp_split=split, replicated=rep)
     kv, groups = h // heads, model.num_query_groups or heads
     return dict(tp_split=h * (heads + 2 * groups) * kv + heads * kv * h, replicated=0)   # linear_qkv + proj
 

@@ -299,4 +299,19 @@ def build_model(model_cfg: ModelConfig, engram_cfg: EngramConfig, parallel_cfg: 
         position_embedding_type="rope",
         rotary_base=model_cfg.rotary_base,
     )
+    init_replicated_linears(gpt, config)
     return EngramGPTModel(gpt, config, context, vocab).to(get_device())
+
+
+@torch.no_grad()
+def init_replicated_linears(gpt, config) -> None:
+    """Draw the weights of megatron's replicated ``Linear`` layers (MLA's down projections in our spec,
+    :mod:`engram_train.model.spec`) with ``config.init_method``, as every other megatron linear layer
+    is drawn: that class keeps torch's default initialization and ignores the init method it is
+    given.  The draws come from the default generator, in the same state on every TP/EP rank after
+    the build (megatron's CPU initialization draws whole weights), so replicas agree."""
+    from megatron.core.post_training.modelopt.layers import Linear
+
+    for module in gpt.modules():
+        if type(module) is Linear:
+            config.init_method(module.weight)

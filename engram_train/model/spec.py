@@ -36,6 +36,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_bac
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.post_training.modelopt.layers import Linear as ReplicatedLinear
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -70,7 +71,17 @@ class CpuSpecProvider(LocalRMSNormSpecProvider):
 
 
 def _attention_spec(backend: LocalSpecProvider, multi_latent: bool, qk_layernorm: bool) -> ModuleSpec:
-    """Self-attention as in megatron's ``get_gpt_layer_local_spec``: GQA, or its MLA branch."""
+    """Self-attention as in megatron's ``get_gpt_layer_local_spec``: GQA, or its MLA branch.
+
+    One departure in the MLA branch: the down projections are replicated over TP (megatron's
+    ``Linear``, what its TE spec gets from ``TELinear(parallel_mode="duplicated")``), not
+    column-parallel as in the local spec.  With column-parallel down projections megatron gathers
+    the latent over TP and hands each rank the whole rotary key, which only this rank's heads use;
+    the gather's backward keeps this rank's slice of that gradient without summing the other heads'
+    part, so ``linear_kv_down_proj`` trains on a wrong gradient under TP (measured: 0.7% off the
+    one-process gradient, tests/distributed/test_model_parallel.py).  Replicated, the rotary key is
+    gathered over the sequence-parallel region, whose backward sums the heads' parts.
+    """
     if multi_latent:
         latent_norm = backend.layer_norm(rms_norm=True, for_qk=True) if qk_layernorm else IdentityOp
         return ModuleSpec(
@@ -78,9 +89,9 @@ def _attention_spec(backend: LocalSpecProvider, multi_latent: bool, qk_layernorm
             params={"attn_mask_type": AttnMaskType.causal},
             submodules=MLASelfAttentionSubmodules(
                 linear_q_proj=backend.column_parallel_linear(),
-                linear_q_down_proj=backend.column_parallel_linear(),
+                linear_q_down_proj=ReplicatedLinear,
                 linear_q_up_proj=backend.column_parallel_linear(),
-                linear_kv_down_proj=backend.column_parallel_linear(),
+                linear_kv_down_proj=ReplicatedLinear,
                 linear_kv_up_proj=backend.column_parallel_linear(),
                 core_attention=backend.core_attention(),
                 linear_proj=backend.row_parallel_linear(),
