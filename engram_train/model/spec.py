@@ -13,8 +13,11 @@ CPU                          :class:`cpu_backend.RMSNorm`    :class:`cpu_backend
 
 Everything else is megatron's local building blocks: column/row-parallel
 linear layers, SwiGLU MLP (``gated_linear_unit`` + silu in the config), RoPE
-(built by ``GPTModel``), MoE with the top-k router, ``SequentialMLP``
-experts and the token dispatcher named in the config.  Without TE, megatron's
+(built by ``GPTModel``; under ``model.attention=mla`` by the attention
+itself), grouped-query attention or the MLA branch of megatron's
+``get_gpt_layer_local_spec`` (see :func:`_attention_spec`), MoE with the
+top-k router, shared experts when configured, ``SequentialMLP`` experts and
+the token dispatcher named in the config.  Without TE, megatron's
 torch norm cannot run under sequence parallelism and apex is optional, hence
 our RMSNorm on CUDA too.
 
