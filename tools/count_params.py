@@ -11,8 +11,10 @@ flops_per_token: forward FLOPs per token, Kaplan et al. (2020)'s 2 N + 2 n_layer
 N the active parameters less the input embedding and n_ctx = data.seq_length (training: about 3x).
 
 Used to size iso-parameter baselines: moe_baseline_cpu gives the Engram parameters of
-debug_cpu to extra experts. Builds each model on one CPU process (no data needed; the
-vocabulary is data.vocab_size padded like the trainer pads it).
+debug_cpu to extra experts, moe_27b those of engram_27b. Counts come from the configuration
+(engram_train.model.counts, checked against built models by tests/unit/test_plan_memory.py), so
+paper-scale recipes count on any machine; no data needed (the vocabulary is data.vocab_size padded
+like the trainer pads it). "experts" are the routed experts; shared experts are in "dense".
 """
 
 import argparse
@@ -24,50 +26,38 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 def count(overrides):
     from engram_train.config.store import compose
 
-    cfg = compose(overrides)   # first: a bad override is reported before torch and megatron load
+    cfg = compose(overrides)   # first: a bad override is reported before anything heavy loads
 
-    import numpy as np
+    from engram_train.model.counts import param_counts
 
-    from engram_train.engram.hashing import hasher_from_config
-    from engram_train.model.gpt import build_model, padded_vocab_size
-    from engram_train.parallel.state import destroy_parallel, init_parallel
+    m = cfg.model
+    vocab = -(-(m.vocab_size or cfg.data.vocab_size) // m.make_vocab_size_divisible_by) * m.make_vocab_size_divisible_by
+    counts = param_counts(m, cfg.engram, vocab)
+    tables = 0
+    if cfg.engram.enabled:
+        from engram_train.engram.hashing import prime_table_sizes
 
-    cfg.parallel.tensor_parallel = cfg.parallel.expert_parallel = 1
-    cfg.parallel.sequence_parallel = None
-    init_parallel(cfg.parallel, seed=0)
-    try:
-        vocab = padded_vocab_size(cfg.data.vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
-        tables = None
-        if cfg.engram.enabled:
+        e = cfg.engram
+        sizes = list(e.table_size_per_ngram)
+        if not sizes:
             # Table sizes depend on the compressed vocabulary: exact when the data is prepared,
             # else estimated as 75% of the raw vocabulary (what a BPE on English text compresses to).
             tok = os.path.join(cfg.data.dir, "tokenizer.json")
             if os.path.isfile(tok):
                 from engram_train.engram.compress import load_or_build_compression
 
-                lookup, compressed = load_or_build_compression(tok)
+                _, compressed = load_or_build_compression(tok)
             else:
                 print(f"(no {tok}: estimating the compressed vocabulary)")
                 compressed = int(0.75 * cfg.data.vocab_size)
-                lookup = np.minimum(np.arange(cfg.data.vocab_size), compressed - 1).astype(np.int64)
-            tables = hasher_from_config(cfg.engram, lookup, compressed, pad_id=1, eos_id=0).table_sizes
-        model = build_model(cfg.model, cfg.engram, cfg.parallel, vocab, tables)
-        counts = model.num_parameters()
-        m = cfg.model
-        if m.is_moe:
-            moe_layers = sum(1 for i in range(m.num_layers) if i % m.moe_layer_freq == 0)
-            per_expert = counts["experts"] // (m.num_experts * moe_layers)
-            inactive = per_expert * (m.num_experts - m.moe_router_topk) * moe_layers
-        else:
-            inactive = 0
-        # Engram tables are looked up, not multiplied: only (N-1)*K rows per token are touched.
-        counts["active_excl_tables"] = counts["total"] - counts["engram_tables"] - inactive
-        embedding = vocab * m.hidden_size
-        counts["flops_per_token"] = 2 * (counts["active_excl_tables"] - embedding) + \
-            2 * m.num_layers * cfg.data.seq_length * m.hidden_size
-        return counts
-    finally:
-        destroy_parallel()
+            sizes = [int(e.table_size_multiplier * compressed)] * (e.max_ngram - 1)   # as hasher_from_config
+        primes = prime_table_sizes(e.layer_ids, e.max_ngram, e.heads_per_ngram, sizes)
+        tables = sum(map(sum, primes.values())) * (e.n_embed_per_ngram // e.heads_per_ngram)
+    out = dict(total=counts["total"] + tables, engram_tables=tables, experts=counts["experts"],
+               dense=counts["dense"], active_excl_tables=counts["active"])
+    out["flops_per_token"] = 2 * (out["active_excl_tables"] - vocab * m.hidden_size) + \
+        2 * m.num_layers * cfg.data.seq_length * m.hidden_size
+    return out
 
 
 def main():

@@ -7,8 +7,11 @@
 ``world=N`` is the number of ranks, ``ranks_per_node=K`` (default 8) how many of them share a
 host (used by ``engram.residency=host`` only); every other argument is a Hydra override. The config is
 validated like the trainer validates it (exit 2 with one line on a bad value). No process group,
-no model, no table: parameter counts are analytic (checked against the real model in
-tests/unit/test_plan_memory.py). Per rank (rank 0, which holds the largest shard):
+no model, no table: parameter counts are analytic (``engram_train.model.counts``, checked against the
+real model in tests/unit/test_plan_memory.py) and printed by component (embedding, GQA or MLA
+attention, norms, dense MLPs, shared experts, routers, routed experts, Engram blocks, mHC stream
+mixing) with the MoE routing (score function, scaling, expert-bias values). Per rank (rank 0, which
+holds the largest shard):
 
 - Engram tables (fp32, the table store's): weight, table optimizer state (``engram.optimizer``:
   2 fp32 moments, ``sparse_adam`` also an int32 step per row) and the sparse gradient bound
@@ -20,7 +23,9 @@ tests/unit/test_plan_memory.py). Per rank (rank 0, which holds the largest shard
   moments (12 B/param) partitioned over the data-parallel group from ZeRO-1, gradients
   partitioned from ZeRO-2, params from ZeRO-3. TP-split weights are divided by TP; experts by
   EP x TP (expert tensor parallel = TP, megatron's default) and ZeRO-partitioned over the
-  expert data-parallel group (dp / EP); norms, routers and Engram blocks are replicated.
+  expert data-parallel group (dp / EP); norms, routers, MLA's down projections and latent norms
+  and Engram blocks are replicated; shared experts are split over TP like a dense MLP. The routers' expert-bias buffers
+  (fp32, one value per expert and MoE layer) are not parameters and are too small to count.
 Not counted: activations, DeepSpeed buckets, communication buffers, allocator slack.
 
 ``engram.residency=host`` (``memory/host.py``): table weights and ``sparse_adam`` state live in host
@@ -46,7 +51,8 @@ RAM, so the tool also prints, per placement:
 
 ``--json`` prints ``plan()``'s dict. Keys: ``placements`` (per rank and placement: ``weight``,
 ``optimizer``, ``grad_max``, ``total``, wherever they live), ``totals`` (per rank: tables + dense),
-``dense``, ``engram``; with ``engram.residency=host`` also ``residency``, ``host_bytes_per_node``
+``dense`` (``counts`` with ``pieces`` by component and ``expert_bias``), ``engram``, ``model`` (attention and
+MoE routing settings); with ``engram.residency=host`` also ``residency``, ``host_bytes_per_node``
 and ``device_bytes_per_rank`` (``{placement: bytes}``) and ``host``: ``ranks_per_node``,
 ``node_ranks``, ``nodes``, ``prefetch_depth``, ``blocks_in_flight``, ``ids_per_micro_batch`` and
 ``placements`` (per placement: ``parts``, ``shard_rows``, ``tables_per_rank``, ``tables_per_node``,
@@ -74,26 +80,6 @@ def padded_vocab(cfg):
     return v
 
 
-def dense_param_counts(model, engram, vocab):
-    """Model parameters other than Engram tables (global, TP=EP=1), by how they are split:
-    ``tp_split`` (column/row-parallel weights, embeddings), ``replicated`` (norms, routers, Engram
-    blocks), ``experts``; ``dense`` = tp_split + replicated (what ``num_parameters()`` calls dense)."""
-    h, L, heads = model.hidden_size, model.num_layers, model.num_attention_heads
-    kv, groups = h // heads, model.num_query_groups or heads
-    moe = sum(1 for i in range(L) if model.is_moe and i % model.moe_layer_freq == 0)
-    attn = h * (heads + 2 * groups) * kv + heads * kv * h              # linear_qkv (GQA) + linear_proj
-    tp_split = L * attn + (L - moe) * 3 * h * model.ffn_hidden_size   # SwiGLU fc1 (h -> 2f) + fc2
-    tp_split += vocab * h * (2 if model.untie_embeddings_and_output_weights else 1)
-    replicated = (2 * L + 1) * h + moe * (model.num_experts or 0) * h   # 2 norms/layer, final, routers
-    if engram.enabled:
-        e_dim = (engram.max_ngram - 1) * engram.n_embed_per_ngram
-        block = 2 * (e_dim * h + h) + 3 * h + h * engram.kernel_size  # key/value proj + bias, 3 norms, conv
-        replicated += len(engram.layer_ids) * block
-    experts = moe * (model.num_experts or 0) * 3 * h * model.moe_ffn_hidden_size
-    return dict(tp_split=tp_split, replicated=replicated, experts=experts, dense=tp_split + replicated,
-                total=tp_split + replicated + experts)
-
-
 def table_sizes(engram, compressed_vocab, data_vocab):
     """``{layer: primes}`` as the hasher makes them; sizes from V' scale with it (``hasher_from_config``)."""
     from engram_train.engram.hashing import prime_table_sizes
@@ -112,6 +98,7 @@ def table_sizes(engram, compressed_vocab, data_vocab):
 def plan(cfg, world, compressed_vocab=None, ranks_per_node=8):
     from engram_train.config.schema import ConfigError
     from engram_train.memory.layout import placement_for, resolve_partition, shard_bytes, table_specs
+    from engram_train.model.counts import param_counts
 
     cfg.validate(world_size=world)
     m, e, p, d, t = cfg.model, cfg.engram, cfg.parallel, cfg.data, cfg.trainer
@@ -127,7 +114,7 @@ def plan(cfg, world, compressed_vocab=None, ranks_per_node=8):
                precision="fp32" if t.precision == "fp32" else "bf16", precision_assumed=t.precision == "auto",
                default_partition=resolve_partition(e.partition, tp), placements={})
 
-    counts = dense_param_counts(m, e, vocab)
+    counts = param_counts(m, e, vocab)
     ceil = lambda a, b: -(-a // b)   # noqa: E731
     dense_rank = ceil(counts["tp_split"], tp) + counts["replicated"]
     expert_rank = ceil(counts["experts"], ep * tp)
@@ -140,6 +127,10 @@ def plan(cfg, world, compressed_vocab=None, ranks_per_node=8):
                  optimizer=(12 if zero or pb == 2 else 8) * (part(dense_rank, dp, 1) + part(expert_rank, edp, 1)))
     dense["total"] = dense["params"] + dense["grads"] + dense["optimizer"]
     out["dense"] = dense
+    out["model"] = dict(attention=m.attention, num_experts=m.num_experts or 0, topk=m.moe_router_topk,
+                        score_function=m.moe_router_score_function,
+                        topk_scaling_factor=m.moe_router_topk_scaling_factor,
+                        bias_update_rate=m.moe_router_bias_update_rate)
 
     if not e.enabled:
         out["engram"] = None
@@ -228,6 +219,21 @@ def report(r):
     print(f"dense parameters: {c['total'] / 1e6:,.2f}M = TP-split {c['tp_split'] / 1e6:,.2f}M + replicated "
           f"{c['replicated'] / 1e6:,.2f}M + experts {c['experts'] / 1e6:,.2f}M; "
           f"per rank {dn['params_per_rank'] / 1e6:,.2f}M")
+    m = r["model"]
+    attention = "MLA" if m["attention"] == "mla" else "GQA"
+    pieces = {"embedding": "embedding + output", "attention": attention + " attention", "norms": "norms",
+              "dense_mlp": "dense MLPs", "shared_experts": "shared experts", "routers": "routers",
+              "routed_experts": f"routed experts ({m['num_experts']}, top-{m['topk']})",
+              "engram_blocks": "Engram blocks", "hyper_connections": "stream mixing (mHC)"}
+    print("  by component: " + ", ".join(f"{label} {c['pieces'][k] / 1e6:,.2f}M" for k, label in pieces.items()
+                                         if c["pieces"][k]))
+    routing = f"{m['score_function']} scores" + (f" x {m['topk_scaling_factor']:g}" if m["topk_scaling_factor"] else "")
+    if c["expert_bias"]:
+        routing += (f", expert-bias balancing ({c['expert_bias']:,} fp32 bias values, replicated, "
+                    f"checkpointed; update rate {m['bias_update_rate']:g})")
+    if m["num_experts"]:
+        print(f"  MoE routing: {routing}; active per token {c['active'] / 1e6:,.2f}M of the "
+              f"{c['total'] / 1e6:,.2f}M above (Engram tables apart)")
     print(f"  per rank: params {fmt(dn['params'])}, grads {fmt(dn['grads'])}, optimizer {fmt(dn['optimizer'])} "
           f"(fp32 master + 2 moments){' in host RAM (offload)' if r['offload_optimizer'] == 'cpu' else ''}, "
           f"total {fmt(dn['total'])}")

@@ -55,6 +55,23 @@ class ModelConfig:
     moe_token_dispatcher_type: str = "allgather"
     # "aux_loss": the switch-transformer balance loss per micro-batch (megatron's default); "none": off
     moe_router_load_balancing_type: str = "aux_loss"
+    # DeepSeekMoE routing and multi-latent attention (docs/architecture.md), megatron-core's own options.
+    # Shared experts: their total SwiGLU width (n_shared x per-expert width, megatron's
+    # moe_shared_expert_intermediate_size); every token passes through them next to its routed experts. 0: none
+    moe_shared_expert_ffn_hidden_size: int = 0
+    moe_router_score_function: str = "softmax"     # "softmax" | "sigmoid" (DeepSeek-V3)
+    # Auxiliary-loss-free balancing: a per-expert bias added to the scores for the top-k choice only, moved by
+    # moe_router_bias_update_rate x sign(mean load - load) once per optimizer step (needs sigmoid scores)
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    moe_router_topk_scaling_factor: Optional[float] = None   # routed-expert weights x this (DeepSeek-V3: 2.5)
+    attention: str = "gqa"              # "gqa" (grouped-query, num_query_groups) | "mla" (multi-latent attention)
+    # MLA (attention=mla), megatron's MLATransformerConfig names and defaults:
+    q_lora_rank: Optional[int] = 512    # query latent width; null: a full-rank query projection
+    kv_lora_rank: int = 512             # key/value latent width
+    qk_head_dim: int = 128              # per-head query/key width without position
+    qk_pos_emb_head_dim: int = 64       # per-head rotary query/key width (the key part is shared by heads)
+    v_head_dim: int = 128               # per-head value width
     # mHC residual streams (docs/architecture.md): 1 = the plain residual stream; the paper trains 4
     hc_mult: int = 1
     hc_sinkhorn_iters: int = 20         # column/row normalizations of each mixing matrix
@@ -84,7 +101,11 @@ class ModelConfig:
         _require(self.moe_router_load_balancing_type in ("aux_loss", "none"),
                  "model.moe_router_load_balancing_type", self.moe_router_load_balancing_type,
                  "choose 'aux_loss' or 'none'")
+        self._validate_routing()
+        self._validate_attention()
+        self._validate_streams()
 
+    def _validate_streams(self):
         _require(isinstance(self.hc_mult, int) and self.hc_mult >= 1, "model.hc_mult", self.hc_mult,
                  "the number of residual streams must be an integer >= 1 (1: plain residual; the paper uses 4)")
         _require(isinstance(self.hc_sinkhorn_iters, int) and self.hc_sinkhorn_iters >= 1,
@@ -92,6 +113,54 @@ class ModelConfig:
                  "must be an integer >= 1 (Sinkhorn normalizations of the mHC mixing matrix; default 20)")
         _require(self.recompute in ("none", "selective", "full"), "model.recompute", self.recompute,
                  "choose 'none', 'selective' (megatron's: core attention) or 'full' (every layer's sublayers)")
+
+    def _validate_routing(self):
+        _require(isinstance(self.moe_shared_expert_ffn_hidden_size, int) and self.moe_shared_expert_ffn_hidden_size >= 0,
+                 "model.moe_shared_expert_ffn_hidden_size", self.moe_shared_expert_ffn_hidden_size,
+                 "must be an integer >= 0 (0: no shared experts)")
+        _require(self.moe_router_score_function in ("softmax", "sigmoid"), "model.moe_router_score_function",
+                 self.moe_router_score_function, "choose 'softmax' or 'sigmoid'")
+        _require(self.moe_router_bias_update_rate >= 0, "model.moe_router_bias_update_rate",
+                 self.moe_router_bias_update_rate, "must be >= 0")
+        if self.moe_router_topk_scaling_factor is not None:
+            _require(self.moe_router_topk_scaling_factor > 0, "model.moe_router_topk_scaling_factor",
+                     self.moe_router_topk_scaling_factor, "must be > 0, or null for no scaling")
+        if not self.is_moe:
+            return
+        if self.moe_router_enable_expert_bias:
+            # megatron's TransformerConfig refuses it (the bias is tuned for scores in (0, 1)).
+            _require(self.moe_router_score_function == "sigmoid", "model.moe_router_enable_expert_bias",
+                     self.moe_router_enable_expert_bias,
+                     "expert-bias balancing needs sigmoid scores; set model.moe_router_score_function=sigmoid")
+            _require(self.moe_router_load_balancing_type == "none", "model.moe_router_load_balancing_type",
+                     self.moe_router_load_balancing_type,
+                     "the expert bias balances the load without an auxiliary loss; set "
+                     "model.moe_router_load_balancing_type=none (or model.moe_router_enable_expert_bias=false)")
+        if self.moe_router_topk == 1 and self.moe_router_score_function == "softmax":
+            _require(False, "model.moe_router_topk", self.moe_router_topk,
+                     "a softmax over one selected expert has zero gradient (megatron refuses it); "
+                     "set model.moe_router_topk>=2 or model.moe_router_score_function=sigmoid")
+
+    def _validate_attention(self):
+        _require(self.attention in ("gqa", "mla"), "model.attention", self.attention,
+                 "choose 'gqa' (grouped-query attention) or 'mla' (multi-latent attention)")
+        if self.attention != "mla":
+            return
+        for key in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+            v = getattr(self, key)
+            _require(isinstance(v, int) and v > 0, f"model.{key}", v, "must be a positive integer")
+        if self.q_lora_rank is not None:
+            _require(isinstance(self.q_lora_rank, int) and 0 < self.q_lora_rank < self.hidden_size,
+                     "model.q_lora_rank", self.q_lora_rank,
+                     f"the query latent must be narrower than model.hidden_size={self.hidden_size} "
+                     "(null: a full-rank query projection)")
+        _require(self.kv_lora_rank < self.hidden_size, "model.kv_lora_rank", self.kv_lora_rank,
+                 f"the key/value latent must be narrower than model.hidden_size={self.hidden_size}")
+        _require(self.qk_pos_emb_head_dim % 2 == 0, "model.qk_pos_emb_head_dim", self.qk_pos_emb_head_dim,
+                 "rotary embeddings rotate pairs of channels: choose an even width")
+        _require(self.num_query_groups is None, "model.num_query_groups", self.num_query_groups,
+                 "multi-latent attention derives keys and values from one latent per token; set "
+                 "model.num_query_groups=null with model.attention=mla")
 
     @property
     def is_moe(self) -> bool:
@@ -365,6 +434,8 @@ class Config:
         tp_split = [("model.num_query_groups", m.num_query_groups), ("model.ffn_hidden_size", m.ffn_hidden_size)]
         if m.is_moe:
             tp_split.append(("model.moe_ffn_hidden_size", m.moe_ffn_hidden_size))
+            if m.moe_shared_expert_ffn_hidden_size:
+                tp_split.append(("model.moe_shared_expert_ffn_hidden_size", m.moe_shared_expert_ffn_hidden_size))
         for key, v in tp_split:
             if v is not None:
                 _require(v % p.tensor_parallel == 0, "parallel.tensor_parallel", p.tensor_parallel,
@@ -378,6 +449,12 @@ class Config:
             _require(p.use_sequence_parallel, "parallel.sequence_parallel", p.sequence_parallel,
                      "megatron's MoE layers under tensor parallelism need sequence parallelism; "
                      "set parallel.sequence_parallel=true (or leave it unset)")
+        if p.tensor_parallel > 1 and m.attention == "mla":
+            # The replicated down projections (model/spec.py) get whole-sequence gradients only through
+            # the sequence-parallel gather of the rotary key.
+            _require(p.use_sequence_parallel, "parallel.sequence_parallel", p.sequence_parallel,
+                     "multi-latent attention (model.attention=mla) under tensor parallelism needs sequence "
+                     "parallelism; set parallel.sequence_parallel=true (or leave it unset)")
         if p.use_sequence_parallel:
             _require(d.seq_length % p.tensor_parallel == 0, "data.seq_length", d.seq_length,
                      f"sequence parallelism needs it divisible by parallel.tensor_parallel={p.tensor_parallel}")

@@ -80,8 +80,8 @@ def engram_block_kwargs(model_cfg: ModelConfig, engram_cfg: EngramConfig,
 
 def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
                        params_dtype: torch.dtype = torch.float32):
-    """megatron ``TransformerConfig`` of the backbone."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    """megatron ``TransformerConfig`` of the backbone (``MLATransformerConfig`` under ``model.attention=mla``)."""
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     kwargs = dict(
         num_layers=model_cfg.num_layers,
@@ -113,6 +113,24 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
             moe_ffn_hidden_size=model_cfg.moe_ffn_hidden_size,
             moe_layer_freq=model_cfg.moe_layer_freq,
             moe_router_dtype="fp32",
+            moe_shared_expert_intermediate_size=model_cfg.moe_shared_expert_ffn_hidden_size or None,
+            moe_router_score_function=model_cfg.moe_router_score_function,
+            moe_router_enable_expert_bias=model_cfg.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=model_cfg.moe_router_bias_update_rate,
+            moe_router_topk_scaling_factor=model_cfg.moe_router_topk_scaling_factor,
+        )
+    config_cls = TransformerConfig
+    if model_cfg.attention == "mla":
+        # RoPE settings stay MLATransformerConfig's defaults (docs/architecture.md, "Attention").
+        config_cls = MLATransformerConfig
+        kwargs.update(
+            q_lora_rank=model_cfg.q_lora_rank,
+            kv_lora_rank=model_cfg.kv_lora_rank,
+            qk_head_dim=model_cfg.qk_head_dim,
+            qk_pos_emb_head_dim=model_cfg.qk_pos_emb_head_dim,
+            v_head_dim=model_cfg.v_head_dim,
+            rotary_base=model_cfg.rotary_base,
+            qk_layernorm=True,          # RMSNorm on the query and key/value latents, as DeepSeek-V2/V3's MLA
         )
     if model_cfg.recompute == "selective":
         # megatron's selective recompute (core attention by default); "full" is per layer in
@@ -123,7 +141,7 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
 
         cpu_backend.check_supported(model_cfg.moe_token_dispatcher_type if model_cfg.is_moe else "allgather")
         kwargs.update(cpu_backend.CPU_CONFIG_OVERRIDES)
-    return TransformerConfig(**kwargs)
+    return config_cls(**kwargs)
 
 
 class EngramGPTModel(nn.Module):
@@ -197,6 +215,34 @@ class EngramGPTModel(nn.Module):
         out["moe_load/max_over_mean"], out["moe_load/cv"] = stats.mean(dim=0).tolist()
         return out
 
+    def _bias_routers(self) -> List[nn.Module]:
+        return [layer.mlp.router for layer in self._layers()
+                if getattr(getattr(getattr(layer, "mlp", None), "router", None), "expert_bias", None) is not None]
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> None:
+        """Auxiliary-loss-free balancing: move every MoE layer's expert bias once per optimizer step.
+
+        Call it after the step's last backward.  megatron's router counts the tokens it routes to each
+        expert while gradients are on (``local_tokens_per_expert``; not in evaluation), and megatron
+        applies the update in ``finalize_model_grads``, which this project does not use (DeepSpeed owns
+        the dense gradients).  So this is megatron's ``_update_router_expert_bias`` step: its
+        ``get_updated_expert_bias`` sums the counts over the tensor x data-parallel group (every rank
+        routes its own tokens) and sets ``bias += rate * sign(mean load - load)``; then the counts
+        restart, as megatron's ``reset_model_temporary_tensors`` does.  A no-op without expert bias.
+        """
+        routers = self._bias_routers()
+        if not routers:
+            return
+        from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
+
+        counts = torch.stack([r.local_tokens_per_expert for r in routers])
+        biases = get_updated_expert_bias(counts, torch.stack([r.expert_bias for r in routers]),
+                                         self.config.moe_router_bias_update_rate)
+        for router, bias in zip(routers, biases):
+            router.expert_bias.copy_(bias)
+            router.local_tokens_per_expert.zero_()
+
     def num_parameters(self) -> Dict[str, int]:
         """Parameters held by this rank: ``total``, ``engram_tables``, ``experts``, ``dense`` (the rest)."""
         total = tables = experts = 0
@@ -261,4 +307,19 @@ def build_model(model_cfg: ModelConfig, engram_cfg: EngramConfig, parallel_cfg: 
         position_embedding_type="rope",
         rotary_base=model_cfg.rotary_base,
     )
+    init_replicated_linears(gpt, config)
     return EngramGPTModel(gpt, config, context, vocab).to(get_device())
+
+
+@torch.no_grad()
+def init_replicated_linears(gpt, config) -> None:
+    """Draw the weights of megatron's replicated ``Linear`` layers (MLA's down projections in our spec,
+    :mod:`engram_train.model.spec`) with ``config.init_method``, as every other megatron linear layer
+    is drawn: that class keeps torch's default initialization and ignores the init method it is
+    given.  The draws come from the default generator, in the same state on every TP/EP rank after
+    the build (megatron's CPU initialization draws whole weights), so replicas agree."""
+    from megatron.core.post_training.modelopt.layers import Linear
+
+    for module in gpt.modules():
+        if type(module) is Linear:
+            config.init_method(module.weight)

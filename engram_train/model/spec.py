@@ -13,8 +13,11 @@ CPU                          :class:`cpu_backend.RMSNorm`    :class:`cpu_backend
 
 Everything else is megatron's local building blocks: column/row-parallel
 linear layers, SwiGLU MLP (``gated_linear_unit`` + silu in the config), RoPE
-(built by ``GPTModel``), MoE with the top-k router, ``SequentialMLP``
-experts and the token dispatcher named in the config.  Without TE, megatron's
+(built by ``GPTModel``; under ``model.attention=mla`` by the attention
+itself), grouped-query attention or the MLA branch of megatron's
+``get_gpt_layer_local_spec`` (see :func:`_attention_spec`), MoE with the
+top-k router, shared experts when configured, ``SequentialMLP`` experts and
+the token dispatcher named in the config.  Without TE, megatron's
 torch norm cannot run under sequence parallelism and apex is optional, hence
 our RMSNorm on CUDA too.
 
@@ -39,6 +42,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_bac
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.post_training.modelopt.layers import Linear as ReplicatedLinear
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -72,24 +77,57 @@ class CpuSpecProvider(LocalRMSNormSpecProvider):
         return SDPAttention
 
 
-def _local_layer_spec(backend: LocalSpecProvider, num_experts: Optional[int]) -> ModuleSpec:
-    """megatron's ``get_gpt_layer_local_spec`` (non-MLA branch) over an injectable backend."""
+def _attention_spec(backend: LocalSpecProvider, multi_latent: bool, qk_layernorm: bool) -> ModuleSpec:
+    """Self-attention as in megatron's ``get_gpt_layer_local_spec``: GQA, or its MLA branch.
+
+    One departure in the MLA branch: the down projections are replicated over TP (megatron's
+    ``Linear``, what its TE spec gets from ``TELinear(parallel_mode="duplicated")``), not
+    column-parallel as in the local spec.  With column-parallel down projections megatron gathers
+    the latent over TP and hands each rank the whole rotary key, which only this rank's heads use;
+    the gather's backward keeps this rank's slice of that gradient without summing the other heads'
+    part, so ``linear_kv_down_proj`` trains on a wrong gradient under TP (measured: 0.7% off the
+    one-process gradient, tests/distributed/test_model_parallel.py).  Replicated, the rotary key is
+    gathered over the sequence-parallel region, whose backward sums the heads' parts.
+    """
+    if multi_latent:
+        latent_norm = backend.layer_norm(rms_norm=True, for_qk=True) if qk_layernorm else IdentityOp
+        return ModuleSpec(
+            module=MLASelfAttention,
+            params={"attn_mask_type": AttnMaskType.causal},
+            submodules=MLASelfAttentionSubmodules(
+                linear_q_proj=backend.column_parallel_linear(),
+                linear_q_down_proj=ReplicatedLinear,
+                linear_q_up_proj=backend.column_parallel_linear(),
+                linear_kv_down_proj=ReplicatedLinear,
+                linear_kv_up_proj=backend.column_parallel_linear(),
+                core_attention=backend.core_attention(),
+                linear_proj=backend.row_parallel_linear(),
+                q_layernorm=latent_norm,
+                kv_layernorm=latent_norm,
+            ),
+        )
+    return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=backend.column_parallel_linear(),
+            core_attention=backend.core_attention(),
+            linear_proj=backend.row_parallel_linear(),
+            q_layernorm=IdentityOp,
+            k_layernorm=IdentityOp,
+        ),
+    )
+
+
+def _local_layer_spec(backend: LocalSpecProvider, num_experts: Optional[int], multi_latent: bool = False,
+                      qk_layernorm: bool = False) -> ModuleSpec:
+    """megatron's ``get_gpt_layer_local_spec`` (both attention branches) over an injectable backend."""
     norm = backend.layer_norm(rms_norm=True)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=backend.column_parallel_linear(),
-                    core_attention=backend.core_attention(),
-                    linear_proj=backend.row_parallel_linear(),
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
-            ),
+            self_attention=_attention_spec(backend, multi_latent, qk_layernorm),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
             mlp=get_mlp_module_spec_for_backend(backend=backend, num_experts=num_experts,
@@ -159,16 +197,18 @@ def decoder_block_spec(config: TransformerConfig, engram_blocks: Dict[int, dict]
     if is_cpu() or not have_transformer_engine():
         ensure_te_optional()   # megatron's router reads a name that only a TE import binds
         backend = CpuSpecProvider() if is_cpu() else LocalRMSNormSpecProvider()
-        dense = _local_layer_spec(backend, None)
-        moe = _local_layer_spec(backend, config.num_moe_experts) if config.num_moe_experts else None
+        mla = dict(multi_latent=config.multi_latent_attention, qk_layernorm=config.qk_layernorm)
+        dense = _local_layer_spec(backend, None, **mla)
+        moe = _local_layer_spec(backend, config.num_moe_experts, **mla) if config.num_moe_experts else None
         final_norm = RMSNorm
     else:
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        dense = get_gpt_layer_with_transformer_engine_spec(num_experts=None)
+        mla = dict(multi_latent_attention=config.multi_latent_attention, qk_layernorm=config.qk_layernorm)
+        dense = get_gpt_layer_with_transformer_engine_spec(num_experts=None, **mla)
         moe = (get_gpt_layer_with_transformer_engine_spec(num_experts=config.num_moe_experts,
-                                                          moe_grouped_gemm=config.moe_grouped_gemm)
+                                                          moe_grouped_gemm=config.moe_grouped_gemm, **mla)
                if config.num_moe_experts else None)
         final_norm = TENorm
 

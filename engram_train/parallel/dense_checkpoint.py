@@ -8,6 +8,11 @@ parameter under its *global* name (experts renamed by global expert index,
     optim.exp_avg.<name>       Adam first moment, same shape
     optim.exp_avg_sq.<name>    Adam second moment, same shape
     optim.step                 Adam step count (one for all groups)
+    buffer.<name>              a persistent model buffer: state that training changes outside the
+                               optimizer (megatron's MoE ``router.expert_bias``, moved once per step
+                               by ``EngramGPTModel.update_expert_bias``); replicated on every rank
+                               (one value per layer over *all* experts, whatever the EP size), saved
+                               once, read whole by every rank, restored exactly (fp32)
 
 Each tensor is a ``DTensor`` on the ``(data parallel, tensor parallel)`` mesh
 whose placement is megatron's split of that parameter (``Shard(partition_dim)``
@@ -128,10 +133,21 @@ def check_compatible(engine, path: str):
         ranks = range(ep) if _EXPERT.match(local_name) else [0]
         for e in ranks:
             expected.update(f"model.{k}" for k, _ in _split(_global_name(local_name, e, local_experts), p)[2])
-    extra = sorted(k for k in meta if k.startswith("model.") and k not in expected)
+    buffers = _named_buffers(engine)
+    expected.update(f"buffer.{name}" for name, _ in buffers)
+    extra = sorted(k for k in meta if k.startswith(("model.", "buffer.")) and k not in expected)
     if extra:
         raise ConfigError(f"the checkpoint {os.path.dirname(path)} holds {len(extra)} dense tensors this model "
-                          f"lacks (first: {extra[0][len('model.'):]!r}): it was saved from a bigger model; {fix}")
+                          f"lacks (first: {extra[0].split('.', 1)[1]!r}): it was saved from a bigger model or "
+                          f"one with other options; {fix}")
+    for name, t in buffers:
+        saved = meta.get(f"buffer.{name}")
+        if saved is None:
+            raise ConfigError(f"the checkpoint {os.path.dirname(path)} has no {name!r} that this model has "
+                              f"(e.g. saved without model.moe_router_enable_expert_bias): {fix}")
+        if tuple(saved.size) != tuple(t.shape):
+            raise ConfigError(f"the checkpoint {os.path.dirname(path)} holds {name} as {tuple(saved.size)}, "
+                              f"this model as {tuple(t.shape)}: another model configuration; {fix}")
     for name, p in _named_params(engine):
         for key, shape in _split(name, p)[2]:
             saved = meta.get(f"model.{key}")
@@ -154,6 +170,21 @@ def _named_params(engine) -> List[Tuple[str, torch.nn.Parameter]]:
     local_experts = (model.config.num_moe_experts or 0) // ps.get_expert_model_parallel_world_size()
     ep_rank = ps.get_expert_model_parallel_rank()
     return [(_global_name(n, ep_rank, local_experts), p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _named_buffers(engine) -> List[Tuple[str, torch.Tensor]]:
+    """``(global name, tensor)`` of the model's persistent buffers (``state_dict`` tensors that are not
+    parameters), in a rank-independent order."""
+    from megatron.core import parallel_state as ps
+
+    from engram_train.parallel.sharding import _global_name
+
+    model = engine.module
+    local_experts = (model.config.num_moe_experts or 0) // ps.get_expert_model_parallel_world_size()
+    ep_rank = ps.get_expert_model_parallel_rank()
+    params = {n for n, _ in model.named_parameters()}
+    return [(_global_name(n, ep_rank, local_experts), t) for n, t in model.state_dict(keep_vars=True).items()
+            if isinstance(t, torch.Tensor) and n not in params]
 
 
 def _inner(engine):
@@ -195,6 +226,7 @@ def save(engine, path: str) -> None:
             for m in MOMENTS:
                 sd.update({f"optim.{m}.{k}": v for k, v in
                            _pieces(name, p, safe_get_full_optimizer_state(p, m), mesh).items()})
+    sd.update({f"buffer.{name}": t.detach() for name, t in _named_buffers(engine)})
     dcp.save(sd, checkpoint_id=path)
 
 
@@ -220,8 +252,12 @@ def load(engine, path: str) -> None:
             buf = torch.empty(p.shape, dtype=torch.float32, device=p.device)
             values[name][k] = buf
             sd.update({f"{k}.{key}": v for key, v in _pieces(name, p, buf, mesh).items()})
+    buffers = {name: (t, torch.empty_like(t)) for name, t in _named_buffers(engine)}
+    sd.update({f"buffer.{name}": fresh for name, (_, fresh) in buffers.items()})
     dcp.load(sd, checkpoint_id=path)   # in place: every DTensor's local tensor is a view of its buffer
     step = int(sd.get("optim.step", 0))
+    for live, saved in buffers.values():
+        live.copy_(saved)
 
     for name, p in params:
         v = values[name]

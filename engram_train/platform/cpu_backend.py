@@ -17,7 +17,14 @@ patch, in that order of preference):
 Supplied through the layer spec (``spec.py`` picks them when on CPU)
   * :class:`SDPAttention` replaces ``DotProductAttention``: the stock core
     attention builds its causal mask with ``device="cuda"``
-    (``transformer/utils.py``) and its softmax fusion is CUDA-only.
+    (``transformer/utils.py``) and its softmax fusion is CUDA-only.  It
+    also serves multi-latent attention (``MLASelfAttention`` hands the core
+    attention query/key heads wider than its value heads, ``k_channels`` /
+    ``v_channels``, and YaRN's softmax scale); nothing else of MLA needs
+    adapting: its projections are megatron's column/row-parallel layers,
+    its latent norms are :class:`RMSNorm`, and its RoPE (``RotaryEmbedding``
+    or ``YarnRotaryEmbedding``) computes on CPU once patch 1 below
+    supplies ``torch.cuda.current_device``.
   * :class:`RMSNorm` replaces ``WrappedTorchNorm`` (layer norms *and* the
     block's final norm): the torch wrapper asserts ``not sequence_parallel``,
     and apex/TE norms are not available.  Its weight carries
@@ -51,6 +58,13 @@ Patches (:func:`activate_cpu_backend`; each listed in :data:`PATCHES`)
      yet ``router_gating_linear`` tests it against ``None`` (NameError
      without TE).  Also applied on CUDA without TE by
      :func:`ensure_te_optional`, because it is a TE gap, not a CPU one.
+     Same function, same reason: ``multi_latent_attention.HAVE_TE = False``
+     when TE does not import.  megatron's TE extension module imports
+     without TE by building its classes on a ``MagicMock``, so MLA's own
+     import succeeds and sets ``HAVE_TE = True``; its constructor then
+     calls ``isinstance(linear_proj, TELinear)`` with that mock and raises
+     ``TypeError``.  With the flag false the check is skipped (it only
+     concerns TE's fp8/fp4 linear layers) and nothing else reads it.
   3. megatron's CUDA RNG tracker (``tensor_parallel.random``'s module state)
      is replaced by :class:`CpuRNGStatesTracker`, which forks the CPU
      generator instead of the CUDA one; seeded by
@@ -93,7 +107,8 @@ CPU_CONFIG_OVERRIDES: Dict[str, object] = dict(
 #: Names of the patches applied by :func:`activate_cpu_backend`, in order.
 PATCHES: List[str] = [
     "torch.cuda.current_device -> cpu device (no CUDA device in this process)",
-    "megatron.core.transformer.moe.moe_utils.te_general_gemm = None (unbound without TE)",
+    "megatron.core.transformer.moe.moe_utils.te_general_gemm = None (unbound without TE); "
+    "megatron.core.transformer.multi_latent_attention.HAVE_TE = False (mocked TE classes without TE)",
     "megatron.core.tensor_parallel.random tracker -> CpuRNGStatesTracker",
     "megatron.core.tensor_parallel.random CUDA generator state get/set -> empty/no-op (no CUDA device)",
 ]
@@ -151,11 +166,17 @@ def activate_cpu_backend() -> None:
 
 
 def ensure_te_optional() -> None:
-    """Bind ``moe_utils.te_general_gemm = None`` where Transformer Engine is absent (idempotent)."""
+    """Cover megatron's two Transformer Engine gaps where TE is absent (idempotent): bind
+    ``moe_utils.te_general_gemm = None`` and set ``multi_latent_attention.HAVE_TE = False``."""
+    from megatron.core.transformer import multi_latent_attention
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        multi_latent_attention.HAVE_TE = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,12 +287,14 @@ class SDPAttention(torch.nn.Module):
 
     Takes ``query [sq, b, np, hn]``, ``key/value [sk, b, ng, hn]`` (this TP
     rank's heads; grouped-query heads are repeated) and returns
-    ``[sq, b, np*hn]``.  ``attention_mask`` follows megatron's convention
+    ``[sq, b, np*hn]``; under multi-latent attention the value width
+    (``v_channels``) may differ from the query/key width (``k_channels``).  ``attention_mask`` follows megatron's convention
     (``True`` = masked out); without one the attention is causal.
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 k_channels: Optional[int] = None, v_channels: Optional[int] = None,
                  cp_comm_type=None, pg_collection=None):
         super().__init__()
         from megatron.core.transformer.enums import AttnMaskType
@@ -284,8 +307,11 @@ class SDPAttention(torch.nn.Module):
         self.config = config
         self.heads = config.num_attention_heads // tp
         self.groups = config.num_query_groups // tp
-        self.head_dim = config.kv_channels
-        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        # Multi-latent attention passes its own widths: query/key heads of qk_head_dim + qk_pos_emb_head_dim,
+        # value heads of v_head_dim, and a softmax scale for that query width.
+        k_dim = k_channels if k_channels is not None else config.kv_channels
+        self.head_dim = v_channels if v_channels is not None else config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(k_dim)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,

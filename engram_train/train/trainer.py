@@ -145,6 +145,7 @@ class Trainer:
                 self.table_store.reduce_gradients()   # before DeepSpeed's step: its norm includes the tables
             self.engine.step()
             losses.append(loss.detach())
+        self.model.update_expert_bias()   # MoE expert-bias balancing: once per optimizer step (no-op without)
         loss = torch.stack(losses).mean()
         if self.dp_size > 1:
             dist.all_reduce(loss, group=self.dp_group)

@@ -82,3 +82,30 @@ def test_tool_matches_formula(tool_counts, which):
     want, got = formula(name), tool_counts[which]
     for key, value in want.items():
         assert got[key] == value, (name, key, got[key], value)
+
+
+def test_paper_27b_recipes_count_like_the_paper_without_building_them():
+    """engram_27b cannot be built here (27B parameters, an alltoall dispatcher that needs CUDA): the tool counts
+    from the configuration. The paper: 26.7B total and 3.8B active for both, 5.7B in Engram-27B's tables."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "counts.json")
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tools", "count_params.py"), "experiment=engram_27b",
+             "experiment=moe_27b", "--json", out],
+            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        counts = json.load(open(out))
+    engram, moe = counts["experiment=engram_27b"], counts["experiment=moe_27b"]
+    for c in (engram, moe):
+        assert abs(c["total"] / 26.7e9 - 1) <= 0.03, c["total"]
+        assert abs(c["active_excl_tables"] / 3.8e9 - 1) <= 0.05, c["active_excl_tables"]
+    assert abs(engram["engram_tables"] / 5.7e9 - 1) <= 0.03 and moe["engram_tables"] == 0
+    # Written out from the recipe: 30 MoE layers of 3 x 2560 x 1536 experts, 55 vs 72 routed, 2 shared (in dense).
+    expert = 3 * 2560 * 1536
+    assert engram["experts"] == 30 * 55 * expert and moe["experts"] == 30 * 72 * expert
+    # 17 experts + router rows - tables - 2 Engram blocks of 4 branches (4 key projections with bias, 1 value
+    # projection with bias, 3 x 4 norms, a depthwise conv of kernel 4 over 4 x 2560 channels); both have mHC
+    assert moe["total"] - engram["total"] == 30 * 17 * (expert + 2560) - engram["engram_tables"] - 2 * (
+        (1280 * 2560 + 2560) * (4 + 1) + 3 * 4 * 2560 + 4 * 2560 * 4)

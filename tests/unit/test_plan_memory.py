@@ -90,6 +90,23 @@ SMALL = {
                          "model.untie_embeddings_and_output_weights=false", "engram.max_ngram=4",
                          "engram.n_embed_per_ngram=32", "engram.kernel_size=3",
                          "engram.table_size_per_ngram=[31,37,41]"],
+    # DeepSeekMoE + MLA (issue 15): shared experts, sigmoid + expert-bias routing, query latent
+    "mla_shared_sigmoid_bias": ["experiment=debug_cpu", "model.attention=mla", "model.q_lora_rank=48",
+                                "model.kv_lora_rank=40", "model.qk_head_dim=24", "model.qk_pos_emb_head_dim=8",
+                                "model.v_head_dim=20", "model.moe_shared_expert_ffn_hidden_size=96",
+                                "model.moe_router_score_function=sigmoid", "model.moe_router_enable_expert_bias=true",
+                                "model.moe_router_load_balancing_type=none", "model.moe_layer_freq=2",
+                                "data.vocab_size=500", "engram.table_size_per_ngram=[31,37]"],
+    # mHC: 4 residual streams (mixing per sublayer, the collapse before the final norm, Engram per stream)
+    "mhc4_mla_shared": ["experiment=debug_cpu", "model.hc_mult=4", "model.attention=mla", "model.q_lora_rank=48",
+                        "model.kv_lora_rank=40", "model.qk_head_dim=24", "model.qk_pos_emb_head_dim=8",
+                        "model.v_head_dim=20", "model.moe_shared_expert_ffn_hidden_size=96",
+                        "data.vocab_size=500", "engram.table_size_per_ngram=[31,37]"],
+    # MLA with a full-rank query projection, tied embeddings, dense MLPs only
+    "mla_no_q_latent_dense": ["experiment=debug_cpu", "model.attention=mla", "model.q_lora_rank=null",
+                              "model.kv_lora_rank=32", "model.qk_head_dim=16", "model.qk_pos_emb_head_dim=16",
+                              "model.v_head_dim=32", "model.num_experts=null", "data.vocab_size=300",
+                              "model.untie_embeddings_and_output_weights=false", "engram.enabled=false"],
 }
 
 
@@ -97,13 +114,15 @@ SMALL = {
 def test_dense_parameter_count_matches_the_real_model(name):
     from engram_train.config.store import compose
     from engram_train.engram.hashing import prime_table_sizes
+    from engram_train.model.counts import param_counts
     from engram_train.model.gpt import build_model
     from engram_train.parallel.state import destroy_parallel, init_parallel
 
     tool = load_tool()
     cfg = compose(SMALL[name])
     e = cfg.engram
-    sizes = prime_table_sizes(e.layer_ids, e.max_ngram, e.heads_per_ngram, e.table_size_per_ngram)
+    sizes = prime_table_sizes(e.layer_ids, e.max_ngram, e.heads_per_ngram, e.table_size_per_ngram) \
+        if e.enabled else None
     init_parallel(cfg.parallel, seed=0)
     try:
         model = build_model(cfg.model, e, cfg.parallel, cfg.data.vocab_size, sizes)
@@ -113,16 +132,31 @@ def test_dense_parameter_count_matches_the_real_model(name):
                          if getattr(p, "tensor_model_parallel", False) and ".mlp.experts." not in n)
     finally:
         destroy_parallel()
-    want = tool.dense_param_counts(cfg.model, e, tool.padded_vocab(cfg))
+    want = param_counts(cfg.model, e, tool.padded_vocab(cfg))
     assert (want["dense"], want["experts"]) == (real["dense"], real["experts"])
     assert want["tp_split"] == real_split
+    n_experts = cfg.model.num_experts or 0
+    assert want["expert_bias"] == sum(b.numel() for n, b in model.named_buffers() if n.endswith(".expert_bias"))
+    moe_layers = sum(1 for layer in model.gpt.decoder.layers if hasattr(layer.mlp, "router"))
+    per_expert = real["experts"] // max(1, moe_layers * n_experts)
+    inactive = moe_layers * (n_experts - cfg.model.moe_router_topk) * per_expert if n_experts else 0
+    assert want["active"] == real["total"] - real["engram_tables"] - inactive
     assert want["total"] + real["engram_tables"] == real["total"]
-    tables, _ = tool.table_sizes(e, None, cfg.data.vocab_size)
-    assert real["engram_tables"] == sum(map(sum, tables.values())) * e.n_embed_per_ngram // e.heads_per_ngram
+    if e.enabled:
+        tables, _ = tool.table_sizes(e, None, cfg.data.vocab_size)
+        assert real["engram_tables"] == sum(map(sum, tables.values())) * e.n_embed_per_ngram // e.heads_per_ngram
+    else:
+        assert real["engram_tables"] == 0
 
 
 def test_engram_27b_recipe_validates_and_holds_about_5_7b_table_parameters():
     from engram_train.config.store import compose
+
+    proc = run_tool("experiment=engram_27b", "world=64")
+    assert proc.returncode == 0, proc.stderr
+    for piece in ("MLA attention", "shared experts", "routed experts (55, top-6)", "routers", "Engram blocks",
+                  "sigmoid scores x 2.5", "expert-bias balancing (1,650 fp32 bias values"):
+        assert piece in proc.stdout, piece
 
     cfg = compose(["experiment=engram_27b"])
     cfg.validate(world_size=64)
@@ -131,7 +165,9 @@ def test_engram_27b_recipe_validates_and_holds_about_5_7b_table_parameters():
     assert r["engram"]["params"] == pytest.approx(5.7e9, rel=0.05)
     primes = [p for s in r["engram"]["table_sizes"].values() for p in s]
     assert len(primes) == len(set(primes)) == 2 * 2 * 8
-    assert (r["tensor_parallel"], r["data_parallel"], r["expert_parallel"], r["zero_stage"]) == (4, 16, 8, 2)
+    # 55 routed experts: no EP size divides them and DP 16 (moe_27b's 72 go over EP 8)
+    assert (r["tensor_parallel"], r["data_parallel"], r["expert_parallel"], r["zero_stage"]) == (4, 16, 1, 2)
+    assert plan_json("experiment=moe_27b", "world=64")["expert_parallel"] == 8
     assert r["precision"] == "bf16" and r["default_partition"] == "tp"
     assert r["placements"]["tp"]["shard_rows"] * 4 == pytest.approx(r["engram"]["rows"], abs=8)
 
@@ -205,7 +241,7 @@ def test_host_dir_maps_one_copy_of_each_shard_per_node():
 
 DEVICE_KEYS = {"world", "tensor_parallel", "data_parallel", "expert_parallel", "expert_data_parallel",
                "zero_stage", "offload_optimizer", "padded_vocab", "precision", "precision_assumed",
-               "default_partition", "placements", "dense", "engram", "totals"}
+               "default_partition", "placements", "dense", "engram", "totals", "model"}
 
 
 def test_device_residency_output_has_no_host_part_and_ignores_ranks_per_node():
