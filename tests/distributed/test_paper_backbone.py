@@ -1,5 +1,8 @@
 """The paper's backbone end to end (``experiment=paper_cpu``, shrunk): layouts, recompute, resharding.
 
+paper_cpu has every model feature of Engram-27B: mHC (4 streams), shared + routed experts with sigmoid
+scores and expert-bias balancing, MLA, full recompute.
+
 Every run goes through the real entry point under torchrun (gloo).  The single
 process with the same seed and global batch is the oracle of the parallel layouts
 (1e-4 relative over 5 steps); ``model.recompute=full|selective`` must give the
@@ -12,6 +15,9 @@ from __future__ import annotations
 
 import pytest
 
+import torch
+
+from tests.distributed.test_deepseek_moe_resume import expert_bias
 from tests.distributed.test_train import _assert_close, data_overrides, launch, logged_steps, losses  # noqa: F401
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -21,6 +27,9 @@ PAPER = [
     "experiment=paper_cpu",
     "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
     "model.ffn_hidden_size=128", "model.max_seq_length=64",
+    "model.moe_ffn_hidden_size=32", "model.moe_shared_expert_ffn_hidden_size=64",
+    "model.q_lora_rank=32", "model.kv_lora_rank=32", "model.qk_head_dim=16", "model.qk_pos_emb_head_dim=8",
+    "model.v_head_dim=16",
     "engram.layer_ids=[0,1]", "engram.n_embed_per_ngram=32", "engram.heads_per_ngram=4",
     "engram.table_size_multiplier=2.0",
     "data.seq_length=64", "data.micro_batch_size=4", "data.global_batch_size=8", "data.vocab_size=512",
@@ -102,4 +111,11 @@ def test_paper_checkpoint_resumes_at_another_layout(tmp_path, paper_runs, data_o
     out = launch(LAYOUTS[second][0], common + LAYOUTS[second][1])
     assert f"resumed from {run_dir / 'checkpoints' / 'step_00000002'} (step 2)" in out
     assert logged_steps(run_dir) == [0, 1, 2, 3, 4, 5]     # continued, not started over
+    # The expert bias (routing state, updated every step) travels with the checkpoint: resumed at
+    # step 2 without it, routing from step 3 on would differ from the uninterrupted run's.
     _assert_close(losses(run_dir), losses(paper_runs["single"]), rtol=1e-4)
+    got, want = expert_bias(run_dir, 5), expert_bias(paper_runs["single"], 5)
+    assert sorted(got) == sorted(want) == [f"buffer.gpt.decoder.layers.{i}.mlp.router.expert_bias" for i in (0, 1)]
+    for name in want:
+        assert want[name].abs().max() > 0                      # it moved
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
