@@ -37,8 +37,9 @@ class NonFiniteGuard:
     ``latest``: the newest complete checkpoint's directory (or None), named in the stop message.
     """
 
-    def __init__(self, policy: str, max_skipped_steps: int, latest: Callable[[], Optional[str]]):
+    def __init__(self, policy: str, max_skipped_steps: int, latest: Callable[[], Optional[str]], report: bool = True):
         self.policy = policy
+        self.report = report   # one rank logs the skips (every rank reaches the same verdict)
         self.max_skipped_steps = max_skipped_steps
         self.latest = latest
 
@@ -55,20 +56,21 @@ class NonFiniteGuard:
         state.nonfinite_streak += 1
         what = f"step {step}: non-finite loss {loss} or gradient norm {grad_norm}"
         if self.policy == "skip" and state.nonfinite_streak < self.max_skipped_steps:
-            log.warning("%s: its update was dropped for the dense parameters and the Engram tables on every "
+            if self.report:
+                log.warning("%s: its update was dropped for the dense parameters and the Engram tables on every "
                         "rank (%d in a row, trainer.max_skipped_steps=%d)", what, state.nonfinite_streak,
-                        self.max_skipped_steps)
+                            self.max_skipped_steps)
             return None
         if self.policy == "stop":
-            why = "trainer.nonfinite=stop ended the run"
+            why = "trainer.nonfinite=stop"
         else:
-            why = (f"{state.nonfinite_streak} non-finite steps in a row reached "
-                   f"trainer.max_skipped_steps={self.max_skipped_steps}")
+            why = (f"{state.nonfinite_streak} in a row, trainer.max_skipped_steps={self.max_skipped_steps}, "
+                   f"trainer.nonfinite=skip")
         latest = self.latest()
         where = (f"the newest checkpoint, {latest}, is from before it and a relaunch resumes from it"
                  if latest else "no checkpoint was written before it")
-        return Diverged(f"{what}: {why} without saving this state; {where}; lower trainer.lr or set "
-                        "trainer.grad_clip>0 (or trainer.nonfinite=skip to pass over isolated bad steps)")
+        return Diverged(f"{what} ({why}): the run stopped without saving this state; {where}; lower trainer.lr "
+                        "or set trainer.grad_clip>0")
 
 
 class LossSpikeDetector:
