@@ -318,10 +318,15 @@ class RunConfig:
     name: Optional[str] = None
     wandb_project: str = "engram_train"
     wandb_mode: str = "auto"     # "auto": online if WANDB_API_KEY is set, else offline | "online" | "offline" | "disabled"
+    # A requeued SLURM job waits this long for its predecessor to release run.dir's lock (other
+    # holders are refused at once; docs/checkpoints.md).
+    lock_wait_s: float = 180.0
 
     def __post_init__(self):
         _require(self.wandb_mode in ("auto", "online", "offline", "disabled"), "run.wandb_mode", self.wandb_mode,
                  "choose 'auto', 'online', 'offline' or 'disabled'")
+        _require(self.lock_wait_s >= 0, "run.lock_wait_s", self.lock_wait_s,
+                 "must be >= 0 (seconds a requeued job waits for its predecessor's lock on run.dir)")
 
 
 def _batch_fix(global_batch: int, micro_batch: int, dp: int, world: int, tp: int) -> str:

@@ -24,6 +24,7 @@ from engram_train.train.checkpoint import Checkpointer, TrainState
 from engram_train.train.evaluate import evaluate, forward_loss, to_device
 from engram_train.train import signals
 from engram_train.train.guard import LossSpikeDetector, NonFiniteGuard
+from engram_train.train.run_lock import RunDirLocked, RunLock
 from engram_train.train.metrics import build_logger
 from engram_train.train.schedule import apply_lr, lr_at
 
@@ -65,8 +66,7 @@ class Trainer:
         self.use_bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto"
                                                              and self.device.type == "cuda")
         self.run_dir = cfg.run.dir
-        if self.rank == 0:
-            os.makedirs(self.run_dir, exist_ok=True)
+        self.run_lock = self._lock_run_dir(cfg.run.lock_wait_s)
 
         # Data: rank 0 prepares (idempotent), the others read what it wrote.
         if self.rank == 0:
@@ -128,6 +128,28 @@ class Trainer:
                 counts["total"] += counts["engram_tables"]
             log.info("model parameters: %s", {k: f"{v / 1e6:.2f}M" for k, v in counts.items()})
         log_memory(self.model, self.optimizer, self.table_store, self.rank)
+
+    def _lock_run_dir(self, wait_s: float) -> Optional[RunLock]:
+        """Rank 0 takes run.dir's lock before anything in it is read or written; all ranks share its verdict."""
+        lock, refusal = None, None
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            lock = RunLock(self.run_dir, wait_s)
+            try:
+                lock.acquire()
+            except RunDirLocked as e:
+                refusal = str(e)
+        if self.world > 1:
+            box = [refusal]
+            dist.broadcast_object_list(box, src=0)
+            refusal = box[0]
+        if refusal is not None:
+            raise RunDirLocked(refusal)
+        return lock
+
+    def release(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     def _stop_requested(self) -> bool:
         """True on every rank once any rank got SIGTERM/SIGUSR1 (checked between steps)."""
@@ -297,6 +319,9 @@ def run(cfg: Config, on_start: Optional[Callable[[], None]] = None) -> Dict[str,
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     seed_everything(cfg.trainer.seed)
     trainer = Trainer(cfg)
-    if on_start is not None:
-        on_start()
-    return trainer.train()
+    try:
+        if on_start is not None:
+            on_start()
+        return trainer.train()
+    finally:
+        trainer.release()
