@@ -415,12 +415,14 @@ class Checkpointer:
             if failure is not None:
                 raise failure
             raise RuntimeError(f"rank {rank} failed to write checkpoint {final}: {reason}")
-        latest = self._latest_name()
+        # Rank 0's view (after its clean-up) for every rank: one message, whichever rank prints it.
+        free_latest = self._gather((_free_bytes(self.root), self._latest_name()) if self.rank == 0 else None)[0]
+        free, latest = free_latest
         fix = ("free space there, lower trainer.keep_last or point run.dir at a larger filesystem"
                if code in (errno.ENOSPC, errno.EDQUOT) else "check the filesystem (or point run.dir elsewhere)")
         raise CheckpointWriteError(
             f"rank {rank} could not write checkpoint {final} ({DISK_ERRNOS[code]}: {reason}); {self.root} has "
-            f"{_size(_free_bytes(self.root))} free and a checkpoint needs about {_size(need)}; {fix}, then "
+            f"{_size(free)} free and a checkpoint needs about {_size(need)}; {fix}, then "
             "relaunch: " + (f"{os.path.join(self.root, LATEST)} still names {latest}, which is complete"
                             if latest else "no earlier checkpoint exists"))
 
@@ -437,7 +439,7 @@ class Checkpointer:
         latest = self.latest_dir() if self.rank == 0 else None
         previous = _tree_bytes(latest) if latest else 0
         both = self._gather((own, previous))
-        return previous if both[0][1] else sum(o for o, _ in both)
+        return both[0][1] or sum(o for o, _ in both)
 
     def _prune(self, keep: str, first_nonfinite_step: Optional[int] = None) -> None:
         # Only checkpoints up to the one just saved count: newer ones belong to work this run redoes
