@@ -112,6 +112,11 @@ CONFIG_CASES = [
     (["trainer.weight_decay=-0.1"], ["trainer.weight_decay=-0.1"]),
     (["engram.table_weight_decay=-1"], ["engram.table_weight_decay=-1"]),
     (["model.hidden_dropout=1.5"], ["model.hidden_dropout=1.5"]),
+    (["trainer.nonfinite=ignore"], ["trainer.nonfinite='ignore'", "'stop'", "'skip'"]),
+    (["trainer.max_skipped_steps=0"], ["trainer.max_skipped_steps=0", ">= 1"]),
+    (["trainer.loss_spike_factor=0.5"], ["trainer.loss_spike_factor=0.5", "or 0: off"]),
+    (["trainer.loss_spike_window=1"], ["trainer.loss_spike_window=1"]),
+    (["run.lock_wait_s=-1"], ["run.lock_wait_s=-1.0"]),
     # A sweep is checked job by job before its first job trains.
     (["-m", "trainer.seed=1,2", "model.foo=1"], ["model.foo"]),
     (["-m", "trainer.seed=1,2", "parallel.zero_stage=1,3"], ["parallel.zero_stage=3"]),
@@ -266,3 +271,22 @@ def test_another_node_reports_its_own_missing_files_and_not_config_errors(tmp_pa
     proc = _run(TRAIN + ["experiment=debug_cpu", f"run.dir={tmp_path}/run", "model.foo=1"], cwd=tmp_path,
                 env_extra=other_node)
     assert proc.returncode == 2 and "error" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_run_directory_in_use_is_refused_and_left_as_it_was(tmp_path):
+    """Another live run holds run.dir's lock: one line naming it, exit code 2, and nothing in the directory
+    (checkpoints, metrics) is touched -- not even the lock file that names the holder."""
+    from engram_train.train.run_lock import RunLock
+
+    run = tmp_path / "run"
+    holder = RunLock(str(run))
+    holder.acquire()
+    try:
+        before = _snapshot(run)
+        proc = _run(TRAIN + ["experiment=debug_cpu", f"run.dir={run}", "run.wandb_mode=disabled"], cwd=tmp_path)
+        _assert_one_clear_error(proc, f"run.dir={run} is in use by another run (PID {os.getpid()} on ",
+                                "choose another run.dir")
+        assert _snapshot(run) == before
+    finally:
+        holder.release()
