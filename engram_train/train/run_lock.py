@@ -58,6 +58,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _describe(holder: Dict[str, Any]) -> str:
+    if not holder.get("pid"):
+        return "a run starting this moment, which has not written its name yet"
     text = f"PID {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
     if holder.get("slurm_job_id"):
         text += f", SLURM job {holder['slurm_job_id']}"
