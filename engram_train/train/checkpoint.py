@@ -182,12 +182,13 @@ def _tree_bytes(top: str) -> int:
     return total
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+def _size(n: float) -> str:
+    unit = "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024:
+            break
+        n, unit = n / 1024, bigger
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def _disk_errno(e: BaseException) -> Optional[int]:
