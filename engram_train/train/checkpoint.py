@@ -348,8 +348,7 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             free = _free_bytes(self.root)
             if free < need:
-                raise OSError(errno.ENOSPC, f"refused before writing: {_size(free)} free, short of the "
-                                            f"{_size(need)} a checkpoint needs")
+                raise OSError(errno.ENOSPC, "refused before writing, the free space is short of a checkpoint")
             os.makedirs(os.path.join(partial, "rng"))
 
         def write_dense():

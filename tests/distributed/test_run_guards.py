@@ -99,6 +99,18 @@ def test_skip_drops_the_updates_and_stops_after_max_skipped_steps(tmp_path, comm
     assert [r["skipped_steps"] for r in rows if "loss" in r] == [0, 0, 0, 1, 2, 3]
 
 
+def test_two_ranks_skip_together_and_stop_at_the_same_step(tmp_path, common, healthy):
+    """Data parallel over 2 ranks (resumed from the 1-rank checkpoint): the verdict is the same on both
+    ranks, the run stops on both after the same step, with one line and no launcher traceback."""
+    run_dir = _copy(healthy, tmp_path, "skip2")
+    proc = _run(common + DIVERGE + [f"run.dir={run_dir}", "trainer.max_steps=20", "trainer.save_interval=2",
+                                    "trainer.nonfinite=skip", "trainer.max_skipped_steps=2"], nproc=2)
+    _assert_one_clear_error(proc, "step 5: non-finite loss nan", "(2 in a row, trainer.max_skipped_steps=2")
+    assert "ChildFailedError" not in proc.stderr
+    assert _ckpts(run_dir) == (["step_00000002"], "step_00000002")
+    assert logged_steps(run_dir) == [0, 1, 2, 3, 4, 5]
+
+
 def test_skipped_steps_leave_the_weights_and_the_checkpoint_before_them_survives_keep_last(tmp_path, common, healthy):
     """keep_last=1, a checkpoint every step; steps 4 and 5 are NaN and the run ends at step 5 in the
     streak: step 5's checkpoint is written (the end of the run) but does not count, so step 3's (the
