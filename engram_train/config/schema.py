@@ -358,6 +358,15 @@ class TrainerConfig:
     # max_steps defines: for time-limited allocations; a later launch resumes.
     stop_at_step: Optional[int] = None
     progress: bool = True
+    # A step whose loss or global gradient norm (dense and tables) is NaN/Inf: "stop" ends the run
+    # with one line and no checkpoint of that state; "skip" drops the step's update everywhere and
+    # stops after max_skipped_steps such steps in a row (docs/checkpoints.md).
+    nonfinite: str = "stop"
+    max_skipped_steps: int = 10
+    # Warn (only) when a step's loss exceeds loss_spike_factor x the median of the last
+    # loss_spike_window losses; 0 turns the warning off.
+    loss_spike_factor: float = 3.0
+    loss_spike_window: int = 50
 
     def __post_init__(self):
         _require(self.max_steps > 0, "trainer.max_steps", self.max_steps, "must be > 0")
@@ -378,6 +387,15 @@ class TrainerConfig:
         if self.stop_at_step is not None:
             _require(self.stop_at_step > 0, "trainer.stop_at_step", self.stop_at_step,
                      "must be > 0 (the step to stop at with a checkpoint), or null to train to trainer.max_steps")
+        _require(self.nonfinite in ("stop", "skip"), "trainer.nonfinite", self.nonfinite,
+                 "choose 'stop' (end the run at the first NaN/Inf loss or gradient) or 'skip' (drop such "
+                 "steps' updates, stop after trainer.max_skipped_steps in a row)")
+        _require(self.max_skipped_steps >= 1, "trainer.max_skipped_steps", self.max_skipped_steps,
+                 "must be >= 1 (non-finite steps skipped in a row before the run stops)")
+        _require(self.loss_spike_factor == 0 or self.loss_spike_factor > 1, "trainer.loss_spike_factor",
+                 self.loss_spike_factor, "must be > 1 (warn when the loss exceeds it x its running median), or 0: off")
+        _require(self.loss_spike_window >= 3, "trainer.loss_spike_window", self.loss_spike_window,
+                 "must be >= 3 (steps in the running median of the loss)")
 
 
 @dataclass
@@ -386,10 +404,15 @@ class RunConfig:
     name: Optional[str] = None
     wandb_project: str = "engram_train"
     wandb_mode: str = "auto"     # "auto": online if WANDB_API_KEY is set, else offline | "online" | "offline" | "disabled"
+    # A requeued SLURM job waits this long for its predecessor to release run.dir's lock (other
+    # holders are refused at once; docs/checkpoints.md).
+    lock_wait_s: float = 180.0
 
     def __post_init__(self):
         _require(self.wandb_mode in ("auto", "online", "offline", "disabled"), "run.wandb_mode", self.wandb_mode,
                  "choose 'auto', 'online', 'offline' or 'disabled'")
+        _require(self.lock_wait_s >= 0, "run.lock_wait_s", self.lock_wait_s,
+                 "must be >= 0 (seconds a requeued job waits for its predecessor's lock on run.dir)")
 
 
 def _batch_fix(global_batch: int, micro_batch: int, dp: int, world: int, tp: int) -> str:

@@ -369,14 +369,14 @@ class TableStore:
 
         ``grad_norm`` is the global norm of dense and table gradients together;
         with ``max_norm > 0`` gradients are scaled by ``1 / max(1, (norm + 1e-6) / max_norm)``
-        (DeepSpeed's ``unscale_and_clip_grads``).  A non-finite norm skips the step.
+        (DeepSpeed's ``unscale_and_clip_grads``).  A non-finite norm drops the update, as DeepSpeed drops
+        the dense one on the same norm (the trainer's guard reports it: ``engram_train.train.guard``).
         """
         if self._grad_sq_norm is None:
             raise RuntimeError("TableStore.step() before reduce_gradients()")
         scale = 1.0
         if grad_norm is not None:
             if not math.isfinite(float(grad_norm)):
-                log.warning("non-finite gradient norm %s: table step skipped", grad_norm)
                 self.zero_grad()
                 return
             if max_norm > 0:

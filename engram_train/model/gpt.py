@@ -220,7 +220,7 @@ class EngramGPTModel(nn.Module):
                 if getattr(getattr(getattr(layer, "mlp", None), "router", None), "expert_bias", None) is not None]
 
     @torch.no_grad()
-    def update_expert_bias(self) -> None:
+    def update_expert_bias(self, apply: Optional[torch.Tensor] = None) -> None:
         """Auxiliary-loss-free balancing: move every MoE layer's expert bias once per optimizer step.
 
         Call it after the step's last backward.  megatron's router counts the tokens it routes to each
@@ -230,6 +230,8 @@ class EngramGPTModel(nn.Module):
         ``get_updated_expert_bias`` sums the counts over the tensor x data-parallel group (every rank
         routes its own tokens) and sets ``bias += rate * sign(mean load - load)``; then the counts
         restart, as megatron's ``reset_model_temporary_tensors`` does.  A no-op without expert bias.
+        ``apply`` (a 0-d bool tensor, no host sync): where false the bias keeps its value (a step whose
+        update was dropped as non-finite); the counts restart either way.
         """
         routers = self._bias_routers()
         if not routers:
@@ -240,6 +242,8 @@ class EngramGPTModel(nn.Module):
         biases = get_updated_expert_bias(counts, torch.stack([r.expert_bias for r in routers]),
                                          self.config.moe_router_bias_update_rate)
         for router, bias in zip(routers, biases):
+            if apply is not None:
+                bias = torch.where(apply.to(bias.device), bias, router.expert_bias)
             router.expert_bias.copy_(bias)
             router.local_tokens_per_expert.zero_()
 

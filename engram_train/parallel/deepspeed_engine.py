@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -220,17 +220,32 @@ def param_groups(model: nn.Module, cfg: Config) -> List[Dict[str, Any]]:
     return groups
 
 
+class StepLoss:
+    """The step's loss, reduced over data parallelism, joined to the global gradient norm as ``0 * loss``
+    (0 when finite, NaN otherwise): one norm then says whether the loss or any gradient is non-finite,
+    and DeepSpeed's step (its overflow path), the table step and the trainer's guard all read that one
+    verdict (``engram_train.train.guard``).  The trainer sets ``value`` before the step that applies the
+    update and takes it back after."""
+
+    def __init__(self):
+        self.value: Optional[torch.Tensor] = None
+
+    def sq_norm_term(self) -> Optional[torch.Tensor]:
+        return None if self.value is None else self.value.detach().double() * 0.0
+
+
 def include_in_grad_norm(optimizer, extra_sq_norm: Callable[[], torch.Tensor]) -> None:
     """Make ``optimizer``'s global gradient norm ``sqrt(dense^2 + extra_sq_norm())``.
 
     ``extra_sq_norm`` returns the squared norm of gradients DeepSpeed does not
-    hold (the table store's), already summed over all ranks.  Supported: the
-    ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer``, fp32 and bf16: our DeepSpeed
-    config accumulates gradients in the parameters' dtype, so bf16 never takes
-    DeepSpeed's separate ``BF16_Optimizer``), whose ``scaled_global_norm`` feeds
-    both clipping and the reported norm; anything else fails here.
+    hold (the table store's), already summed over all ranks, plus the step loss's
+    non-finite flag (``StepLoss``).  Supported: the ZeRO-1/2 optimizer
+    (``DeepSpeedZeroOptimizer``, fp32 and bf16: our DeepSpeed config accumulates
+    gradients in the parameters' dtype, so bf16 never takes DeepSpeed's separate
+    ``BF16_Optimizer``), whose ``scaled_global_norm`` feeds clipping, the skip of a
+    non-finite step and the reported norm; anything else fails here.  No host sync:
+    an invalid dense norm stays invalid through a ``torch.where``.
     """
-    from deepspeed.runtime.utils import is_invalid_grad_norm
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if isinstance(optimizer, DeepSpeedZeroOptimizer):
@@ -238,10 +253,11 @@ def include_in_grad_norm(optimizer, extra_sq_norm: Callable[[], torch.Tensor]) -
 
         def scaled_global_norm(norm_type=2):
             norm = dense_norm(norm_type)
-            if is_invalid_grad_norm(norm):
-                return norm
             extra = extra_sq_norm().to(device=norm.device, dtype=torch.float64) * float(optimizer.loss_scale) ** 2
-            return (norm.double().square() + extra).sqrt().to(norm.dtype)
+            total = (norm.double().square() + extra).sqrt()
+            # DeepSpeed marks an invalid group norm -1; squaring must not launder it into a valid one.
+            valid = torch.isfinite(norm) & (norm >= 0)
+            return torch.where(valid, total, torch.full_like(total, float("inf"))).to(norm.dtype)
 
         optimizer.scaled_global_norm = scaled_global_norm
     else:
@@ -249,14 +265,17 @@ def include_in_grad_norm(optimizer, extra_sq_norm: Callable[[], torch.Tensor]) -
                           "norm cannot include the Engram table gradients; use parallel.zero_stage=1 or 2")
 
 
-def build_engine(model: nn.Module, cfg: Config, dp_size: int, use_bf16: bool, table_store=None):
+def build_engine(model: nn.Module, cfg: Config, dp_size: int, use_bf16: bool, table_store=None,
+                 step_loss: Optional[StepLoss] = None):
     """Wrap ``model`` in a DeepSpeed engine; returns (engine, optimizer).
 
-    With a ``table_store`` its gradients join DeepSpeed's global norm (clipping).
+    With a ``table_store`` its gradients join DeepSpeed's global norm (clipping), and with a
+    ``step_loss`` the loss's non-finite flag does (the step is skipped on it).
     """
     import deepspeed
 
     from engram_train.parallel.parallelize import deepspeed_parameters
+    from engram_train.platform.device import get_device
 
     deepspeed_parameters(model)   # raises if an Engram table weight slipped into the model's parameters
 
@@ -277,6 +296,17 @@ def build_engine(model: nn.Module, cfg: Config, dp_size: int, use_bf16: bool, ta
     os.environ.setdefault("LOCAL_RANK", "0")
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, model_parameters=groups, config=ds_cfg, mpu=MegatronMPU(), dist_init_required=False)
-    if table_store is not None:
-        include_in_grad_norm(optimizer, table_store.grad_sq_norm)
+    terms = ([table_store.grad_sq_norm] if table_store is not None else []) + \
+        ([step_loss.sq_norm_term] if step_loss is not None else [])
+
+    def extra_sq_norm() -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64, device=get_device())
+        for term in terms:
+            value = term()
+            if value is not None:
+                total = total + value.to(device=total.device, dtype=torch.float64)
+        return total
+
+    if terms:
+        include_in_grad_norm(optimizer, extra_sq_norm)
     return engine, optimizer

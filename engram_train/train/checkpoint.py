@@ -24,6 +24,16 @@ Commit protocol (a crash or power loss at any point leaves the previous ``latest
 * only then is ``latest`` replaced atomically (tmp + fsync + ``os.replace`` + fsync of the root).
   ``fsync_file`` and ``fsync_dir`` below do all of the syncing.
 
+A write that fails (ENOSPC, EDQUOT, EIO, EROFS, on any rank) ends the save on every rank together:
+after each phase the ranks exchange their outcome (this replaces the barriers), rank 0 removes
+``step_N.partial``, ``latest`` keeps naming the previous checkpoint, and every rank raises
+``CheckpointWriteError`` naming the rank, the directory, its free space and the approximate size
+of a checkpoint.  Before writing, the save refuses when the free space is clearly short of that size.
+
+Rotation (``trainer.keep_last``) counts good checkpoints only: one written while the run was in a
+row of non-finite steps (``meta.json``: ``nonfinite_streak > 0``) does not count, and the newest
+checkpoint from before the run's first non-finite step is never deleted (``_prune``).
+
 Loading tries the checkpoint ``latest`` names, then each older complete one, newest first: a
 checkpoint that fails to load (truncated or missing file, I/O error) is skipped with a warning.
 Every rank takes part in each decision (a failure on one rank makes all ranks fall back), so all
@@ -36,6 +46,7 @@ so neither needs state of its own.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -43,7 +54,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -65,6 +76,10 @@ _DCP_DATA_FILE = re.compile(r"^__(\d+)_")
 class TrainState:
     step: int = 0                 # optimizer steps completed
     consumed_samples: int = 0     # global samples consumed by those steps
+    # The non-finite guard's record (engram_train.train.guard), kept across resumes:
+    skipped_steps: int = 0        # steps whose update was dropped (non-finite loss or gradient norm)
+    nonfinite_streak: int = 0     # of those, how many in a row up to ``step``
+    first_nonfinite_step: Optional[int] = None
 
 
 class IncompatibleCheckpoint(UserError, RuntimeError):
@@ -73,6 +88,15 @@ class IncompatibleCheckpoint(UserError, RuntimeError):
 
 class CheckpointError(UserError, RuntimeError):
     """No checkpoint could be loaded although the run directory holds some."""
+
+
+class CheckpointWriteError(UserError, RuntimeError):
+    """A checkpoint could not be written (full disk, quota, I/O error, read-only filesystem); nothing changed."""
+
+
+# The write failures a user fixes on the filesystem: anything else is a bug and keeps its traceback.
+DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EIO: "I/O error", errno.EROFS: "read-only filesystem"}
 
 
 class _LoadFailed(Exception):
@@ -137,6 +161,53 @@ def _own_dcp_files(dcp_dir: str, rank: int, world: int) -> Iterator[str]:
             owner = int(m.group(1)) if m and int(m.group(1)) < world else 0
             if owner == rank:
                 yield os.path.join(dirpath, name)
+
+
+def _free_bytes(path: str) -> int:
+    """Free bytes for this user on the filesystem of ``path`` (or of its nearest existing parent)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+def _tree_bytes(top: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(top):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, name))
+            except OSError:
+                pass
+    return total
+
+
+def _size(n: float) -> str:
+    unit = "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024:
+            break
+        n, unit = n / 1024, bigger
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+
+
+def _disk_errno(e: BaseException) -> Optional[int]:
+    """The filesystem errno (``DISK_ERRNOS``) behind ``e``, if any: torch's serializer reports a short
+    write as ``RuntimeError: ... unexpected pos`` with the ``OSError`` as its context, and DCP wraps
+    each rank's failure in a ``CheckpointException``."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in DISK_ERRNOS:
+            return x.errno
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [x.__cause__, x.__context__]
+    return None
 
 
 # -- RNG ----------------------------------------------------------------------------------------
@@ -266,31 +337,39 @@ class Checkpointer:
         t0 = time.time()
         name = f"step_{state.step:08d}"
         final, partial = os.path.join(self.root, name), os.path.join(self.root, name + ".partial")
-        if self.rank == 0:
+        need = self._bytes_needed(engine, table_store)
+
+        def begin():
+            if self.rank != 0:
+                return
             if not os.path.isdir(self.root):
                 os.makedirs(self.root)
                 fsync_dir(os.path.dirname(os.path.abspath(self.root)))
             shutil.rmtree(partial, ignore_errors=True)
+            free = _free_bytes(self.root)
+            if free < need:
+                raise OSError(errno.ENOSPC, "refused before writing, the free space is short of a checkpoint")
             os.makedirs(os.path.join(partial, "rng"))
-        _barrier()
 
-        dense = os.path.join(partial, "dense")
-        dense_checkpoint.save(engine, dense)   # collective: every rank writes what it owns
-        for path in _own_dcp_files(dense, self.rank, self.world):
-            fsync_file(path)
-        _torch_save(_rng_state(), os.path.join(partial, "rng", f"rank_{self.rank:05d}.pt"))
-        if table_store is not None:
+        def write_dense():
+            dense = os.path.join(partial, "dense")
+            dense_checkpoint.save(engine, dense)   # collective: every rank writes what it owns
+            for path in _own_dcp_files(dense, self.rank, self.world):
+                fsync_file(path)
+            _torch_save(_rng_state(), os.path.join(partial, "rng", f"rank_{self.rank:05d}.pt"))
+
+        def write_tables():
             from engram_train.memory import checkpoint as table_checkpoint
 
             tables = os.path.join(partial, "tables")
             table_checkpoint.save(table_store, tables)
             for path in _own_dcp_files(tables, self.rank, self.world):
                 fsync_file(path)
-        _barrier()   # from here every rank's files are on stable storage
 
-        if self.rank == 0:
-            meta = {"step": state.step, "consumed_samples": state.consumed_samples,
-                    "world_size": self.world, "time": time.time(), **(extra or {})}
+        def commit():
+            if self.rank != 0:
+                return
+            meta = {**asdict(state), "world_size": self.world, "time": time.time(), **(extra or {})}
             _write_durably(os.path.join(partial, "meta.json"), lambda f: f.write(json.dumps(meta, indent=2)),
                            mode="w")
             _fsync_dirs_bottom_up(partial)
@@ -298,22 +377,98 @@ class Checkpointer:
             os.replace(partial, final)
             fsync_dir(self.root)
             _atomic_write_text(os.path.join(self.root, LATEST), name)
+
+        # Each phase ends with every rank's outcome (in place of a barrier): a failure on one rank
+        # makes all leave before the next collective, so none waits forever in it.
+        self._save_phase(begin, final, need)
+        self._save_phase(write_dense, final, need)   # DCP's own collectives agree on its failures too
+        if table_store is not None:
+            self._save_phase(write_tables, final, need)
+        # from here every rank's files are on stable storage
+        self._save_phase(commit, final, need)
+        if self.rank == 0:
             self._failed.discard(final)
-            self._prune(keep=name)
+            self._prune(keep=name, first_nonfinite_step=state.first_nonfinite_step)
         _barrier()
         log.info("saved checkpoint %s in %.1fs", final, time.time() - t0)
         return final
 
-    def _prune(self, keep: str) -> None:
+    def _save_phase(self, phase: Callable[[], None], final: str, need: int) -> None:
+        failure, outcome = None, None
+        try:
+            phase()
+        except _load_failures() as e:
+            failure = e
+            code = _disk_errno(e)
+            outcome = (code, _one_line(e, what=os.path.basename(final) + ".partial"))
+        outcomes = self._gather(outcome)
+        failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+        if not failed:
+            return
+        if self.rank == 0:
+            # Nothing of this checkpoint survives; `latest` still names the previous one.
+            shutil.rmtree(final + ".partial", ignore_errors=True)
+            if self._latest_name() != os.path.basename(final):
+                shutil.rmtree(final, ignore_errors=True)
+        rank, (code, reason) = next(((r, o) for r, o in failed if o[0] is not None), failed[0])
+        if code is None:   # not a filesystem condition: a bug, with its traceback on the rank that hit it
+            if failure is not None:
+                raise failure
+            raise RuntimeError(f"rank {rank} failed to write checkpoint {final}: {reason}")
+        # Rank 0's view (after its clean-up) for every rank: one message, whichever rank prints it.
+        free_latest = self._gather((_free_bytes(self.root), self._latest_name()) if self.rank == 0 else None)[0]
+        free, latest = free_latest
+        fix = ("free space there, lower trainer.keep_last or point run.dir at a larger filesystem"
+               if code in (errno.ENOSPC, errno.EDQUOT) else "check the filesystem (or point run.dir elsewhere)")
+        raise CheckpointWriteError(
+            f"rank {rank} could not write checkpoint {final} ({DISK_ERRNOS[code]}: {reason}); {self.root} has "
+            f"{_size(free)} free and a checkpoint needs about {_size(need)}; {fix}, then "
+            "relaunch: " + (f"{os.path.join(self.root, LATEST)} still names {latest}, which is complete"
+                            if latest else "no earlier checkpoint exists"))
+
+    def _bytes_needed(self, engine, table_store) -> int:
+        """About what one checkpoint takes: the newest complete one's size, else the fp32 weights and
+        Adam moments of the dense partitions and the tables' rows and optimizer state (the same on every rank)."""
+        own = 0
+        for group in getattr(engine.optimizer, "single_partition_of_fp32_groups", []):
+            own += 3 * group.numel() * group.element_size()
+        if table_store is not None:
+            n, b = table_store.num_parameters(), table_store.memory_bytes()
+            # Replicated rows are written once: this rank's share of the whole table.
+            own += (b["weight"] + b["optimizer"]) * n["global"] // max(n["local"], 1) // self.world
+        latest = self.latest_dir() if self.rank == 0 else None
+        previous = _tree_bytes(latest) if latest else 0
+        both = self._gather((own, previous))
+        return both[0][1] or sum(o for o, _ in both)
+
+    def _prune(self, keep: str, first_nonfinite_step: Optional[int] = None) -> None:
         # Only checkpoints up to the one just saved count: newer ones belong to work this run redoes
         # (it fell back past them) and are overwritten when it gets there; ones that failed to load
-        # must not take the place of the good older ones.
-        limit = int(_STEP_DIR.match(keep).group(1))
-        names = [n for n in self._step_names() if int(_STEP_DIR.match(n).group(1)) <= limit
+        # must not take the place of the good older ones.  Of those, the newest keep_last good ones
+        # stay, and the newest from before the first non-finite step (the one to go back to).
+        def step_of(n):
+            return int(_STEP_DIR.match(n).group(1))
+
+        limit = step_of(keep)
+        names = [n for n in self._step_names() if step_of(n) <= limit
                  and os.path.join(self.root, n) not in self._failed]
-        for n in names[:-self.keep_last]:
-            if n != keep:
+        good = [n for n in names if self._good(n)]
+        kept = set(good[-self.keep_last:]) | {keep}
+        if first_nonfinite_step is not None:
+            before = [n for n in good if step_of(n) < first_nonfinite_step]
+            if before:
+                kept.add(before[-1])
+        for n in names:
+            if n not in kept:
                 shutil.rmtree(os.path.join(self.root, n), ignore_errors=True)
+
+    def _good(self, name: str) -> bool:
+        """Complete, and not written in a row of non-finite steps."""
+        try:
+            with open(os.path.join(self.root, name, "meta.json")) as f:
+                return not json.load(f).get("nonfinite_streak", 0)
+        except (OSError, ValueError):
+            return False
 
     # -- load -----------------------------------------------------------------------------------
     def _gather(self, obj) -> List[Any]:
@@ -402,7 +557,9 @@ class Checkpointer:
         elif self.rank == 0:
             log.info("checkpoint %s was written by %d ranks, this run has %d: resharded; RNG states "
                      "stay as seeded (they only feed dropout)", path, meta["world_size"], self.world)
-        return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"])
+        return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"],
+                          skipped_steps=meta.get("skipped_steps", 0), nonfinite_streak=meta.get("nonfinite_streak", 0),
+                          first_nonfinite_step=meta.get("first_nonfinite_step"))
 
     def load(self, engine, path: Optional[str] = None, dp_size: int = 1,
              expect: Optional[Dict[str, Any]] = None, table_store=None) -> Optional[TrainState]:

@@ -28,6 +28,21 @@ class Logger:
         pass
 
 
+class _WarnOnce:
+    """A metrics backend whose writes fail (a full disk, a quota) warns once and the run goes on:
+    metrics are worth less than the training they describe."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.warned = False
+
+    def __call__(self, e: BaseException) -> None:
+        if not self.warned:
+            self.warned = True
+            log.warning("%s: a write failed (%s: %s); training goes on, later failures are not reported",
+                        self.what, type(e).__name__, e)
+
+
 class NullLogger(Logger):
     def log(self, step, metrics):
         pass
@@ -54,6 +69,7 @@ class JsonlLogger(Logger):
                 os.rename(path, aside)
                 log.warning("fresh start: the earlier %s moved to %s", path, aside)
         self._f = open(path, "a", buffering=1)
+        self._failed = _WarnOnce(path)
 
     def _supersede_after(self, resume_step: int) -> None:
         kept, superseded, unterminated = [], [], False
@@ -84,10 +100,16 @@ class JsonlLogger(Logger):
                      len(superseded), self.path, side)
 
     def log(self, step, metrics):
-        self._f.write(json.dumps({"step": step, **metrics}) + "\n")
+        try:
+            self._f.write(json.dumps({"step": step, **metrics}) + "\n")
+        except OSError as e:
+            self._failed(e)
 
     def close(self):
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError as e:
+            self._failed(e)
 
 
 def _step_of(line: str) -> float:
@@ -119,12 +141,19 @@ class WandbLogger(Logger):
         self.run = wandb.init(project=project, name=name, dir=run_dir, mode=mode, config=config,
                               resume="allow", settings=wandb.Settings(silent=True, console="off"))
         log.info("W&B run in %s mode under %s", mode, os.path.join(run_dir, "wandb"))
+        self._failed = _WarnOnce(f"W&B ({os.path.join(run_dir, 'wandb')})")
 
     def log(self, step, metrics):
-        self.run.log(metrics, step=step)
+        try:
+            self.run.log(metrics, step=step)
+        except Exception as e:   # W&B's own errors wrap the OSError of a full disk
+            self._failed(e)
 
     def close(self):
-        self.run.finish()
+        try:
+            self.run.finish()
+        except Exception as e:
+            self._failed(e)
 
 
 class MultiLogger(Logger):

@@ -23,6 +23,8 @@ from engram_train.config.schema import Config
 from engram_train.train.checkpoint import Checkpointer, TrainState
 from engram_train.train.evaluate import evaluate, forward_loss, to_device
 from engram_train.train import signals
+from engram_train.train.guard import LossSpikeDetector, NonFiniteGuard
+from engram_train.train.run_lock import RunDirLocked, RunLock
 from engram_train.train.metrics import build_logger
 from engram_train.train.schedule import apply_lr, lr_at
 
@@ -45,7 +47,7 @@ class Trainer:
                                               check_vocab)
         from engram_train.data.prepare import PreparedData, prepare_data
         from engram_train.model.gpt import padded_vocab_size
-        from engram_train.parallel.deepspeed_engine import build_engine
+        from engram_train.parallel.deepspeed_engine import StepLoss, build_engine
         from engram_train.parallel.parallelize import build_parallel_model
         from engram_train.platform.device import get_device
         from engram_train.parallel.state import init_parallel
@@ -64,8 +66,7 @@ class Trainer:
         self.use_bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto"
                                                              and self.device.type == "cuda")
         self.run_dir = cfg.run.dir
-        if self.rank == 0:
-            os.makedirs(self.run_dir, exist_ok=True)
+        self.run_lock = self._lock_run_dir(cfg.run.lock_wait_s)
 
         # Data: rank 0 prepares (idempotent), the others read what it wrote.
         if self.rank == 0:
@@ -84,7 +85,9 @@ class Trainer:
         table_sizes = self.hasher.table_sizes if self.hasher is not None else None
         model, self.table_store = build_parallel_model(
             cfg, vocab, table_sizes, params_dtype=torch.bfloat16 if self.use_bf16 else torch.float32)
-        self.engine, self.optimizer = build_engine(model, cfg, self.dp_size, self.use_bf16, self.table_store)
+        self.step_loss = StepLoss()   # joins the global gradient norm: one verdict on a non-finite step
+        self.engine, self.optimizer = build_engine(model, cfg, self.dp_size, self.use_bf16, self.table_store,
+                                                   step_loss=self.step_loss)
         self.model = self.engine.module
         # DeepSpeed scales the LM loss by 1/grad_accum in engine.backward; the MoE aux loss enters the
         # graph through megatron's autoscaler, whose gradient scale must match.
@@ -96,6 +99,9 @@ class Trainer:
             self.state = self.checkpointer.load(self.engine, dp_size=self.dp_size,
                                                 expect={"data_fingerprint": self.data.fingerprint},
                                                 table_store=self.table_store) or TrainState()
+        self.guard = NonFiniteGuard(cfg.trainer.nonfinite, cfg.trainer.max_skipped_steps, self.checkpointer.latest_dir,
+                                    report=self.rank == 0)
+        self.spikes = LossSpikeDetector(cfg.trainer.loss_spike_factor, cfg.trainer.loss_spike_window)
 
         self.train_iter = build_train_loader(
             self.data, d, self.hasher, seq_length=d.seq_length, micro_batch_size=d.micro_batch_size,
@@ -123,6 +129,28 @@ class Trainer:
             log.info("model parameters: %s", {k: f"{v / 1e6:.2f}M" for k, v in counts.items()})
         log_memory(self.model, self.optimizer, self.table_store, self.rank)
 
+    def _lock_run_dir(self, wait_s: float) -> Optional[RunLock]:
+        """Rank 0 takes run.dir's lock before anything in it is read or written; all ranks share its verdict."""
+        lock, refusal = None, None
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            lock = RunLock(self.run_dir, wait_s)
+            try:
+                lock.acquire()
+            except RunDirLocked as e:
+                refusal = str(e)
+        if self.world > 1:
+            box = [refusal]
+            dist.broadcast_object_list(box, src=0)
+            refusal = box[0]
+        if refusal is not None:
+            raise RunDirLocked(refusal)
+        return lock
+
+    def release(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
+
     def _stop_requested(self) -> bool:
         """True on every rank once any rank got SIGTERM/SIGUSR1 (checked between steps)."""
         if self.world == 1:
@@ -141,16 +169,19 @@ class Trainer:
             batch = to_device(next(self.train_iter), self.device)
             loss = forward_loss(self.engine, batch)
             self.engine.backward(loss)
-            if self.table_store is not None and micro == self.grad_accum - 1:
-                self.table_store.reduce_gradients()   # before DeepSpeed's step: its norm includes the tables
-            self.engine.step()
             losses.append(loss.detach())
-        self.model.update_expert_bias()   # MoE expert-bias balancing: once per optimizer step (no-op without)
-        loss = torch.stack(losses).mean()
-        if self.dp_size > 1:
-            dist.all_reduce(loss, group=self.dp_group)
-            loss /= self.dp_size
+            if micro == self.grad_accum - 1:
+                # Before DeepSpeed's step: its one norm includes the tables and the loss's non-finite flag.
+                if self.table_store is not None:
+                    self.table_store.reduce_gradients()
+                self.step_loss.value = self._reduced_loss(losses)
+            self.engine.step()
+        loss, self.step_loss.value = self.step_loss.value, None
+        # inf when DeepSpeed dropped the update (non-finite loss or gradients): the tables drop theirs on it too
         grad_norm = self.engine.get_global_grad_norm()
+        # MoE expert-bias balancing, once per optimizer step; a dropped (non-finite) step moves no bias
+        finite = None if grad_norm is None else torch.isfinite(torch.as_tensor(grad_norm))
+        self.model.update_expert_bias(apply=finite)
         if self.table_store is not None:
             self.table_store.step(lr, grad_norm=grad_norm, max_norm=self.cfg.trainer.grad_clip)
         self.state.step += 1
@@ -159,6 +190,13 @@ class Trainer:
                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
         metrics.update(self._model_stats())
         return metrics
+
+    def _reduced_loss(self, losses: List[torch.Tensor]) -> torch.Tensor:
+        loss = torch.stack(losses).mean()
+        if self.dp_size > 1:
+            dist.all_reduce(loss, group=self.dp_group)
+            loss /= self.dp_size
+        return loss
 
     def _model_stats(self) -> Dict[str, float]:
         """Engram gate means and MoE load balance of the last micro-batch (cheap, already computed)."""
@@ -187,22 +225,28 @@ class Trainer:
         while self.state.step < stop:
             last = self.train_step()
             step, done = self.state.step, self.state.step == t.max_steps
+            diverged = self.guard.observe(self.state, last["loss"], last["grad_norm"])
+            last["skipped_steps"] = self.state.skipped_steps
+            if self.rank == 0:
+                self.spikes.observe(step, last["loss"])
             steps_since_log += 1
-            if step % t.log_interval == 0 or step % t.eval_interval == 0 or done:
+            if step % t.log_interval == 0 or step % t.eval_interval == 0 or done or self.state.nonfinite_streak:
                 elapsed, tic = time.time() - tic, time.time()
                 last["tokens_per_s"] = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
                 steps_since_log = 0
-                if step % t.eval_interval == 0 or done:
+                if (step % t.eval_interval == 0 or done) and not self.state.nonfinite_streak:
                     last.update(self._evaluate(record=False))
                     tic = time.time()  # evaluation time is not training throughput
                 self.logger.log(step, last)
+            if diverged is not None:   # no checkpoint of this state; the newest good one stays
+                self.logger.close()
+                raise diverged
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
             preempted = self._stop_requested()
             if step % t.save_interval == 0 or step == stop or preempted:
-                self.checkpointer.save(self.engine, self.state, table_store=self.table_store,
-                                       extra={"loss": last["loss"], "data_fingerprint": self.data.fingerprint})
+                self._save(last, interval_only=not (step == stop or preempted))
             if preempted:
                 log.warning("signal %s: stopped at step %d with a checkpoint; relaunch to resume",
                             signals.received(), step)
@@ -212,6 +256,17 @@ class Trainer:
         self.logger.close()
         log.info("rank %d finished at step %d: peak RSS %s", self.rank, self.state.step, _mib(peak_rss_bytes()))
         return last
+
+    def _save(self, last: Dict[str, float], interval_only: bool) -> None:
+        """A checkpoint of the state after this step; an interval's is left out while the steps are
+        non-finite (the weights are those of the last good step, already saved or about to be)."""
+        if interval_only and self.state.nonfinite_streak:
+            if self.rank == 0:
+                log.warning("step %d: no checkpoint while updates are dropped (%d non-finite steps in a row)",
+                            self.state.step, self.state.nonfinite_streak)
+            return
+        self.checkpointer.save(self.engine, self.state, table_store=self.table_store,
+                               extra={"loss": last["loss"], "data_fingerprint": self.data.fingerprint})
 
     def _evaluate(self, record: bool = True) -> Dict[str, float]:
         out = evaluate(self.model, self.valid_batches, self.device, self.dp_group)
@@ -267,6 +322,9 @@ def run(cfg: Config, on_start: Optional[Callable[[], None]] = None) -> Dict[str,
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     seed_everything(cfg.trainer.seed)
     trainer = Trainer(cfg)
-    if on_start is not None:
-        on_start()
-    return trainer.train()
+    try:
+        if on_start is not None:
+            on_start()
+        return trainer.train()
+    finally:
+        trainer.release()

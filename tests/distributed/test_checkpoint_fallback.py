@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import pytest
 
@@ -135,3 +136,90 @@ def test_damage_on_one_rank_makes_every_rank_fall_back(tmp_path):
                and f"falling back to the older checkpoint {root}/step_00000002" in w for w in warnings), warnings
     assert any(f"checkpoint {root}/step_00000002 failed to load (rank 0,1: dense (torch.distributed.checkpoint"
                in w and f"falling back to the older checkpoint {root}/step_00000001" in w for w in warnings), warnings
+
+
+def _rank_write_failure(root: str, fail_rank: int, how: str):
+    """Two ranks save; ``fail_rank`` alone hits ENOSPC writing its RNG file (``how="rng"``), or the real
+    filesystem fills up under both ranks during DCP's write (``how="full"``, root on a small tmpfs)."""
+    import errno
+
+    import torch
+    import torch.distributed as dist
+
+    from engram_train.config.schema import Config, DataConfig, EngramConfig, ModelConfig, ParallelConfig
+    from engram_train.parallel.deepspeed_engine import build_engine
+    from engram_train.parallel.parallelize import build_parallel_model
+    from engram_train.parallel.state import destroy_parallel, init_parallel
+    from engram_train.train import checkpoint as ckpt_mod
+    from engram_train.train.checkpoint import Checkpointer, CheckpointWriteError, TrainState
+
+    init_parallel(ParallelConfig(), seed=SEED)
+    try:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        cfg = Config(model=ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+                                       max_seq_length=T, num_experts=2, moe_ffn_hidden_size=32),
+                     engram=EngramConfig(layer_ids=[0], max_ngram=3, heads_per_ngram=2, n_embed_per_ngram=16),
+                     data=DataConfig(seq_length=T, micro_batch_size=B, global_batch_size=B * world))
+        model, store = build_parallel_model(cfg, VOCAB, TABLE_SIZES)
+        engine, _ = build_engine(model, cfg, dp_size=world, use_bf16=False, table_store=store)
+        ckpt = Checkpointer(root, keep_last=3)
+        _train_step(engine, store, 1.0, rank, cfg)
+        ckpt.save(engine, TrainState(step=1, consumed_samples=8), table_store=store)
+        _train_step(engine, store, 2.0, rank, cfg)
+        if how == "rng" and rank == fail_rank:
+            def no_space(*args, **kwargs):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            ckpt_mod._torch_save = no_space
+        if how == "full":
+            ckpt_mod._free_bytes = lambda path: 1 << 40   # past the pre-check: the write itself must fail
+            if rank == 0:   # leave less than a checkpoint free
+                free = ckpt_mod.shutil.disk_usage(root).free
+                with open(os.path.join(os.path.dirname(root), "filler"), "wb") as f:
+                    f.write(b"\0" * (free - 64 * 1024))
+            dist.barrier()
+        t0 = time.monotonic()
+        try:
+            ckpt.save(engine, TrainState(step=2, consumed_samples=16), table_store=store)
+            error = None
+        except CheckpointWriteError as e:
+            error = str(e)
+        took = time.monotonic() - t0
+        dist.barrier()   # every rank is out of the save and can meet here
+        return {"error": error, "took": took, "listing": sorted(os.listdir(root)),
+                "latest": open(os.path.join(root, "latest")).read().strip()}
+    finally:
+        destroy_parallel()
+
+
+def test_a_write_failure_on_one_rank_ends_the_save_on_every_rank(tmp_path):
+    root = tmp_path / "checkpoints"
+    results = run_distributed(_rank_write_failure, 2, str(root), 1, "rng", timeout=300)
+    for r in results:
+        assert r["error"] is not None and r["error"].startswith(f"rank 1 could not write checkpoint {root}/step_00000002 "
+                                                               "(no space left on the device: ")
+        assert r["took"] < 60
+    assert results[0]["error"] == results[1]["error"]   # the same line: printed once by whichever rank claims it
+    assert results[0]["listing"] == ["latest", "step_00000001"] and results[0]["latest"] == "step_00000001"
+
+
+def test_a_filesystem_that_fills_up_during_the_write_ends_the_save_on_every_rank(tmp_path):
+    import shutil
+    import subprocess
+
+    mnt = tmp_path / "small_fs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        root = mnt / "checkpoints"
+        results = run_distributed(_rank_write_failure, 2, str(root), 0, "full", timeout=300)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    for r in results:
+        assert r["error"] is not None and "could not write checkpoint" in r["error"], results
+        assert "(no space left on the device: " in r["error"] and f"{root} has " in r["error"], results
+        assert r["took"] < 60, results
+    assert results[0]["listing"] == ["latest", "step_00000001"] and results[0]["latest"] == "step_00000001"

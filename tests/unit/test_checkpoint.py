@@ -484,3 +484,113 @@ def test_metrics_on_a_fresh_start_move_the_old_log_aside(tmp_path, caplog):
     logger.close()
     asides = sorted(p.name for p in tmp_path.iterdir() if p.name != "metrics.jsonl")
     assert len(asides) == 2 and all(_rows(tmp_path / n) for n in asides)
+
+
+# -- write failures (full disk, quota, I/O error, read-only) ----------------------------------------
+@pytest.mark.parametrize("errno_name, where", [
+    ("ENOSPC", "rng"),       # torch.save into the RNG file: the serializer's "unexpected pos", OSError as context
+    ("EDQUOT", "dense"),     # inside DCP's collective write: wrapped in a CheckpointException
+    ("EIO", "commit"),       # rank 0's meta.json
+    ("EROFS", "commit"),
+])
+def test_a_failed_write_leaves_latest_and_no_partial_and_names_the_directory(run, tmp_path, monkeypatch,
+                                                                            errno_name, where):
+    import errno as errno_mod
+
+    from engram_train.train import checkpoint as ckpt_mod
+    from engram_train.train.checkpoint import CheckpointWriteError
+
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep_last=2)
+    _save_steps(run, ckpt, [1])
+    before = sorted(os.listdir(ckpt.root))
+    code = getattr(errno_mod, errno_name)
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    if where == "rng":
+        real_save = torch.save
+
+        def torch_save(obj, f, *a, **k):   # a real short write: torch's own error, the OSError as its context
+            if isinstance(obj, dict) and "tracker" in obj:
+                try:
+                    raise OSError(code, os.strerror(code))
+                except OSError:
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+            return real_save(obj, f, *a, **k)
+
+        monkeypatch.setattr(torch, "save", torch_save)
+    elif where == "dense":
+        from torch.distributed.checkpoint import filesystem
+
+        monkeypatch.setattr(filesystem, "_write_item", fail)
+    else:
+        monkeypatch.setattr(ckpt_mod, "_write_durably", fail)
+    _train_step(run, 2.0)
+    with pytest.raises(CheckpointWriteError) as err:
+        ckpt.save(run.engine, TrainState(step=2, consumed_samples=16), table_store=run.store)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"rank 0 could not write checkpoint {ckpt.root}/step_00000002 (")
+    assert os.strerror(code) in msg or ckpt_mod.DISK_ERRNOS[code] in msg
+    assert f"{ckpt.root} has " in msg and " free and a checkpoint needs about " in msg
+    assert f"{ckpt.root}/latest still names step_00000001" in msg
+    assert sorted(os.listdir(ckpt.root)) == before       # no step_00000002(.partial), `latest` unchanged
+    assert (tmp_path / "checkpoints" / LATEST).read_text().strip() == "step_00000001"
+    monkeypatch.undo()
+    assert _load(run, ckpt).step == 1
+
+
+def test_a_checkpoint_that_clearly_does_not_fit_is_refused_before_writing(run, tmp_path, monkeypatch):
+    from engram_train.train import checkpoint as ckpt_mod
+    from engram_train.train.checkpoint import CheckpointWriteError
+
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep_last=2)
+    _save_steps(run, ckpt, [1])
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(ckpt.root, "step_00000001"))
+               for f in fs)
+    monkeypatch.setattr(ckpt_mod, "_free_bytes", lambda path: size // 2)
+    written = []
+    monkeypatch.setattr(ckpt_mod, "_write_durably", lambda *a, **k: written.append(a))
+    with pytest.raises(CheckpointWriteError) as err:
+        ckpt.save(run.engine, TrainState(step=2, consumed_samples=16), table_store=run.store)
+    assert "refused before writing" in str(err.value)
+    assert f"a checkpoint needs about {ckpt_mod._size(size)}" in str(err.value)
+    assert written == [] and sorted(os.listdir(ckpt.root)) == ["latest", "step_00000001"]
+
+
+def test_the_first_checkpoint_s_size_estimate_is_close_to_what_it_takes(run, tmp_path):
+    """With no earlier checkpoint the estimate comes from the optimizer partitions and the tables."""
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep_last=2)
+    estimate = ckpt._bytes_needed(run.engine, run.store)
+    _save_steps(run, ckpt, [1])
+    actual = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(ckpt.root, "step_00000001"))
+                 for f in fs)
+    assert 0.5 * actual <= estimate <= 1.5 * actual, (estimate, actual)
+    assert ckpt._bytes_needed(run.engine, run.store) == actual   # from now on: the newest checkpoint's size
+
+
+# -- rotation: keep-last counts good checkpoints; the one from before divergence stays -----------------
+def _fake_checkpoints(root, streaks):
+    """``step_N`` directories with the meta.json the trainer writes: ``streaks[N]`` non-finite steps in a row."""
+    os.makedirs(root, exist_ok=True)
+    for step, streak in streaks.items():
+        d = os.path.join(root, f"step_{step:08d}")
+        os.makedirs(d)
+        with open(os.path.join(d, "meta.json"), "w") as f:
+            json.dump({"step": step, "consumed_samples": 0, "world_size": 1, "nonfinite_streak": streak}, f)
+
+
+@pytest.mark.parametrize("streaks, first_bad, keep_last, kept", [
+    ({1: 0, 2: 0, 3: 0, 4: 0}, None, 2, [3, 4]),                  # healthy: the plain keep-last
+    ({2: 0, 4: 0, 6: 2, 8: 4}, 5, 1, [4, 8]),                     # written in a streak: do not count
+    ({2: 0, 4: 0, 6: 0, 8: 0, 10: 0}, 5, 2, [4, 8, 10]),          # recovered: step 4 (before step 5) stays
+    ({2: 0, 4: 0, 6: 0, 8: 0, 10: 0}, 1, 2, [8, 10]),             # nothing before the first bad step
+])
+def test_rotation_counts_good_checkpoints_and_keeps_the_one_from_before_divergence(tmp_path, streaks, first_bad,
+                                                                                  keep_last, kept):
+    root = str(tmp_path / "checkpoints")
+    _fake_checkpoints(root, streaks)
+    newest = f"step_{max(streaks):08d}"
+    Checkpointer(root, keep_last=keep_last)._prune(keep=newest, first_nonfinite_step=first_bad)
+    assert sorted(os.listdir(root)) == [f"step_{s:08d}" for s in kept]

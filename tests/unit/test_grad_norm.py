@@ -96,3 +96,70 @@ def test_engram_needs_zero_1_or_2():
         _cfg("parallel.zero_stage=3")
     with pytest.raises(ConfigError, match=r"parallel.zero_stage=0"):   # dense checkpoints need ZeRO-1/2 too
         _cfg("parallel.zero_stage=0", "engram.enabled=false")
+
+
+@pytest.mark.parametrize("fault, precision", [
+    ("loss", "fp32"),        # a non-finite loss whose gradients are finite: the flag rides in the norm
+    ("table_grad", "fp32"),  # one table gradient row is NaN: the dense update is dropped too
+    ("dense_grad", "bf16"),  # Inf in the dense gradients under bf16: the tables drop theirs too
+])
+def test_a_non_finite_step_drops_the_dense_and_the_table_update(fault, precision):
+    """The one norm (dense + tables + the loss's flag) is Inf/NaN: DeepSpeed keeps its fp32 weights,
+    Adam moments and step, and the store keeps its rows and optimizer state -- compared bit for bit."""
+    from engram_train.parallel.deepspeed_engine import StepLoss, build_engine
+    from engram_train.parallel.parallelize import build_parallel_model
+    from engram_train.parallel.state import destroy_parallel, init_parallel
+
+    cfg = _cfg("parallel.zero_stage=1", "trainer.grad_clip=1.0", f"trainer.precision={precision}")
+    init_parallel(cfg.parallel, cfg.trainer.seed)
+    try:
+        bf16 = precision == "bf16"
+        model, store = build_parallel_model(cfg, VOCAB, SIZES, torch.bfloat16 if bf16 else torch.float32)
+        step_loss = StepLoss()
+        engine, optimizer = build_engine(model, cfg, 1, bf16, store, step_loss=step_loss)
+
+        def state():
+            dense = {f"w{i}": g.clone() for i, g in enumerate(optimizer.single_partition_of_fp32_groups)}
+            for i, g in enumerate(optimizer.single_partition_of_fp32_groups):
+                for k, v in optimizer.optimizer.state.get(g, {}).items():
+                    dense[f"{k}{i}"] = v.clone() if torch.is_tensor(v) else torch.tensor(v)
+            tables = {f"{l}.{k}": t.clone() for l, s in store.shards.items()
+                      for k, t in [("weight", s.weight), *s.optimizer.state_tensors().items()]}
+            return dense, tables
+
+        def one_step(bad: bool):
+            g = torch.Generator().manual_seed(0)
+            tokens = torch.randint(0, VOCAB, (B, T), generator=g)
+            labels = torch.randint(0, VOCAB, (B, T), generator=g)
+            hash_ids = {l: torch.randint(0, min(s), (B, T, 4), generator=g) for l, s in SIZES.items()}
+            loss = engine(tokens, torch.arange(T).expand(B, T), labels, engram_hash_ids=hash_ids).float().mean()
+            if bad and fault == "dense_grad":
+                loss = loss * float("inf")
+            engine.backward(loss)
+            store.reduce_gradients()
+            if bad and fault == "table_grad":
+                shard = next(iter(store.shards.values()))
+                shard.grad[1][0, 0] = float("nan")
+                store._grad_sq_norm = store._grad_sq_norm + shard.grad[1][0, 0].double() ** 2
+            step_loss.value = torch.tensor(float("nan")) if bad and fault == "loss" else loss.detach()
+            engine.step()
+            step_loss.value = None
+            norm = engine.get_global_grad_norm()
+            store.step(1e-2, grad_norm=norm, max_norm=cfg.trainer.grad_clip)
+            return float(norm)
+
+        assert math.isfinite(one_step(bad=False))   # a good step first: Adam state exists and moves
+        dense0, tables0 = state()
+        assert not math.isfinite(one_step(bad=True))
+        dense1, tables1 = state()
+        assert dense0.keys() == dense1.keys() and tables0.keys() == tables1.keys()
+        for k in dense0:
+            assert torch.equal(dense0[k], dense1[k]), k
+        for k in tables0:
+            assert torch.equal(tables0[k], tables1[k]), k
+        assert math.isfinite(one_step(bad=False))   # and the next good step trains again
+        dense2, tables2 = state()
+        assert not torch.equal(dense1["w0"], dense2["w0"])
+        assert any(not torch.equal(tables1[k], tables2[k]) for k in tables1 if k.endswith("weight"))
+    finally:
+        destroy_parallel()

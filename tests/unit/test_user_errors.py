@@ -117,7 +117,7 @@ CONFIG_CASES = [
     (["engram.table_weight_decay=-1"], ["engram.table_weight_decay=-1"]),
     (["engram.pad_id=-1"], ["engram.pad_id=-1", "null"]),
     (["model.hidden_dropout=1.5"], ["model.hidden_dropout=1.5"]),
-    # DeepSeekMoE routing and MLA (issue 15)
+    # DeepSeekMoE routing and MLA
     (["model.moe_router_score_function=relu"], ["model.moe_router_score_function='relu'", "sigmoid"]),
     (["model.moe_router_enable_expert_bias=true"],
      ["model.moe_router_enable_expert_bias=True", "model.moe_router_score_function=sigmoid"]),
@@ -141,6 +141,11 @@ CONFIG_CASES = [
     (["parallel.tensor_parallel=2", "parallel.sequence_parallel=false", "model.num_experts=null",
       "model.attention=mla", "model.q_lora_rank=64", "model.kv_lora_rank=32"],
      ["parallel.sequence_parallel=False", "model.attention=mla"]),
+    (["trainer.nonfinite=ignore"], ["trainer.nonfinite='ignore'", "'stop'", "'skip'"]),
+    (["trainer.max_skipped_steps=0"], ["trainer.max_skipped_steps=0", ">= 1"]),
+    (["trainer.loss_spike_factor=0.5"], ["trainer.loss_spike_factor=0.5", "or 0: off"]),
+    (["trainer.loss_spike_window=1"], ["trainer.loss_spike_window=1"]),
+    (["run.lock_wait_s=-1"], ["run.lock_wait_s=-1.0"]),
     # A sweep is checked job by job before its first job trains.
     (["-m", "trainer.seed=1,2", "model.foo=1"], ["model.foo"]),
     (["-m", "trainer.seed=1,2", "parallel.zero_stage=1,3"], ["parallel.zero_stage=3"]),
@@ -340,3 +345,20 @@ def test_port_reference_round_trip_and_its_one_line_errors(tmp_path):
     proc = _run(tool + ["to-ours", str(tmp_path / "demo_hc4.pt"), str(tmp_path / "x.pt"), "--layer-id", "3"] + over,
                 cwd=ROOT)
     _assert_one_clear_error(proc, "model.hc_mult=1", "set model.hc_mult=4")
+@pytest.mark.slow
+def test_a_run_directory_in_use_is_refused_and_left_as_it_was(tmp_path):
+    """Another live run holds run.dir's lock: one line naming it, exit code 2, and nothing in the directory
+    (checkpoints, metrics) is touched -- not even the lock file that names the holder."""
+    from engram_train.train.run_lock import RunLock
+
+    run = tmp_path / "run"
+    holder = RunLock(str(run))
+    holder.acquire()
+    try:
+        before = _snapshot(run)
+        proc = _run(TRAIN + ["experiment=debug_cpu", f"run.dir={run}", "run.wandb_mode=disabled"], cwd=tmp_path)
+        _assert_one_clear_error(proc, f"run.dir={run} is in use by another run (PID {os.getpid()} on ",
+                                "choose another run.dir")
+        assert _snapshot(run) == before
+    finally:
+        holder.release()
