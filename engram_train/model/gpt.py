@@ -121,7 +121,8 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
         )
     config_cls = TransformerConfig
     if model_cfg.attention == "mla":
-        # RoPE settings stay MLATransformerConfig's defaults (docs/architecture.md, "Attention").
+        # Plain RoPE, as DeepSeek-V3 pretrains (YaRN, megatron's MLA default, only extends the context
+        # afterwards; at YaRN's defaults it would rescale frequencies and logits at every length).
         config_cls = MLATransformerConfig
         kwargs.update(
             q_lora_rank=model_cfg.q_lora_rank,
@@ -130,6 +131,7 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
             qk_pos_emb_head_dim=model_cfg.qk_pos_emb_head_dim,
             v_head_dim=model_cfg.v_head_dim,
             rotary_base=model_cfg.rotary_base,
+            rope_type="rope",
             qk_layernorm=True,          # RMSNorm on the query and key/value latents, as DeepSeek-V2/V3's MLA
         )
     if model_cfg.recompute == "selective":

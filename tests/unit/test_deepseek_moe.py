@@ -155,7 +155,7 @@ def test_mla_model_trains_on_cpu_with_latent_norms():
     attn = model.gpt.decoder.layers[0].self_attention
     assert type(attn).__name__ == "MLASelfAttention"
     assert type(attn.q_layernorm).__name__ == type(attn.kv_layernorm).__name__ == "RMSNorm"
-    assert type(attn.rotary_pos_emb).__name__ == "YarnRotaryEmbedding"   # megatron's MLA default, documented
+    assert type(attn.rotary_pos_emb).__name__ == "RotaryEmbedding"   # plain RoPE, as DeepSeek-V3 pretrains
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     batch = _batch()
     losses = []
