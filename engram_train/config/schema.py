@@ -106,9 +106,9 @@ class ModelConfig:
         self._validate_streams()
 
     def _validate_streams(self):
-        _require(isinstance(self.hc_mult, int) and self.hc_mult >= 1, "model.hc_mult", self.hc_mult,
+        _require(type(self.hc_mult) is int and self.hc_mult >= 1, "model.hc_mult", self.hc_mult,
                  "the number of residual streams must be an integer >= 1 (1: plain residual; the paper uses 4)")
-        _require(isinstance(self.hc_sinkhorn_iters, int) and self.hc_sinkhorn_iters >= 1,
+        _require(type(self.hc_sinkhorn_iters) is int and self.hc_sinkhorn_iters >= 1,
                  "model.hc_sinkhorn_iters", self.hc_sinkhorn_iters,
                  "must be an integer >= 1 (Sinkhorn normalizations of the mHC mixing matrix; default 20)")
         _require(self.recompute in ("none", "selective", "full"), "model.recompute", self.recompute,

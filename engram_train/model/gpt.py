@@ -52,10 +52,6 @@ def engram_block_kwargs(model_cfg: ModelConfig, engram_cfg: EngramConfig,
     """Validated ``EngramBlock`` arguments per 0-based Engram layer id ({} when Engram is off)."""
     if not engram_cfg.enabled:
         return {}
-    if engram_cfg.hc_mult not in (None, model_cfg.hc_mult):
-        raise ConfigError(f"engram.hc_mult={engram_cfg.hc_mult}: Engram's branches are the backbone's "
-                          f"residual streams, model.hc_mult={model_cfg.hc_mult}; set model.hc_mult only "
-                          "(engram.hc_mult follows it)")
     bad = [i for i in engram_cfg.layer_ids if not 0 <= i < model_cfg.num_layers]
     if bad:
         raise ConfigError(f"engram.layer_ids={engram_cfg.layer_ids}: layer ids are 0-based and must be "

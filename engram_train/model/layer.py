@@ -137,9 +137,6 @@ class BackboneLayer(TransformerLayer):
         if self.layer_number != layer_number_of(layer_id):
             raise RuntimeError(f"Engram layer id {layer_id} was built as megatron layer_number "
                                f"{self.layer_number} (expected {layer_number_of(layer_id)})")
-        if block_kwargs["hc_mult"] != self.hc_mult:
-            raise RuntimeError(f"Engram layer {layer_id}: block built for hc_mult={block_kwargs['hc_mult']} "
-                               f"in a layer of {self.hc_mult} streams")
         from engram_train.engram.block import EngramBlock
 
         kwargs = dict(block_kwargs)

@@ -42,6 +42,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_bac
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
+# megatron's plain replicated linear layer lives in its post-training package (0.16); the MLA test of
+# tests/unit/test_deepseek_moe.py fails at import if an upgrade moves it.
 from megatron.core.post_training.modelopt.layers import Linear as ReplicatedLinear
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -85,8 +87,9 @@ def _attention_spec(backend: LocalSpecProvider, multi_latent: bool, qk_layernorm
     column-parallel as in the local spec.  With column-parallel down projections megatron gathers
     the latent over TP and hands each rank the whole rotary key, which only this rank's heads use;
     the gather's backward keeps this rank's slice of that gradient without summing the other heads'
-    part, so ``linear_kv_down_proj`` trains on a wrong gradient under TP (measured: 0.7% off the
-    one-process gradient, tests/distributed/test_model_parallel.py).  Replicated, the rotary key is
+    part, so ``linear_kv_down_proj`` trains on a wrong gradient under TP (measured once: 0.7% off the
+    one-process gradient; tests/distributed/test_model_parallel.py's MLA variant at TP=2 checks the
+    replicated version against one process).  Replicated, the rotary key is
     gathered over the sequence-parallel region, whose backward sums the heads' parts.
     """
     if multi_latent:
@@ -221,7 +224,7 @@ def decoder_block_spec(config: TransformerConfig, engram_blocks: Dict[int, dict]
             params.update(hc_mult=hc_mult, hc_sinkhorn_iters=hc_sinkhorn_iters, recompute=recompute_full)
         if i in engram_blocks:
             params.update(engram_layer_id=i, engram_block_kwargs=engram_blocks[i], engram_context=context,
-                          engram_table_provider=table_provider, hc_mult=hc_mult)
+                          engram_table_provider=table_provider)
         if params:
             specs[i] = backbone_layer_spec(spec, **params)
     if hc_mult > 1:

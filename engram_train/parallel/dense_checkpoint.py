@@ -173,8 +173,9 @@ def _named_params(engine) -> List[Tuple[str, torch.nn.Parameter]]:
 
 
 def _named_buffers(engine) -> List[Tuple[str, torch.Tensor]]:
-    """``(global name, tensor)`` of the model's persistent buffers (``state_dict`` tensors that are not
-    parameters), in a rank-independent order."""
+    """``(global name, tensor)`` of the model's persistent buffers (``named_buffers`` less each owner's
+    non-persistent ones), in a rank-independent order.  Not "every ``state_dict`` tensor that is not a
+    parameter": Transformer Engine modules put a pickled ``_extra_state`` there, which is no buffer."""
     from megatron.core import parallel_state as ps
 
     from engram_train.parallel.sharding import _global_name
@@ -182,9 +183,13 @@ def _named_buffers(engine) -> List[Tuple[str, torch.Tensor]]:
     model = engine.module
     local_experts = (model.config.num_moe_experts or 0) // ps.get_expert_model_parallel_world_size()
     ep_rank = ps.get_expert_model_parallel_rank()
-    params = {n for n, _ in model.named_parameters()}
-    return [(_global_name(n, ep_rank, local_experts), t) for n, t in model.state_dict(keep_vars=True).items()
-            if isinstance(t, torch.Tensor) and n not in params]
+    owners = dict(model.named_modules())
+    out = []
+    for name, t in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in owners[owner]._non_persistent_buffers_set:
+            out.append((_global_name(name, ep_rank, local_experts), t))
+    return out
 
 
 def _inner(engine):

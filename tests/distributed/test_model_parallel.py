@@ -52,9 +52,14 @@ def _configs(tp: int = 1, ep: int = 1, variant: str = "gqa"):
               moe_router_topk=2, moe_layer_freq=2, moe_aux_loss_coeff=1e-2)
     if variant == "deepseek":
         kw.update(DEEPSEEK)
+    if variant == "mhc":                 # 4 residual streams, sublayers recomputed
+        kw.update(hc_mult=4, recompute="full")
+    if variant == "mhc_dense_nosp":      # TP without sequence parallelism needs dense MLPs
+        kw.update(hc_mult=4, num_experts=None)
     model = ModelConfig(**kw)
     engram = EngramConfig(layer_ids=list(ENGRAM_LAYERS), max_ngram=3, heads_per_ngram=2, n_embed_per_ngram=16)
-    return model, engram, ParallelConfig(tensor_parallel=tp, expert_parallel=ep)
+    sp = False if variant == "mhc_dense_nosp" else None
+    return model, engram, ParallelConfig(tensor_parallel=tp, expert_parallel=ep, sequence_parallel=sp)
 
 
 def _batch():
@@ -169,13 +174,17 @@ def _assert_close_dicts(got, want, what):
 
 
 @pytest.mark.parametrize("tp,ep,world,variant", [(2, 1, 2, "gqa"), (1, 2, 2, "gqa"), (2, 2, 4, "gqa"),
-                                                 (2, 1, 2, "deepseek"), (1, 2, 2, "deepseek")],
-                         ids=["tp2_sp", "ep2", "tp2xep2", "deepseek_mla_tp2_sp", "deepseek_mla_ep2"])
+                                                 (2, 1, 2, "deepseek"), (1, 2, 2, "deepseek"),
+                                                 (2, 1, 2, "mhc"), (2, 1, 2, "mhc_dense_nosp")],
+                         ids=["tp2_sp", "ep2", "tp2xep2", "deepseek_mla_tp2_sp", "deepseek_mla_ep2",
+                              "mhc4_recompute_tp2_sp", "mhc4_dense_tp2_no_sp"])
 def test_matches_single_process(tp, ep, world, variant):
     dp = world // tp
     full_state, losses, oracle_grads, oracle_bias = _oracle(dp, variant)
-    check_sp_hooks = (tp, ep, variant) == (2, 1, "gqa")
+    check_sp_hooks = (tp, ep) == (2, 1) and variant in ("gqa", "mhc")
     results = run_distributed(_rank_step, world, tp, ep, full_state, _batch(), check_sp_hooks, variant, timeout=150)
+    if variant.startswith("mhc"):        # the mixing weights are among the gradients compared
+        assert sum(".attn_hc." in k or ".mlp_hc." in k or ".collapse." in k for k in oracle_grads) == 3 * 2 * 3 + 3
     if variant == "deepseek":
         assert len(oracle_bias) == 2 and any(".shared_experts." in k for k in oracle_grads)
         assert any(".linear_kv_down_proj." in k for k in oracle_grads)
@@ -189,12 +198,16 @@ def test_matches_single_process(tp, ep, world, variant):
             assert torch.equal(res["expert_bias"][name], bias), (name, res["expert_bias"][name], bias)
         assert res["sp_installed"] == (tp > 1)
         assert res["sp_hooks"] == (res["sp_params"] if check_sp_hooks else 0)
+        if variant == "mhc_dense_nosp":   # without SP every TP rank mixes every token: nothing to reduce
+            assert res["sp_params"] == 0
     if check_sp_hooks:
-        # 3 layers x 2 norms + final norm + 2 routers, and the hooks really were needed:
-        # the TP ranks' partial gradients differ and add up to the oracle's.
-        assert results[0]["sp_params"] == 9
+        # 3 layers x 2 norms + final norm + 2 routers (+ with mHC 3 layers x 2 mixings x (W, scales, biases)
+        # and the collapse's three), and the hooks really were needed: the TP ranks' partial gradients
+        # differ and add up to the oracle's.
+        n_sp = 9 + (3 * 2 * 3 + 3 if variant == "mhc" else 0)
+        assert results[0]["sp_params"] == n_sp
         partial0, partial1 = results[0]["sp_partial"], results[1]["sp_partial"]
-        assert len(partial0) == 9
+        assert len(partial0) == n_sp
         for name in partial0:
             assert not torch.allclose(partial0[name], partial1[name])
             torch.testing.assert_close(partial0[name] + partial1[name], oracle_grads[name], rtol=RTOL, atol=ATOL)

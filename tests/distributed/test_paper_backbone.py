@@ -91,21 +91,27 @@ def test_recompute_gives_the_losses_of_no_recompute(tmp_path, paper_runs, host_r
                                                     recompute, tables):
     """Recomputed sublayers replay no table exchange and push no row gradient twice: bit for bit."""
     nproc, extra = LAYOUTS[layout]
-    want = losses((paper_runs if tables == "device" else host_runs)[layout])
+    oracle_dir = (paper_runs if tables == "device" else host_runs)[layout]
+    want = losses(oracle_dir)
     assert sorted(want) == [1, 2, 3, 4, 5]
     run_dir = tmp_path / name
     launch(nproc, PAPER + data_overrides + extra + (HOST if tables == "host" else [])
            + [f"model.recompute={recompute}", f"run.dir={run_dir}"])
     assert losses(run_dir) == want
+    # the routers counted every token once (in the replay, not in the no-grad first pass): same bias
+    got_bias, want_bias = expert_bias(run_dir, 5), expert_bias(oracle_dir, 5)
+    assert sorted(got_bias) == sorted(want_bias) and want_bias
+    assert all(torch.equal(got_bias[k], want_bias[k]) for k in want_bias)
 
 
-@pytest.mark.parametrize("name, first, second", [
-    ("tp2_to_tp1", "tp2", "single"),
-    ("all_dp2_to_tp2", "all_dp2", "tp2"),
+@pytest.mark.parametrize("name, first, second, recompute", [
+    ("tp2_to_tp1", "tp2", "single", NONE),
+    ("all_dp2_to_tp2_recomputed", "all_dp2", "tp2", []),      # paper_cpu's own model.recompute=full
 ])
-def test_paper_checkpoint_resumes_at_another_layout(tmp_path, paper_runs, data_overrides, name, first, second):
+def test_paper_checkpoint_resumes_at_another_layout(tmp_path, paper_runs, data_overrides, name, first, second,
+                                                    recompute):
     run_dir = tmp_path / name
-    common = PAPER + data_overrides + NONE + [f"run.dir={run_dir}"]
+    common = PAPER + data_overrides + recompute + [f"run.dir={run_dir}"]
     launch(LAYOUTS[first][0], common + LAYOUTS[first][1] + ["trainer.stop_at_step=2"])
     assert logged_steps(run_dir) == [0, 1, 2]
     out = launch(LAYOUTS[second][0], common + LAYOUTS[second][1])

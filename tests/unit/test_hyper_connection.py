@@ -159,14 +159,14 @@ def parallel():
     destroy_parallel()
 
 
-def _build(hc_mult=4, recompute="none", seed=0):
+def _build(hc_mult=4, recompute="none", seed=0, **model_kw):
     from engram_train.model.gpt import build_model
     from engram_train.parallel.parallelize import parallelize
 
     torch.manual_seed(seed)
     model = ModelConfig(num_layers=3, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                         ffn_hidden_size=48, max_seq_length=T, num_experts=4, moe_ffn_hidden_size=16,
-                        moe_router_topk=2, moe_layer_freq=2, hc_mult=hc_mult, recompute=recompute)
+                        moe_router_topk=2, moe_layer_freq=2, hc_mult=hc_mult, recompute=recompute, **model_kw)
     engram = EngramConfig(layer_ids=[0, 2], max_ngram=3, heads_per_ngram=2, n_embed_per_ngram=16)
     return parallelize(build_model(model, engram, ParallelConfig(), VOCAB, TABLE_SIZES), 1234)
 
@@ -245,18 +245,28 @@ def test_four_streams_train_and_every_parameter_learns(parallel):
 
 @pytest.mark.parametrize("hc_mult", [1, 4])
 def test_recompute_gives_the_same_values_and_gradients(parallel, hc_mult):
-    """``selective`` and ``full`` recompute change memory, not numbers: bit for bit in fp32."""
+    """``selective`` and ``full`` recompute change memory, not numbers: bit for bit in fp32, with dropout
+    on (the replay must restore the CPU generator and megatron's tracker streams) and expert-bias
+    routing (tokens counted once, in the replay)."""
+    from engram_train.model.layer import BackboneLayer
+    from engram_train.platform.cpu_backend import cpu_model_parallel_manual_seed
+
+    kw = dict(hidden_dropout=0.1, attention_dropout=0.1, moe_router_score_function="sigmoid",
+              moe_router_enable_expert_bias=True, moe_router_load_balancing_type="none")
     runs = {}
     for recompute in ("none", "selective", "full"):
-        model = _build(hc_mult=hc_mult, recompute=recompute)
+        cpu_model_parallel_manual_seed(1234)      # the same RNG streams for every run
+        model = _build(hc_mult=hc_mult, recompute=recompute, **kw)
         model.train()
         loss = model(*_batch()).mean()
         loss.backward()
-        runs[recompute] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    from megatron.core.transformer.transformer_layer import TransformerLayer
+        counts = [l.mlp.router.local_tokens_per_expert.clone() for l in model.gpt.decoder.layers
+                  if hasattr(l.mlp, "router")]
+        runs[recompute] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, counts)
 
-    full = _build(hc_mult=hc_mult, recompute="full")
-    assert all(isinstance(l, TransformerLayer) for l in full.gpt.decoder.layers)
+    cpu_model_parallel_manual_seed(1234)
+    full = _build(hc_mult=hc_mult, recompute="full", **kw)
+    assert all(type(l) is BackboneLayer and l.recompute for l in full.gpt.decoder.layers)
     calls = []
     for layer in full.gpt.decoder.layers:      # every layer's attention runs again in backward
         layer.self_attention.register_forward_hook(lambda m, a, o: calls.append(torch.is_grad_enabled()))
@@ -266,3 +276,10 @@ def test_recompute_gives_the_same_values_and_gradients(parallel, hc_mult):
         assert torch.equal(runs[recompute][0], runs["none"][0])
         for name, grad in runs["none"][1].items():
             assert torch.equal(runs[recompute][1][name], grad), (recompute, name)
+        # the routers counted each token once: B*T tokens x top-2 per MoE layer
+        assert [c.sum().item() for c in runs[recompute][2]] == [B * T * 2] * 2
+        assert all(torch.equal(a, b) for a, b in zip(runs[recompute][2], runs["none"][2]))
+    # dropout is on: another RNG state gives another loss (the comparison above is not vacuous)
+    cpu_model_parallel_manual_seed(4321)
+    other = _build(hc_mult=hc_mult, recompute="none", **kw)
+    assert not torch.equal(other(*_batch()).mean().detach(), runs["none"][0])

@@ -141,9 +141,6 @@ def test_engram_disabled_builds_a_plain_moe_model():
 def test_config_errors():
     from engram_train.model.gpt import build_model
 
-    m, e, p = _cfgs(hc_mult=2)    # engram.hc_mult follows model.hc_mult; a different value is refused
-    with pytest.raises(ConfigError, match=r"engram.hc_mult=2: .*model.hc_mult=1"):
-        build_model(m, e, p, VOCAB, TABLE_SIZES)
     m, e, p = _cfgs(layer_ids=[1, 3])
     with pytest.raises(ConfigError, match=r"engram.layer_ids=\[1, 3\].*0-based.*num_layers=3"):
         build_model(m, e, p, VOCAB, {1: TABLE_SIZES[0], 3: TABLE_SIZES[2]})
