@@ -104,6 +104,8 @@ class Check:
         full_env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1", **(env or {}))
         if not self.cuda:
             full_env.setdefault("DS_ACCELERATOR", "cpu")
+            # Like the benchmark tools: two OpenMP threads per process on a busy small CPU spin each other out.
+            full_env.setdefault("OMP_NUM_THREADS", "1")
         with open(log, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n")
             f.flush()
@@ -434,7 +436,7 @@ def write_report(c: Check, total_s: float) -> dict:
               "items": [asdict(r) for r in c.results.values()]}
     with open(os.path.join(c.out, "gpu_report.json"), "w") as f:
         json.dump(report, f, indent=1)
-    lines = [f"# GPU check: {report['device']}", "",
+    lines = [f"# GPU check: {report['device'] or 'device not queried (env not run)'}", "",
              f"Versions: {_fmt(report['versions'] or {})}. Total wall time {total_s:.1f} s.", "",
              "| item | status | wall s | cap s | reason |", "|---|---|---:|---:|---|"]
     for r in c.results.values():
