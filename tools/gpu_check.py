@@ -131,7 +131,7 @@ class Check:
             syll = ["ka", "to", "ri", "an", "el", "mo", "su", "ve", "li", "dor", "en", "th", "is", "qu", "ar", "po"]
             words = ["".join(rng.choice(syll) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
             weights = [1.0 / (i + 1) for i in range(len(words))]
-            docs, length = (300, 150) if not self.cuda else (3000, 400)
+            docs, length = (300, 150) if not self.cuda else (1500, 300)
             with open(path, "w") as f:
                 for _ in range(docs):
                     f.write(json.dumps({"text": " ".join(rng.choices(words, weights, k=length))}) + "\n")
@@ -275,7 +275,7 @@ def item_bench_offload(c: Check, r: Result) -> None:
         return
     out = os.path.join(c.work, "bench_offload.json")
     p = c.run("bench_offload", [sys.executable, "tools/bench_offload.py", "--experiment", "gpu_check",
-                                "--corpus", c.corpus(), "--steps", "10", "--warmup", "3", "--no-memory",
+                                "--corpus", c.corpus(), "--rows-per-head", "100000", "--steps", "10", "--warmup", "3", "--no-memory",
                                 "--workdir", os.path.join(c.work, "offload"), "--json", out], r.cap_s)
     if os.path.exists(out):
         r.figures.update(json.load(open(out)))
