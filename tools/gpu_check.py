@@ -275,7 +275,8 @@ def item_bench_offload(c: Check, r: Result) -> None:
         return
     out = os.path.join(c.work, "bench_offload.json")
     p = c.run("bench_offload", [sys.executable, "tools/bench_offload.py", "--experiment", "gpu_check",
-                                "--corpus", c.corpus(), "--rows-per-head", "100000", "--steps", "10", "--warmup", "3", "--no-memory",
+                                "--corpus", c.corpus(), "--rows-per-head", "100000", "--steps", "10",
+                                "--warmup", "3", "--no-memory",
                                 "--workdir", os.path.join(c.work, "offload"), "--json", out], r.cap_s)
     if os.path.exists(out):
         r.figures.update(json.load(open(out)))
