@@ -14,10 +14,10 @@ kernel                reference (oracle)                           dispatch
 ``gather_rows``       ``index_select`` of ``hash_ids + offsets``   ``gather_rows(..., backend=)``; training:
 (Triton)              (``kernels.rows``)                           ``engram.kernel_backend`` at
                                                                    ``TableShard.read_rows``
-``reduce_row_grads``  ``unique_rows`` + ``sum_rows``               ``reduce_row_grads(..., backend=)``
-(Triton)              (``engram_train.memory.exchange``)
-``row_adam``          ``TableSparseAdam.step``                     ``row_adam(..., backend=)``
-(Triton)              (``engram_train.memory.optim``)
+``reduce_row_grads``  ``unique_rows`` + ``sum_rows``               ``reduce_row_grads(..., backend=)``; training:
+(Triton)              (``engram_train.memory.exchange``)           ``TableStore.reduce_gradients``
+``row_adam``          ``sparse_adam_rows``, the rule of            ``row_adam(..., backend=)``; training:
+(Triton)              ``TableSparseAdam`` (``memory.optim``)       ``TableSparseAdam.step``
 ====================  ===========================================  ==============================================
 
 ``ngram_hash`` is native C built on first use (``csrc/``); a missing compiler

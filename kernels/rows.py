@@ -9,8 +9,8 @@ on CPU tensors runs the same kernels under Triton's interpreter (tests).  The
                       ``StoreTable`` / ``MultiHeadEmbeddingTable``
 ``reduce_row_grads``  ``unique_rows`` + ``sum_rows`` of ``engram_train.memory.exchange``,
                       the store's duplicate reduction
-``row_adam``          ``TableSparseAdam.step`` of ``engram_train.memory.optim`` itself,
-                      run over the caller's tensors
+``row_adam``          ``sparse_adam_rows`` of ``engram_train.memory.optim``, the rule of
+                      ``TableSparseAdam.step``, run over the caller's tensors
 
 Ids are the caller's to check (the table store validates hash ids before it
 gathers): the torch path raises on an id outside the table, the Triton gather
@@ -202,12 +202,9 @@ def reduce_row_grads(row_ids: torch.Tensor, grads: torch.Tensor,
 # ---- row Adam ------------------------------------------------------------------------------------------
 
 def _adam_torch(weight, exp_avg, exp_avg_sq, row_steps, ids, grads, lr, betas, eps, weight_decay):
-    from engram_train.memory.optim import TableSparseAdam
+    from engram_train.memory.optim import sparse_adam_rows
 
-    state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "row_steps": row_steps}
-    opt = TableSparseAdam(weight, betas=betas, eps=eps, weight_decay=weight_decay,
-                          alloc=lambda name, shape, dtype: state[name])
-    opt.step(ids, grads, lr)
+    sparse_adam_rows(weight, exp_avg, exp_avg_sq, row_steps, ids, grads, lr, betas, eps, weight_decay)
 
 
 def row_adam(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, row_steps: torch.Tensor,

@@ -4,6 +4,7 @@
     python tools/bench_offload.py --steps 20 --json out.json
     python tools/bench_offload.py --optimizer sparse_adam_rowwise     # the compact row-wise state
     python tools/bench_offload.py --nproc 2 --extra engram.partition=all data.micro_batch_size=4
+    python tools/bench_offload.py --experiment gpu_check --no-memory    # on one GPU (tools/gpu_check.sh)
 
 Trains the same small Engram-MoE on the same generated corpus three times, one after another
 in this one invocation, with ``engram.optimizer=sparse_adam`` (``--optimizer sparse_adam_rowwise``
@@ -21,9 +22,15 @@ Reported (and written with ``--json PATH`` under these keys):
   (``engram_prefetch/wait_s``), as a share of run 2's step time;
 * ``update_wait_share``: the time the next forward waited for the overlapped host table step
   (``engram_prefetch/update_wait_s``), as a share of run 2's step time;
+* ``h2d_gb_per_s``: bytes copied host to device by the prefetch (``engram_prefetch/h2d_bytes``) per
+  second of run 2's step time: the rate the pipeline sustained (not the link's peak);
 * ``host_bytes_per_param``: (peak RSS of run 2 - peak RSS of run 3) / (table parameters of
   run 2 - those of run 3), from the processes' ``VmHWM`` (summed over ranks with ``--nproc``): every host byte the tables cost
-  (weights, moments, per-row step counts, staging, gradient rows), measured, not estimated.
+  (weights, moments, per-row step counts, staging, gradient rows), measured, not estimated (``--no-memory``
+  skips run 3 and this figure).
+
+``--experiment NAME`` trains that recipe (e.g. ``gpu_check``, a GPU-sized model) instead of the small
+model of ``tools/measure_table_memory.py``; ``--corpus PATH`` uses that corpus instead of a generated one.
 """
 
 from __future__ import annotations
@@ -45,34 +52,46 @@ from tools.measure_table_memory import MODEL, _corpus, _run  # noqa: E402
 TABLES = re.compile(r"Engram tables \((\w+), ([\d.]+)M of ([\d.]+)M parameters\)")
 
 
-def _value(key: str) -> str:
-    return next(o.split("=", 1)[1] for o in MODEL if o.startswith(key + "="))
+def _tokens_per_step(model) -> int:
+    from engram_train.config.store import compose
+
+    cfg = compose(model)
+    return int(cfg.data.global_batch_size) * int(cfg.data.seq_length)
 
 
-TOKENS_PER_STEP = int(_value("data.global_batch_size")) * int(_value("data.seq_length"))
+def _model(args) -> list:
+    if args.experiment is None:
+        return MODEL
+    return [f"experiment={args.experiment}", "trainer.log_interval=1", "trainer.eval_interval=100000",
+            "trainer.eval_iters=1", "trainer.save_interval=100000", "trainer.progress=false",
+            "run.wandb_mode=disabled", "trainer.resume=false"]
 
 
 def _train(name, rows, residency, args, work, data) -> dict:
     run_dir = os.path.join(work, name)
-    over = MODEL + data + args.extra + [
+    model = _model(args)
+    over = model + data + args.extra + [
         f"engram.optimizer={args.optimizer}", f"engram.residency={residency}",
         f"engram.table_size_per_ngram=[{rows},{rows}]", f"trainer.max_steps={args.steps}",
         "trainer.log_interval=1", f"run.dir={run_dir}"]
+    tokens_per_step = _tokens_per_step(model + data + args.extra)
     log_path = os.path.join(work, f"{name}.log")
     # Every rank's peak and the whole table: bytes per parameter of the job, whatever the placement.
     peak = sum(_run(args.nproc, over, log_path).values())
     text = open(log_path).read()
     params = float(TABLES.search(text).group(3)) * 1e6
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
-    step_s, wait_s, update_s = [], [], []
+    step_s, wait_s, update_s, h2d = [], [], [], []
     for r in lines:
         if r["step"] <= args.warmup:
             continue
         # One line per step (log_interval=1): tokens_per_s = tokens per step / seconds of that step.
-        step_s.append(TOKENS_PER_STEP / r["tokens_per_s"])
+        step_s.append(tokens_per_step / r["tokens_per_s"])
         wait_s.append(r.get("engram_prefetch/wait_s", 0.0))
         update_s.append(r.get("engram_prefetch/update_wait_s", 0.0))
-    return {"peak_mib": peak, "params": params, "step_s": step_s, "wait_s": wait_s, "update_s": update_s}
+        h2d.append(r.get("engram_prefetch/h2d_bytes", 0.0))
+    return {"peak_mib": peak, "params": params, "step_s": step_s, "wait_s": wait_s, "update_s": update_s,
+            "h2d_bytes": h2d}
 
 
 def main(argv=None) -> None:
@@ -88,26 +107,39 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", dest="json_path", default=None, help="write the three figures here")
     p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
+    p.add_argument("--experiment", default=None,
+                   help="train this recipe (e.g. gpu_check) instead of the small model of measure_table_memory")
+    p.add_argument("--corpus", default=None, help="a .jsonl/.txt corpus to train on (default: a generated one)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip run 3 (small host tables) and host_bytes_per_param: a shorter run")
     args = p.parse_args(argv)
     if args.steps <= args.warmup + 2:
         p.error("--steps must exceed --warmup by at least 3")
     work = args.workdir or tempfile.mkdtemp(prefix="engram_offload_")
     os.makedirs(work, exist_ok=True)
-    corpus = os.path.join(work, "corpus.jsonl")
-    _corpus(corpus)
+    corpus = args.corpus or os.path.join(work, "corpus.jsonl")
+    if args.corpus is None:
+        _corpus(corpus)
     data = ["data.corpus=files", f"data.files=[{corpus}]", f"data.dir={os.path.join(work, 'prepared')}"]
     runs = {}
-    for name, rows, residency in (("device", args.rows_per_head, "device"), ("host", args.rows_per_head, "host"),
-                                  ("host_small", 64, "host")):
+    plan = [("device", args.rows_per_head, "device"), ("host", args.rows_per_head, "host")]
+    if not args.no_memory:
+        plan.append(("host_small", 64, "host"))
+    for name, rows, residency in plan:
         print(f"[bench_offload] {name} ...", flush=True)
         runs[name] = _train(name, rows, residency, args, work, data)
-    dev, host, small = runs["device"], runs["host"], runs["host_small"]
+    dev, host, small = runs["device"], runs["host"], runs.get("host_small")
     ratio = statistics.median(host["step_s"]) / statistics.median(dev["step_s"])
     wait_share = sum(host["wait_s"]) / sum(host["step_s"])
     update_share = sum(host["update_s"]) / sum(host["step_s"])
-    bytes_per_param = (host["peak_mib"] - small["peak_mib"]) * 2**20 / (host["params"] - small["params"])
+    h2d_gbs = sum(host["h2d_bytes"]) / sum(host["step_s"]) / 1e9
+    bytes_per_param = None
+    if small is not None:
+        bytes_per_param = (host["peak_mib"] - small["peak_mib"]) * 2**20 / (host["params"] - small["params"])
     out = {"step_time_ratio": ratio, "prefetch_wait_share": wait_share, "host_bytes_per_param": bytes_per_param,
-           "update_wait_share": update_share}
+           "update_wait_share": update_share, "h2d_gb_per_s": h2d_gbs,
+           "table_params": host["params"], "device_step_ms": 1e3 * statistics.median(dev["step_s"]),
+           "host_step_ms": 1e3 * statistics.median(host["step_s"])}
     print(f"\n# Host- vs device-resident tables, {host['params'] / 1e6:.0f}M table parameters, {args.optimizer}, "
           f"{len(host['step_s'])} timed steps\n")
     print("| run | median step ms | peak RSS MiB |")
@@ -117,7 +149,9 @@ def main(argv=None) -> None:
     print(f"\nstep_time_ratio (host / device): {ratio:.3f}")
     print(f"prefetch_wait_share: {wait_share:.4f}")
     print(f"update_wait_share (waiting for the overlapped host table step): {update_share:.4f}")
-    print(f"host_bytes_per_param: {bytes_per_param:.2f}")
+    print(f"h2d_gb_per_s (prefetch bytes per second of step): {h2d_gbs:.3f}")
+    if bytes_per_param is not None:
+        print(f"host_bytes_per_param: {bytes_per_param:.2f}")
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(out, f, indent=1)

@@ -47,7 +47,11 @@ def _corpus(path: str) -> None:
 
 def _run(nproc: int, overrides, log_path: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    env.setdefault("DS_ACCELERATOR", "cpu")
+    if "DS_ACCELERATOR" not in env:
+        import torch
+
+        if not torch.cuda.is_available():   # DeepSpeed would look for CUDA; on a GPU machine it finds it
+            env["DS_ACCELERATOR"] = "cpu"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "engram_train.train.main", *overrides]
     with open(log_path, "w") as log:

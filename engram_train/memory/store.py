@@ -44,11 +44,10 @@ from torch import nn
 
 from engram_train.config.schema import ConfigError
 from engram_train.engram.table import check_hash_ids
-from engram_train.memory.exchange import (AllExchange, CommCounter, ReplicatedExchange, TPExchange, sum_rows,
-                                          unique_rows)
+from engram_train.memory.exchange import AllExchange, CommCounter, ReplicatedExchange, TPExchange
 from engram_train.memory.layout import Placement, TableSpec, placement_for, shard_bounds, table_specs
 from engram_train.memory.optim import TableOptimizer, build_table_optimizer
-from kernels import gather_rows
+from kernels import gather_rows, reduce_row_grads
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,9 @@ def init_rows(spec: TableSpec, lo: int, hi: int, std: float, seed: int, device=N
 class TableShard:
     """Rows ``[lo, hi)`` of one layer's table, their pending gradient rows and their optimizer."""
 
-    kernel_backend: str = "auto"   # kernels.gather_rows' backend; build_table_store sets engram.kernel_backend
+    # engram.kernel_backend: the backend of kernels.gather_rows and reduce_row_grads here, and of
+    # kernels.row_adam in the shard's optimizer (TableStore sets both).
+    kernel_backend: str = "auto"
 
     def __init__(self, spec: TableSpec, lo: int, hi: int, weight: torch.Tensor, exchange, compute_device=None):
         self.spec = spec
@@ -237,7 +238,8 @@ class TableStore:
                  lr_mult: float = 5.0, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8,
                  init_std: float = 0.02, seed: int = 0, device=None, tp_group=None, replica_group=None,
                  world_group=None, dp_size: int = 1, residency: str = "device", staleness: int = 0,
-                 host_dir: Optional[str] = None, rank: int = 0, local_world_size: int = 1):
+                 host_dir: Optional[str] = None, rank: int = 0, local_world_size: int = 1,
+                 kernel_backend: str = "auto"):
         self.specs = dict(sorted(specs.items()))
         self.placement = placement
         self.optimizer_name = optimizer
@@ -280,6 +282,7 @@ class TableStore:
             shard = TableShard(spec, lo, hi, weight, self._exchange(spec), compute_device=self.device)
             shard.optimizer = build_table_optimizer(optimizer, weight, betas=betas, eps=eps,
                                                     weight_decay=weight_decay, alloc=alloc)
+            shard.kernel_backend = shard.optimizer.kernel_backend = kernel_backend
             self.shards[layer_id] = shard
             self.tables[layer_id] = StoreTable(shard)
         if self._sync and self.owner:
@@ -342,8 +345,9 @@ class TableStore:
             ids, rows = shard.take_pending()
             if self.replica_group is not None and dist.get_world_size(self.replica_group) > 1:
                 ids, rows = _all_gather_rows(ids, rows, self.replica_group, self.comm)
-            uniq, inv = unique_rows(ids)
-            rows = sum_rows(inv, rows, uniq.numel())
+            # The reduction's one dispatch point: Triton's deterministic segment sum (no float atomics) for
+            # CUDA rows under "auto"; unique_rows + sum_rows (index_add_) on the CPU.
+            uniq, rows = reduce_row_grads(ids, rows, backend=shard.kernel_backend)
             if self.dp_size > 1:
                 rows.div_(self.dp_size)
             shard.grad = (uniq, rows)
@@ -458,7 +462,6 @@ def build_table_store(engram_cfg, trainer_cfg, table_sizes: Dict[int, Sequence[i
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         tp_group=ps.get_tensor_model_parallel_group(),
         replica_group=None if placement.partition == "all" else ps.get_data_parallel_group(),
-        world_group=dist.group.WORLD, dp_size=ps.get_data_parallel_world_size())
-    for shard in store.shards.values():
-        shard.kernel_backend = engram_cfg.kernel_backend
+        world_group=dist.group.WORLD, dp_size=ps.get_data_parallel_world_size(),
+        kernel_backend=engram_cfg.kernel_backend)
     return store

@@ -132,3 +132,25 @@ def test_table_store_gathers_through_triton_on_cuda():
     shard = TableShard(spec=None, lo=0, hi=5000, weight=weight.cuda(), exchange=None)
     ids = torch.randint(0, 5000, (4096,), device="cuda")
     assert torch.equal(shard.read_rows(ids).cpu(), weight[ids.cpu()])
+
+
+def test_table_store_reduces_and_steps_through_the_kernels_on_cuda(monkeypatch):
+    """engram.kernel_backend=auto on CUDA: the store's gradient reduction launches reduce_row_grads' segment
+    sum and its sparse Adam launches row_adam, and the result is the CPU store's (torch references)."""
+    from tests.unit.test_table_store import SPECS, _launch_spy, _store, _two_steps
+
+    cpu_store = _store("sparse_adam")
+    want = _two_steps(cpu_store)
+    launched = _launch_spy(monkeypatch)
+    store = _store("sparse_adam", device="cuda")
+    assert store.shards[1].weight.is_cuda and store.shards[1].kernel_backend == "auto"
+    got = _two_steps(store, device="cuda")
+    assert {"gather_rows_kernel", "segment_sum_kernel", "row_adam_kernel"} <= set(launched)
+    for step in range(2):
+        for l in SPECS:
+            assert torch.equal(got[step][l][0].cpu(), want[step][l][0])
+            torch.testing.assert_close(got[step][l][1].cpu(), want[step][l][1], rtol=1e-5, atol=1e-6)
+    for l, shard in store.shards.items():
+        ref = cpu_store.shards[l]
+        assert torch.equal(shard.optimizer.row_steps.cpu(), ref.optimizer.row_steps)
+        torch.testing.assert_close(shard.weight.cpu(), ref.weight, rtol=1e-5, atol=1e-6)

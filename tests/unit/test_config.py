@@ -41,6 +41,21 @@ def test_gpu_recipe_validates_for_8_ranks():
         cfg.validate(world_size=4)
 
 
+def test_gpu_check_recipe_validates_for_one_gpu_with_host_tables_and_fits_an_h100():
+    from tools.count_params import count
+
+    cfg = compose(["experiment=gpu_check"])
+    cfg.validate(world_size=1)
+    assert cfg.engram.residency == "host" and cfg.engram.optimizer == "sparse_adam"
+    assert cfg.trainer.max_steps == 30 and cfg.trainer.save_interval == 15 and cfg.trainer.precision == "bf16"
+    c = count(["experiment=gpu_check"])
+    # Device memory, independent of the code: bf16 weights + fp32 master, Adam moments and fp32 grads
+    # (2 + 4 + 8 + 4 bytes) for every non-table parameter; the tables live in host RAM.
+    dense = c["total"] - c["engram_tables"]
+    assert 0.2e9 < dense < 1.0e9 and 0.1e9 < c["engram_tables"] < 0.5e9
+    assert dense * 18 < 20 * 2**30          # < 20 GiB of an H100's 80 before activations
+
+
 def test_unknown_key_fails_with_its_name():
     with pytest.raises(ConfigCompositionException, match=r"trainer.no_such_key"):
         compose(["trainer.no_such_key=1"])

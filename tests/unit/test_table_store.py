@@ -377,3 +377,108 @@ def test_store_memory_matches_the_sizing_arithmetic(optimizer):
     _micro_batches(store, ref)
     store.reduce_gradients()
     assert 0 < store.memory_bytes()["grad"] <= sum(w["grad_max"] for w in want)
+
+
+# ---- the kernels' dispatch points in the store (engram.kernel_backend) -----------------------------------
+
+def _launch_spy(monkeypatch):
+    """Names of the Triton kernels launched from now on (every launch goes through kernels.triton.launch)."""
+    import kernels.triton as triton_kernels
+
+    launched = []
+    real = triton_kernels.launch
+    monkeypatch.setattr(triton_kernels, "launch",
+                        lambda device, kernel, *a, **kw: launched.append(kernel) or real(device, kernel, *a, **kw))
+    return launched
+
+
+def _two_steps(store, device="cpu"):
+    """Two store steps of two micro-batches each (ids and gradients on ``device``), revisiting rows.
+    Returns each step's reduced gradient rows ``{layer: (ids, rows)}``."""
+    for table in store.tables.values():
+        table.to(device)                  # the model moves its tables' offset buffers with it
+    grads = []
+    for step, seeds in enumerate([(0, 1), (2, 3)]):
+        for seed in seeds:
+            for layer_id, spec in SPECS.items():
+                hash_ids = _ids(spec, (2, 6), seed + 10 * layer_id, hi=9).to(device)
+                out = store.table(layer_id, spec.table_sizes, spec.embed_dim)(hash_ids)
+                upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(100 + seed))
+                (out * upstream.to(device)).sum().backward()
+        store.reduce_gradients()
+        grads.append({l: tuple(t.clone() for t in s.grad) for l, s in store.shards.items()})
+        store.step(lr=1e-2 * (step + 1))
+    return grads
+
+
+def _lazy_adam_as_before(w, m, v, steps, ids, g, lr):
+    """The table step the store ran before it dispatched to kernels.row_adam (copied rule, not imported)."""
+    b1, b2 = BETAS
+    s = steps[ids] + 1
+    steps[ids] = s
+    mm = m[ids].mul_(b1).add_(g, alpha=1.0 - b1)
+    vv = v[ids].mul_(b2).addcmul_(g, g, value=1.0 - b2)
+    m[ids], v[ids] = mm, vv
+    t = s.to(torch.float64).unsqueeze(1)
+    bc1 = (1.0 - torch.pow(b1, t)).to(torch.float32)
+    bc2 = (1.0 - torch.pow(b2, t)).sqrt().to(torch.float32)
+    ww = w[ids]
+    ww.addcdiv_(mm * (lr / bc1), (vv.sqrt() / bc2).add_(EPS), value=-1.0)
+    w[ids] = ww
+
+
+def test_store_on_cpu_gives_the_same_bits_as_before_the_kernel_dispatch(monkeypatch):
+    """engram.kernel_backend=auto on the CPU: the torch references, bit for bit the store's former result
+    (duplicates summed by index_add_ over torch.unique's inverse, then the lazy Adam rule), no kernel."""
+    launched = _launch_spy(monkeypatch)
+    store = _store("sparse_adam")
+    init = {l: s.weight.clone() for l, s in store.shards.items()}
+    ref = {l: w.clone().requires_grad_(True) for l, w in init.items()}
+    want = {l: [w.clone(), torch.zeros_like(w), torch.zeros_like(w), torch.zeros(w.shape[0], dtype=torch.int32)]
+            for l, w in init.items()}
+    for step, seeds in enumerate([(0, 1), (2, 3)]):
+        pending = {l: [] for l in SPECS}
+        for shard in store.shards.values():   # record what the lookups hand the store, before it reduces
+            real_acc = shard.accumulate
+            shard.accumulate = (lambda ids, rows, l=shard.spec.layer_id, acc=real_acc:
+                                pending[l].append((ids.clone(), rows.clone())) or acc(ids, rows))
+        _micro_batches(store, ref, seeds=seeds)
+        store.reduce_gradients()
+        for l, shard in store.shards.items():
+            ids = torch.cat([p[0] for p in pending[l]])
+            rows = torch.cat([p[1] for p in pending[l]])
+            uniq, inv = torch.unique(ids, sorted=True, return_inverse=True)
+            summed = torch.zeros(uniq.numel(), rows.shape[1]).index_add_(0, inv, rows)
+            got_ids, got_rows = shard.grad
+            assert torch.equal(got_ids, uniq) and torch.equal(got_rows, summed)
+            _lazy_adam_as_before(*want[l], uniq, summed, 1e-2 * (step + 1) * LR_MULT)
+            del shard.accumulate
+        store.step(lr=1e-2 * (step + 1))
+        for l, shard in store.shards.items():
+            opt = shard.optimizer
+            for got, exp in zip((shard.weight, opt.exp_avg, opt.exp_avg_sq, opt.row_steps), want[l]):
+                assert torch.equal(got, exp), f"layer {l}, step {step + 1}"
+        assert not all(torch.equal(shard.weight, init[l]) for l, shard in store.shards.items())
+    assert launched == []
+
+
+def test_store_reduces_and_steps_through_the_triton_kernels_when_asked(monkeypatch):
+    """engram.kernel_backend=triton (the CUDA path of "auto", run here under Triton's interpreter): the store's
+    reduction and sparse Adam launch reduce_row_grads' and row_adam's kernels and give the torch result."""
+    torch_store = _store("sparse_adam", kernel_backend="torch")
+    want = _two_steps(torch_store)
+    launched = _launch_spy(monkeypatch)
+    store = _store("sparse_adam", kernel_backend="triton")
+    assert all(s.optimizer.kernel_backend == "triton" for s in store.shards.values())
+    got = _two_steps(store)
+    assert {"gather_rows_kernel", "segment_sum_kernel", "row_adam_kernel"} <= set(launched)
+    for step in range(2):
+        for l in SPECS:
+            assert torch.equal(got[step][l][0], want[step][l][0])
+            torch.testing.assert_close(got[step][l][1], want[step][l][1], rtol=1e-6, atol=1e-7)
+    for l, shard in store.shards.items():
+        ref = torch_store.shards[l]
+        assert torch.equal(shard.optimizer.row_steps, ref.optimizer.row_steps)
+        for a, b in ((shard.weight, ref.weight), (shard.optimizer.exp_avg, ref.optimizer.exp_avg),
+                     (shard.optimizer.exp_avg_sq, ref.optimizer.exp_avg_sq)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
