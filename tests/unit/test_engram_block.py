@@ -176,8 +176,8 @@ def test_load_reference_state_dict_errors():
                                           r"\[1, 1, 1, 165\], this block's \[37, 41, 43, 47\]"):
         blk.load_reference_state_dict(bad)
     ref4, _ = make_pair(G=4)
-    with pytest.raises(ConfigError, match=r"^engram.hc_mult=2: the weights have 4 residual branches .* set "
-                                          r"engram.hc_mult=4 \(in a model: model.hc_mult=4"):
+    with pytest.raises(ConfigError, match=r"^model.hc_mult=2: the weights have 4 residual branches .* set "
+                                          r"model.hc_mult=4 \(the residual streams; engram.hc_mult follows it\)"):
         blk.load_reference_state_dict(ref4.state_dict())
 
 
