@@ -126,6 +126,12 @@ class ModelConfig:
             _require(self.moe_router_topk_scaling_factor > 0, "model.moe_router_topk_scaling_factor",
                      self.moe_router_topk_scaling_factor, "must be > 0, or null for no scaling")
         if not self.is_moe:
+            # A routing setting on a dense model would be ignored: refuse it (defaults are neutral).
+            for key, neutral in (("moe_shared_expert_ffn_hidden_size", 0), ("moe_router_score_function", "softmax"),
+                                 ("moe_router_enable_expert_bias", False), ("moe_router_topk_scaling_factor", None)):
+                _require(getattr(self, key) == neutral, f"model.{key}", getattr(self, key),
+                         "MoE routing has no effect on a dense model (model.num_experts is null or 0); set "
+                         f"model.num_experts or leave model.{key} at {neutral!r}")
             return
         if self.moe_router_enable_expert_bias:
             # megatron's TransformerConfig refuses it (the bias is tuned for scores in (0, 1)).
