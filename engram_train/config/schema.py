@@ -196,7 +196,7 @@ class EngramConfig:
     # "auto": Triton for CUDA tensors, the native CPU kernel for CPU tensors (each when available), else
     # torch | "torch" | "cpu_kernel" | "triton" (CPU tensors: Triton's interpreter, slow)
     hash_backend: str = "auto"
-    # Table-row gather of the lookup (kernels.gather_rows): "auto" (Triton on CUDA, torch elsewhere) |
+    # Table-row gather of the lookup (engram_train.kernels.gather_rows): "auto" (Triton on CUDA, torch elsewhere) |
     # "torch" | "triton" (CPU tensors: Triton's interpreter, slow)
     kernel_backend: str = "auto"
     # The reference's nn.Embedding draws N(0, 1); megatron's residual stream starts at std 0.02 and

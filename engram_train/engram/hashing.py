@@ -25,11 +25,11 @@ Backends (one dispatch point, ``NgramHasher(backend=...)``):
 - ``"torch"``: tensor code on the input's device, exact int64 ``%``.  The
   reference: the golden tests pin it to an independent port of the demo, and
   it is the oracle of the kernel.
-- ``"cpu_kernel"``: ``kernels/ngram_hash.py``, a native kernel for CPU tensors
+- ``"cpu_kernel"``: ``engram_train/kernels/ngram_hash.py``, a native kernel for CPU tensors
   (one pass per token, vectorized division-free modulo, threads split tokens).
   CPUs have no SIMD int64 division: torch's ``%`` costs ~2 ns per id and
   thread here (numpy's ~10 ns), most of the torch path's time.
-- ``"triton"``: ``kernels/triton``, one launch for every layer (compression,
+- ``"triton"``: ``engram_train/kernels/triton``, one launch for every layer (compression,
   windows, mix, division-free modulo); compiled for CUDA tensors, Triton's
   interpreter for CPU tensors (slow: tests and small runs).
 - ``"auto"`` (default): Triton for CUDA tensors, the native kernel for CPU
@@ -188,18 +188,18 @@ class NgramHasher:
         self._primes = torch.tensor([self.table_sizes[l] for l in layer_ids], dtype=torch.int64).view(L, N - 1, K)
         self._inv_primes = 1.0 / self._primes.to(torch.float64)
         self._device_cache: Dict[torch.device, tuple] = {}
-        from kernels.ngram_hash import MAX_TABLE_SIZE
+        from engram_train.kernels.ngram_hash import MAX_TABLE_SIZE
 
         self.backend = backend
         self._kernel_exact = max(max(v) for v in self.table_sizes.values()) < MAX_TABLE_SIZE
         if backend == "cpu_kernel":
-            from kernels import ngram_hash
+            from engram_train.kernels import ngram_hash
 
             ngram_hash._require(ngram_hash.library())   # fail at construction, with the reason
             _check(self._kernel_exact, "table_sizes", "a prime >= 2**40",
                    "backend='cpu_kernel' is exact below 2**40 rows per head; use 'torch'")
         elif backend == "triton":
-            from kernels import triton as triton_kernels
+            from engram_train.kernels import triton as triton_kernels
 
             reason = triton_kernels.unavailable_reason()
             _check(reason is None, "backend", backend, f"Triton is unavailable here ({reason}); use 'auto' or 'torch'")
@@ -267,10 +267,10 @@ class NgramHasher:
         if not self._kernel_exact or device.type not in ("cpu", "cuda"):
             return "torch"
         if device.type == "cuda":
-            from kernels import triton as triton_kernels
+            from engram_train.kernels import triton as triton_kernels
 
             return "triton" if triton_kernels.available() else "torch"
-        from kernels import ngram_hash
+        from engram_train.kernels import ngram_hash
 
         return "cpu_kernel" if ngram_hash.available() else "torch"   # built (or found unbuildable) once
 
@@ -318,7 +318,7 @@ class NgramHasher:
             raise ValueError(f"raw_ids: holds token id {top}, outside the tokenizer vocabulary of {self.vocab_size} "
                              f"ids the compression lookup was built for; rebuild it from this tokenizer")
         if path == "triton":
-            from kernels import triton as triton_kernels
+            from engram_train.kernels import triton as triton_kernels
 
             lookup, multipliers, primes, inv_primes = self._constants(raw_ids.device)
             L = len(self.layer_ids)
@@ -329,7 +329,7 @@ class NgramHasher:
             return out
         x = self.compress(raw_ids, any_negative=low < 0)
         if path == "cpu_kernel":
-            from kernels import ngram_hash
+            from engram_train.kernels import ngram_hash
 
             _, multipliers, primes, inv_primes = self._constants(raw_ids.device)
             ngram_hash.ngram_hash(
