@@ -149,7 +149,10 @@ class StoreTable(nn.Module):
     ``_anchor`` only makes autograd call the lookup's backward.
     """
 
-    check_ids: bool = True
+    # The loader checks the ids where it makes them, on the CPU (data.loader.Collate); checking here
+    # again would sync the device in every Engram layer of every micro-batch.  Tools feeding ids of
+    # their own may set it.
+    check_ids: bool = False
 
     def __init__(self, shard: TableShard):
         super().__init__()
