@@ -93,11 +93,13 @@ class TableAdam(TableOptimizer):
             w, m, v = self.weight[lo:hi], self.exp_avg[lo:hi], self.exp_avg_sq[lo:hi]
             m.mul_(b1)
             v.mul_(b2)
-            sel = (ids >= lo) & (ids < hi)
-            if bool(sel.any()):
+            if lo == 0 and hi == self.weight.shape[0]:
+                local, g = ids, grads   # one block holds every id: no mask (a mask's size syncs a GPU)
+            else:
+                sel = (ids >= lo) & (ids < hi)
                 local, g = ids[sel] - lo, grads[sel]
-                m.index_add_(0, local, g, alpha=1.0 - b1)
-                v.index_add_(0, local, g * g, alpha=1.0 - b2)
+            m.index_add_(0, local, g, alpha=1.0 - b1)   # no rows in this block: adds nothing
+            v.index_add_(0, local, g * g, alpha=1.0 - b2)
             if self.weight_decay:
                 w.mul_(1.0 - lr * self.weight_decay)
             denom = (v.sqrt() / bc2_sqrt).add_(self.eps)

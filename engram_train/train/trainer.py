@@ -66,10 +66,6 @@ class Trainer:
         self.use_bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto"
                                                              and self.device.type == "cuda")
         self.run_dir = cfg.run.dir
-        # Ranks agree on a stop signal every step through a host flag on a gloo group: the agreement
-        # must not wait for the device's queue (the default group is NCCL on GPUs).
-        self.signal_group = (dist.new_group(backend="gloo")
-                             if self.world > 1 and dist.get_backend() != "gloo" else None)
         self.run_lock = self._lock_run_dir(cfg.run.lock_wait_s)
 
         # Data: rank 0 prepares (idempotent), the others read what it wrote.
@@ -159,8 +155,10 @@ class Trainer:
         """True on every rank once any rank got SIGTERM/SIGUSR1 (checked between steps)."""
         if self.world == 1:
             return signals.received() is not None
+        # A host flag: the default group carries CPU tensors over gloo (parallel/state.py), so agreeing
+        # on a signal every step never waits for the device's queue.
         flag = torch.tensor([1.0 if signals.received() is not None else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.signal_group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     # -- one optimizer step ------------------------------------------------------------------------
