@@ -208,13 +208,15 @@ class Trainer:
     def _model_stats(self) -> Dict[str, object]:
         """Engram gate means and MoE load balance of the last micro-batch (device tensors, already
         computed), and the host prefetch figures summed over the steps since the last log line."""
-        out: Dict[str, object] = {f"engram_gate_mean/layer{i}": g for i, g in self.model.engram_gate_means().items()}
+        out: Dict[str, object] = {f"engram_gate_mean/layer{i}": g
+                                  for i, g in self.model.engram_gate_means().items()}
         out.update(self.model.moe_load_stats())
         if self.table_store is not None and self.table_store.prefetcher is not None:
             out.update(self.table_store.prefetcher.stats.pop())
         return out
 
-    def _pull(self, metrics: Dict[str, object], extra: Sequence[torch.Tensor] = ()) -> Tuple[Dict[str, float], List[float]]:
+    def _pull(self, metrics: Dict[str, object],
+              extra: Sequence[torch.Tensor] = ()) -> Tuple[Dict[str, float], List[float]]:
         """``metrics`` and ``extra`` with every tensor brought to the host in one transfer: the one sync
         of a log step (values exact: float64 holds every float32, bf16 and float64 value)."""
         keys = [k for k, v in metrics.items() if torch.is_tensor(v)]
