@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
 
 from engram_train.engram.hashing import NgramHasher  # noqa: E402
-from kernels import gather_rows, reduce_row_grads, row_adam  # noqa: E402
+from engram_train.kernels import gather_rows, reduce_row_grads, row_adam  # noqa: E402
 
 # Peak memory bandwidth by device name, where the driver does not report clock and bus width (GB/s).
 _KNOWN_PEAK_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0,
@@ -114,7 +114,7 @@ def bench_hash(args, device, fused: bool):
     variants = {"eager": lambda: eager(raw)}
     impls = ["triton"] if fused else []
     if device.type == "cpu":
-        from kernels import ngram_hash
+        from engram_train.kernels import ngram_hash
 
         impls += ["cpu_kernel"] if ngram_hash.available() else []
     want = eager(raw)
@@ -224,7 +224,7 @@ def main(argv=None) -> List[dict]:
     args.rows_per_head = args.rows_per_head or (500_000 if gpu else 20_000)
     args.repeats = args.repeats or (10 if gpu else 3)
     args.iters = args.iters or (20 if gpu else 2)
-    from kernels import triton as triton_kernels
+    from engram_train.kernels import triton as triton_kernels
 
     fused = (gpu or args.interpret) and triton_kernels.available()
     peak = (args.peak_gbs or peak_gbs(device)) if gpu else None

@@ -23,9 +23,13 @@ PARTITIONS = ("auto", "replicated", "tp", "all")
 TABLE_OPTIMIZERS = ("adam", "sparse_adam", "sparse_adam_rowwise")
 
 
-def _require(cond: bool, key: str, value, why: str) -> None:
+def require(cond: bool, key: str, value, why: str) -> None:
+    """The one check of user input: ``ConfigError("<key>=<value>: <why>")`` unless ``cond`` (one line, exit 2)."""
     if not cond:
         raise ConfigError(f"{key}={value!r}: {why}")
+
+
+_require = require
 
 
 @dataclass
@@ -196,11 +200,12 @@ class EngramConfig:
     # "auto": Triton for CUDA tensors, the native CPU kernel for CPU tensors (each when available), else
     # torch | "torch" | "cpu_kernel" | "triton" (CPU tensors: Triton's interpreter, slow)
     hash_backend: str = "auto"
-    # Table-row gather of the lookup (kernels.gather_rows): "auto" (Triton on CUDA, torch elsewhere) |
+    # Table-row gather of the lookup (engram_train.kernels.gather_rows): "auto" (Triton on CUDA, torch elsewhere) |
     # "torch" | "triton" (CPU tensors: Triton's interpreter, slow)
     kernel_backend: str = "auto"
     # The reference's nn.Embedding draws N(0, 1); megatron's residual stream starts at std 0.02 and
-    # such rows drown it (debug_cpu, 300 steps: val_loss 5.61 at std 1.0 vs 4.98 at 0.02).
+    # such rows drown it (debug_cpu, 300 steps: val_loss 5.61 at std 1.0 vs 4.98 at 0.02).  0: rows
+    # start at zero (the block then adds nothing until the rows have learnt; they get gradients at once).
     table_init_std: float = 0.02
     table_lr_mult: float = 5.0
     table_weight_decay: float = 0.0
@@ -303,6 +308,16 @@ class ParallelConfig:
                      "at parallel.tensor_parallel=1; set parallel.tensor_parallel>1 or leave it unset")
         _require(self.backend in ("auto", "gloo", "nccl"), "parallel.backend", self.backend,
                  "choose 'auto', 'gloo' or 'nccl'")
+
+    def validate_world(self, world_size: int) -> int:
+        """The layout's rules for ``world_size`` ranks, checked where the world size is known (the trainer,
+        ``init_parallel``); returns the dense data-parallel size."""
+        _require(world_size % self.tensor_parallel == 0, "parallel.tensor_parallel", self.tensor_parallel,
+                 f"must divide the world size {world_size}")
+        dp = world_size // self.tensor_parallel
+        _require(dp % self.expert_parallel == 0, "parallel.expert_parallel", self.expert_parallel,
+                 f"must divide the data-parallel size {dp} (= world {world_size} / TP {self.tensor_parallel})")
+        return dp
 
     @property
     def use_sequence_parallel(self) -> bool:
@@ -488,11 +503,7 @@ class Config:
             _require(d.seq_length % p.tensor_parallel == 0, "data.seq_length", d.seq_length,
                      f"sequence parallelism needs it divisible by parallel.tensor_parallel={p.tensor_parallel}")
         if world_size is not None:
-            _require(world_size % p.tensor_parallel == 0, "parallel.tensor_parallel", p.tensor_parallel,
-                     f"must divide the world size {world_size}")
-            dp = world_size // p.tensor_parallel
-            _require(dp % p.expert_parallel == 0, "parallel.expert_parallel", p.expert_parallel,
-                     f"must divide the data-parallel size {dp} (= world {world_size} / TP {p.tensor_parallel})")
+            dp = p.validate_world(world_size)
             _require(d.global_batch_size % (d.micro_batch_size * dp) == 0, "data.micro_batch_size",
                      d.micro_batch_size, _batch_fix(d.global_batch_size, d.micro_batch_size, dp, world_size,
                                                     p.tensor_parallel))

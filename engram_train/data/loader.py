@@ -38,6 +38,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
+from engram_train.engram.table import check_hash_ids
 from engram_train.errors import DataError, MissingInputError
 
 from .prepare import PreparedData
@@ -196,14 +197,26 @@ def _open_split(prepared: PreparedData, split: str, seq_length: int, seed: int,
 
 
 class Collate:
-    """Stack samples into a micro-batch and add the Engram hash ids of its tokens (runs in workers)."""
+    """Stack samples into a micro-batch and add the Engram hash ids of its tokens (runs in workers).
+
+    The ids are range-checked here, once, on the CPU where they are made: the tables that read
+    them in the forward (the table store's) trust them, so no Engram layer syncs the device to
+    check its ids.
+    """
 
     def __init__(self, hasher: Optional[Hasher]):
         self.hasher = hasher
+        table_sizes = getattr(hasher, "table_sizes", None) or {}
+        self.table_sizes = {layer: (list(sizes), torch.tensor(sizes, dtype=torch.int64))
+                            for layer, sizes in table_sizes.items()}
 
     def __call__(self, samples: Sequence[Dict[str, torch.Tensor]]) -> dict:
         batch = {k: torch.stack([s[k] for s in samples]) for k in SAMPLE_KEYS}
         batch["engram_hash_ids"] = self.hasher(batch["tokens"]) if self.hasher is not None else {}
+        for layer, ids in batch["engram_hash_ids"].items():
+            if layer in self.table_sizes:
+                sizes, sizes_t = self.table_sizes[layer]
+                check_hash_ids(ids, sizes_t, sizes)
         return batch
 
 

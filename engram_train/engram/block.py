@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engram_train.config.schema import ConfigError
+from engram_train.config.schema import ConfigError, require
 from engram_train.engram.table import MultiHeadEmbeddingTable
 
 REFERENCE_NORM_EPS = 1e-5          # ShortConv's RMSNorm eps in the reference
@@ -63,11 +63,6 @@ class BranchRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"branches={self.branches}, hidden_size={self.hidden_size}, eps={self.eps}"
-
-
-def _check(cond: bool, key: str, value, why: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}={value!r}: {why}")
 
 
 REFERENCE_OFFSETS_KEY = "multi_head_embedding.offsets"
@@ -109,19 +104,19 @@ class EngramBlock(nn.Module):
                  table: Optional[nn.Module] = None, table_init_std: float = 1.0,
                  gate_norm_eps: Optional[float] = None):
         super().__init__()
-        _check(hidden_size >= 1, "hidden_size", hidden_size, "must be >= 1")
-        _check(hc_mult >= 1, "hc_mult", hc_mult, "must be >= 1 (1 for a plain residual stream)")
-        _check(max_ngram >= 2, "max_ngram", max_ngram, "must be >= 2 (bigrams at least)")
-        _check(heads_per_ngram >= 1, "heads_per_ngram", heads_per_ngram, "must be >= 1")
-        _check(n_embed_per_ngram >= 1 and n_embed_per_ngram % heads_per_ngram == 0, "n_embed_per_ngram",
-               n_embed_per_ngram, f"must be a positive multiple of heads_per_ngram={heads_per_ngram}; "
-               f"e.g. {max(1, n_embed_per_ngram // heads_per_ngram) * heads_per_ngram}")
+        require(hidden_size >= 1, "hidden_size", hidden_size, "must be >= 1")
+        require(hc_mult >= 1, "hc_mult", hc_mult, "must be >= 1 (1 for a plain residual stream)")
+        require(max_ngram >= 2, "max_ngram", max_ngram, "must be >= 2 (bigrams at least)")
+        require(heads_per_ngram >= 1, "heads_per_ngram", heads_per_ngram, "must be >= 1")
+        require(n_embed_per_ngram >= 1 and n_embed_per_ngram % heads_per_ngram == 0, "n_embed_per_ngram",
+                n_embed_per_ngram, f"must be a positive multiple of heads_per_ngram={heads_per_ngram}; "
+                f"e.g. {max(1, n_embed_per_ngram // heads_per_ngram) * heads_per_ngram}")
         table_sizes = [int(s) for s in table_sizes]
         heads = (max_ngram - 1) * heads_per_ngram
-        _check(len(table_sizes) == heads, "table_sizes", table_sizes,
-               f"needs (max_ngram-1)*heads_per_ngram={heads} sizes; pass NgramHasher.table_sizes[layer_id]")
-        _check(all(s >= 2 for s in table_sizes), "table_sizes", table_sizes, "every table size must be >= 2")
-        _check(kernel_size >= 1, "kernel_size", kernel_size, "must be >= 1")
+        require(len(table_sizes) == heads, "table_sizes", table_sizes,
+                f"needs (max_ngram-1)*heads_per_ngram={heads} sizes; pass NgramHasher.table_sizes[layer_id]")
+        require(all(s >= 2 for s in table_sizes), "table_sizes", table_sizes, "every table size must be >= 2")
+        require(kernel_size >= 1, "kernel_size", kernel_size, "must be >= 1")
 
         self.hidden_size = hidden_size
         self.hc_mult = hc_mult

@@ -25,11 +25,11 @@ Backends (one dispatch point, ``NgramHasher(backend=...)``):
 - ``"torch"``: tensor code on the input's device, exact int64 ``%``.  The
   reference: the golden tests pin it to an independent port of the demo, and
   it is the oracle of the kernel.
-- ``"cpu_kernel"``: ``kernels/ngram_hash.py``, a native kernel for CPU tensors
+- ``"cpu_kernel"``: ``engram_train/kernels/ngram_hash.py``, a native kernel for CPU tensors
   (one pass per token, vectorized division-free modulo, threads split tokens).
   CPUs have no SIMD int64 division: torch's ``%`` costs ~2 ns per id and
   thread here (numpy's ~10 ns), most of the torch path's time.
-- ``"triton"``: ``kernels/triton``, one launch for every layer (compression,
+- ``"triton"``: ``engram_train/kernels/triton``, one launch for every layer (compression,
   windows, mix, division-free modulo); compiled for CUDA tensors, Triton's
   interpreter for CPU tensors (slow: tests and small runs).
 - ``"auto"`` (default): Triton for CUDA tensors, the native kernel for CPU
@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from engram_train.config.schema import ConfigError, EngramConfig
+from engram_train.config.schema import EngramConfig, require
 
 _LAYER_SEED_STRIDE = 10007            # the reference's PRIME_1
 _INT64_MAX = int(np.iinfo(np.int64).max)
@@ -110,11 +110,6 @@ def prime_table_sizes(layer_ids: Sequence[int], max_ngram: int, heads_per_ngram:
 HASH_BACKENDS = ("auto", "torch", "cpu_kernel", "triton")
 
 
-def _check(cond: bool, key: str, value, why: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}={value!r}: {why}")
-
-
 class NgramHasher:
     """Raw token ids ``[B, T]`` -> ``{layer_id: hash ids [B, T, (N-1)*K]}`` for all Engram layers.
 
@@ -128,43 +123,43 @@ class NgramHasher:
                  table_size_per_ngram: Sequence[int], pad_id: int, seed: int = 0, *,
                  reset_at_doc_boundary: bool = False, eos_id: Optional[int] = None,
                  compressed_vocab_size: Optional[int] = None, backend: str = "auto"):
-        _check(backend in HASH_BACKENDS, "backend", backend,
-               "choose 'torch' (exact %, the reference), 'cpu_kernel' (native, CPU tensors), 'triton' or 'auto'")
+        require(backend in HASH_BACKENDS, "backend", backend,
+                "choose 'torch' (exact %, the reference), 'cpu_kernel' (native, CPU tensors), 'triton' or 'auto'")
         lookup_t = torch.as_tensor(np.asarray(lookup) if not torch.is_tensor(lookup) else lookup)
-        _check(lookup_t.ndim == 1 and lookup_t.numel() > 0 and not lookup_t.is_floating_point(),
-               "lookup", f"tensor of shape {tuple(lookup_t.shape)} and dtype {lookup_t.dtype}",
-               "must be a non-empty 1-D integer array; build it with engram.compress.build_compression")
+        require(lookup_t.ndim == 1 and lookup_t.numel() > 0 and not lookup_t.is_floating_point(),
+                "lookup", f"tensor of shape {tuple(lookup_t.shape)} and dtype {lookup_t.dtype}",
+                "must be a non-empty 1-D integer array; build it with engram.compress.build_compression")
         lookup_t = lookup_t.detach().to(device="cpu", dtype=torch.int64).contiguous()
         lo, hi = int(lookup_t.min()), int(lookup_t.max())
-        _check(lo >= 0, "lookup", f"min {lo}", "canonical ids must be >= 0; rebuild it with build_compression")
+        require(lo >= 0, "lookup", f"min {lo}", "canonical ids must be >= 0; rebuild it with build_compression")
         if compressed_vocab_size is None:
             compressed_vocab_size = hi + 1   # canonical ids are exactly 0..V'-1
-        _check(int(compressed_vocab_size) > hi, "compressed_vocab_size", compressed_vocab_size,
-               f"must exceed the largest canonical id in lookup ({hi}); pass the size build_compression returned")
+        require(int(compressed_vocab_size) > hi, "compressed_vocab_size", compressed_vocab_size,
+                f"must exceed the largest canonical id in lookup ({hi}); pass the size build_compression returned")
 
         layer_ids = [int(i) for i in layer_ids]
-        _check(len(layer_ids) > 0, "layer_ids", layer_ids, "list at least one Engram layer")
+        require(len(layer_ids) > 0, "layer_ids", layer_ids, "list at least one Engram layer")
         duplicates = sorted({i for i in layer_ids if layer_ids.count(i) > 1})
-        _check(not duplicates, "layer_ids", layer_ids, f"layer ids must be distinct; remove the duplicates {duplicates}")
-        _check(min(layer_ids) >= 0, "layer_ids", layer_ids, "layer ids are 0-based and must be >= 0")
-        _check(isinstance(max_ngram, (int, np.integer)) and max_ngram >= 2, "max_ngram", max_ngram,
-               "must be an integer >= 2 (bigrams at least)")
-        _check(isinstance(heads_per_ngram, (int, np.integer)) and heads_per_ngram >= 1, "heads_per_ngram",
-               heads_per_ngram, "must be an integer >= 1")
+        require(not duplicates, "layer_ids", layer_ids, f"layer ids must be distinct; remove the duplicates {duplicates}")
+        require(min(layer_ids) >= 0, "layer_ids", layer_ids, "layer ids are 0-based and must be >= 0")
+        require(isinstance(max_ngram, (int, np.integer)) and max_ngram >= 2, "max_ngram", max_ngram,
+                "must be an integer >= 2 (bigrams at least)")
+        require(isinstance(heads_per_ngram, (int, np.integer)) and heads_per_ngram >= 1, "heads_per_ngram",
+                heads_per_ngram, "must be an integer >= 1")
         table_size_per_ngram = [int(s) for s in table_size_per_ngram]
-        _check(len(table_size_per_ngram) == max_ngram - 1, "table_size_per_ngram", table_size_per_ngram,
-               f"needs one entry per n-gram order n=2..{max_ngram}, i.e. max_ngram-1={max_ngram - 1} entries")
-        _check(all(s >= 2 for s in table_size_per_ngram), "table_size_per_ngram", table_size_per_ngram,
-               "every table size must be >= 2; use a few times the compressed vocabulary size")
+        require(len(table_size_per_ngram) == max_ngram - 1, "table_size_per_ngram", table_size_per_ngram,
+                f"needs one entry per n-gram order n=2..{max_ngram}, i.e. max_ngram-1={max_ngram - 1} entries")
+        require(all(s >= 2 for s in table_size_per_ngram), "table_size_per_ngram", table_size_per_ngram,
+                "every table size must be >= 2; use a few times the compressed vocabulary size")
         vocab = lookup_t.numel()
-        _check(isinstance(pad_id, (int, np.integer)) and 0 <= pad_id < vocab, "pad_id", pad_id,
-               f"must be a raw tokenizer id in [0, {vocab}); use the tokenizer's pad (or EOS) id")
-        _check(isinstance(seed, (int, np.integer)) and seed >= 0, "seed", seed, "must be an integer >= 0")
+        require(isinstance(pad_id, (int, np.integer)) and 0 <= pad_id < vocab, "pad_id", pad_id,
+                f"must be a raw tokenizer id in [0, {vocab}); use the tokenizer's pad (or EOS) id")
+        require(isinstance(seed, (int, np.integer)) and seed >= 0, "seed", seed, "must be an integer >= 0")
         if reset_at_doc_boundary:
-            _check(eos_id is not None and 0 <= eos_id < vocab, "eos_id", eos_id,
-                   f"reset_at_doc_boundary=True needs the tokenizer's EOS id in [0, {vocab})")
+            require(eos_id is not None and 0 <= eos_id < vocab, "eos_id", eos_id,
+                    f"reset_at_doc_boundary=True needs the tokenizer's EOS id in [0, {vocab})")
         elif eos_id is not None:
-            _check(0 <= eos_id < vocab, "eos_id", eos_id, f"must be a raw tokenizer id in [0, {vocab}) or None")
+            require(0 <= eos_id < vocab, "eos_id", eos_id, f"must be a raw tokenizer id in [0, {vocab}) or None")
 
         self.layer_ids: List[int] = layer_ids
         self.max_ngram = int(max_ngram)
@@ -188,23 +183,23 @@ class NgramHasher:
         self._primes = torch.tensor([self.table_sizes[l] for l in layer_ids], dtype=torch.int64).view(L, N - 1, K)
         self._inv_primes = 1.0 / self._primes.to(torch.float64)
         self._device_cache: Dict[torch.device, tuple] = {}
-        from kernels.ngram_hash import MAX_TABLE_SIZE
+        from engram_train.kernels.ngram_hash import MAX_TABLE_SIZE
 
         self.backend = backend
         self._kernel_exact = max(max(v) for v in self.table_sizes.values()) < MAX_TABLE_SIZE
         if backend == "cpu_kernel":
-            from kernels import ngram_hash
+            from engram_train.kernels import ngram_hash
 
             ngram_hash._require(ngram_hash.library())   # fail at construction, with the reason
-            _check(self._kernel_exact, "table_sizes", "a prime >= 2**40",
-                   "backend='cpu_kernel' is exact below 2**40 rows per head; use 'torch'")
+            require(self._kernel_exact, "table_sizes", "a prime >= 2**40",
+                    "backend='cpu_kernel' is exact below 2**40 rows per head; use 'torch'")
         elif backend == "triton":
-            from kernels import triton as triton_kernels
+            from engram_train.kernels import triton as triton_kernels
 
             reason = triton_kernels.unavailable_reason()
-            _check(reason is None, "backend", backend, f"Triton is unavailable here ({reason}); use 'auto' or 'torch'")
-            _check(self._kernel_exact, "table_sizes", "a prime >= 2**40",
-                   "backend='triton' is exact below 2**40 rows per head; use 'torch'")
+            require(reason is None, "backend", backend, f"Triton is unavailable here ({reason}); use 'auto' or 'torch'")
+            require(self._kernel_exact, "table_sizes", "a prime >= 2**40",
+                    "backend='triton' is exact below 2**40 rows per head; use 'torch'")
 
     @property
     def num_heads(self) -> int:
@@ -267,10 +262,10 @@ class NgramHasher:
         if not self._kernel_exact or device.type not in ("cpu", "cuda"):
             return "torch"
         if device.type == "cuda":
-            from kernels import triton as triton_kernels
+            from engram_train.kernels import triton as triton_kernels
 
             return "triton" if triton_kernels.available() else "torch"
-        from kernels import ngram_hash
+        from engram_train.kernels import ngram_hash
 
         return "cpu_kernel" if ngram_hash.available() else "torch"   # built (or found unbuildable) once
 
@@ -318,7 +313,7 @@ class NgramHasher:
             raise ValueError(f"raw_ids: holds token id {top}, outside the tokenizer vocabulary of {self.vocab_size} "
                              f"ids the compression lookup was built for; rebuild it from this tokenizer")
         if path == "triton":
-            from kernels import triton as triton_kernels
+            from engram_train.kernels import triton as triton_kernels
 
             lookup, multipliers, primes, inv_primes = self._constants(raw_ids.device)
             L = len(self.layer_ids)
@@ -329,7 +324,7 @@ class NgramHasher:
             return out
         x = self.compress(raw_ids, any_negative=low < 0)
         if path == "cpu_kernel":
-            from kernels import ngram_hash
+            from engram_train.kernels import ngram_hash
 
             _, multipliers, primes, inv_primes = self._constants(raw_ids.device)
             ngram_hash.ngram_hash(
@@ -372,8 +367,8 @@ def hasher_from_config(cfg: EngramConfig, lookup, compressed_vocab_size: int, pa
     sizes = table_size_per_ngram(cfg, compressed_vocab_size)
     if getattr(cfg, "pad_id", None) is not None:
         vocab = len(lookup)
-        _check(0 <= int(cfg.pad_id) < vocab, "engram.pad_id", cfg.pad_id,
-               f"must be a raw id of the tokenizer's {vocab} ids; set it in [0, {vocab}) or null for the "
+        require(0 <= int(cfg.pad_id) < vocab, "engram.pad_id", cfg.pad_id,
+                f"must be a raw id of the tokenizer's {vocab} ids; set it in [0, {vocab}) or null for the "
                f"tokenizer's pad token")
         pad_id = int(cfg.pad_id)
     return NgramHasher(lookup, layer_ids=list(cfg.layer_ids), max_ngram=cfg.max_ngram,

@@ -19,8 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engram_train.config.schema import ConfigError
-
 
 class HashIdOutOfRangeError(ValueError):
     """Hash ids that address no row of their head's table (hashed for other table sizes)."""
@@ -30,7 +28,8 @@ def check_hash_ids(hash_ids: torch.Tensor, sizes: torch.Tensor, table_sizes: Seq
     """Raise :class:`HashIdOutOfRangeError` unless ``hash_ids [..., heads]`` address rows of their heads.
 
     ``sizes`` is ``table_sizes`` as a tensor on the ids' device.  Costs one
-    min/max pass over the ids (and a device sync on GPU).
+    min/max pass over the ids (and a device sync on GPU): training runs it once per micro-batch on
+    the CPU, where the loader makes the ids (``data.loader.Collate``).
     """
     heads = len(table_sizes)
     if hash_ids.shape[-1] != heads:
@@ -50,20 +49,18 @@ def check_hash_ids(hash_ids: torch.Tensor, sizes: torch.Tensor, table_sizes: Seq
 
 
 class MultiHeadEmbeddingTable(nn.Module):
-    # The range check costs one min/max pass over the ids (and a device sync on GPU);
-    # callers that guarantee their ids (e.g. a fused kernel path) may set this to False.
+    # The range check costs one min/max pass over the ids (and a device sync on GPU); callers that
+    # guarantee their ids may set this to False.  Training reads the table store's tables, whose ids
+    # the loader checked on the CPU.
     check_ids: bool = True
 
     def __init__(self, table_sizes: Sequence[int], embed_dim: int, init_std: float = 1.0):
         super().__init__()
         table_sizes = [int(s) for s in table_sizes]
-        if not table_sizes or any(s < 2 for s in table_sizes):
-            raise ConfigError(f"table_sizes={table_sizes!r}: needs one size >= 2 per head; "
-                              f"pass NgramHasher.table_sizes[layer_id]")
-        if embed_dim < 1:
-            raise ConfigError(f"embed_dim={embed_dim!r}: must be >= 1 (n_embed_per_ngram // heads_per_ngram)")
-        if not init_std > 0:
-            raise ConfigError(f"init_std={init_std!r}: must be > 0 (the reference uses nn.Embedding's 1.0)")
+        # Invariants, not user input: the sizes are the hasher's primes, the width and the std come
+        # through EngramBlock and the config, which check them (engram.table_init_std=0: rows start at 0).
+        assert table_sizes and all(s >= 2 for s in table_sizes), table_sizes
+        assert embed_dim >= 1 and init_std >= 0, (embed_dim, init_std)
         self.table_sizes: List[int] = table_sizes
         self.embed_dim = int(embed_dim)
         self.init_std = float(init_std)

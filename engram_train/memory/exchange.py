@@ -45,6 +45,8 @@ from typing import List, Tuple
 import torch
 import torch.distributed as dist
 
+from engram_train.kernels.rows import sum_rows, unique_rows
+
 
 class CommCounter:
     """Bytes this rank sends through collectives (ring all-reduce: ``2 (n-1)/n`` of the buffer;
@@ -62,18 +64,6 @@ class CommCounter:
 
     def all_gather(self, tensors: List[torch.Tensor], n: int) -> None:
         self.sent_bytes += (n - 1) * sum(t.numel() * t.element_size() for t in tensors)
-
-
-def unique_rows(ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sorted unique ids and the inverse index (``ids == uniq[inv]``)."""
-    return torch.unique(ids, sorted=True, return_inverse=True)
-
-
-def sum_rows(inv: torch.Tensor, grad: torch.Tensor, num_unique: int) -> torch.Tensor:
-    """``out[u] = sum of grad[i] with inv[i] == u`` (deterministic on the CPU; CUDA's ``index_add_``
-    uses float atomics, ``kernels.reduce_row_grads(backend="triton")`` does not)."""
-    out = grad.new_zeros(num_unique, grad.shape[-1])
-    return out.index_add_(0, inv, grad)
 
 
 class Exchange:

@@ -75,7 +75,8 @@ class RowBlock:
 
 
 class PrefetchStats:
-    """What the pipeline did since the last :meth:`pop`: the trainer logs it every step."""
+    """What the pipeline did since the last :meth:`pop`: the trainer pops it on log steps, so a log
+    line sums the steps since the previous one (the window of its ``tokens_per_s``)."""
 
     def __init__(self):
         self._lock = threading.Lock()

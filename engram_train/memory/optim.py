@@ -34,7 +34,7 @@ from typing import Dict
 
 import torch
 
-from kernels import row_adam
+from engram_train.kernels.rows import row_adam, sparse_adam_rows
 
 _CHUNK_ROWS = 1 << 18   # the dense update works through the shard in blocks of rows (bounded temporaries)
 
@@ -42,7 +42,7 @@ _CHUNK_ROWS = 1 << 18   # the dense update works through the shard in blocks of 
 class TableOptimizer:
     name = ""
     rowwise = False   # one second moment per row (``[rows, 1]``) instead of one per parameter
-    kernel_backend = "auto"   # kernels.row_adam's backend (engram.kernel_backend); the store sets it
+    kernel_backend = "auto"   # engram_train.kernels.row_adam's backend (engram.kernel_backend); the store sets it
 
     def __init__(self, weight: torch.Tensor, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
                  alloc=None):
@@ -93,11 +93,13 @@ class TableAdam(TableOptimizer):
             w, m, v = self.weight[lo:hi], self.exp_avg[lo:hi], self.exp_avg_sq[lo:hi]
             m.mul_(b1)
             v.mul_(b2)
-            sel = (ids >= lo) & (ids < hi)
-            if bool(sel.any()):
+            if lo == 0 and hi == self.weight.shape[0]:
+                local, g = ids, grads   # one block holds every id: no mask (a mask's size syncs a GPU)
+            else:
+                sel = (ids >= lo) & (ids < hi)
                 local, g = ids[sel] - lo, grads[sel]
-                m.index_add_(0, local, g, alpha=1.0 - b1)
-                v.index_add_(0, local, g * g, alpha=1.0 - b2)
+            m.index_add_(0, local, g, alpha=1.0 - b1)   # no rows in this block: adds nothing
+            v.index_add_(0, local, g * g, alpha=1.0 - b2)
             if self.weight_decay:
                 w.mul_(1.0 - lr * self.weight_decay)
             denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
@@ -136,34 +138,6 @@ class TableSparseAdam(TableOptimizer):
 class TableSparseAdamRowwise(TableSparseAdam):
     name = "sparse_adam_rowwise"
     rowwise = True
-
-
-@torch.no_grad()
-def sparse_adam_rows(weight, exp_avg, exp_avg_sq, row_steps, ids, grads, lr, betas, eps, weight_decay,
-                     rowwise: bool = False) -> None:
-    """``sparse_adam`` (``rowwise``: ``sparse_adam_rowwise``) on the unique rows ``ids``, in place: the
-    torch rule, and the reference of ``kernels.row_adam``."""
-    if ids.numel() == 0:
-        return
-    b1, b2 = float(betas[0]), float(betas[1])
-    g = grads.to(torch.float32)
-    steps = row_steps[ids] + 1
-    row_steps[ids] = steps
-    m = exp_avg[ids].mul_(b1).add_(g, alpha=1.0 - b1)
-    if rowwise:
-        v = exp_avg_sq[ids].mul_(b2).add_(g.square().mean(1, keepdim=True), alpha=1.0 - b2)
-    else:
-        v = exp_avg_sq[ids].mul_(b2).addcmul_(g, g, value=1.0 - b2)
-    exp_avg[ids] = m
-    exp_avg_sq[ids] = v
-    t = steps.to(torch.float64).unsqueeze(1)
-    bc1 = (1.0 - torch.pow(b1, t)).to(torch.float32)
-    bc2_sqrt = (1.0 - torch.pow(b2, t)).sqrt().to(torch.float32)
-    w = weight[ids]
-    if weight_decay:
-        w.mul_(1.0 - lr * weight_decay)
-    w.addcdiv_(m * (lr / bc1), (v.sqrt() / bc2_sqrt).add_(eps), value=-1.0)
-    weight[ids] = w
 
 
 TABLE_OPTIMIZERS = {"adam": TableAdam, "sparse_adam": TableSparseAdam,

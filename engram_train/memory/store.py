@@ -47,7 +47,7 @@ from engram_train.engram.table import check_hash_ids
 from engram_train.memory.exchange import AllExchange, CommCounter, ReplicatedExchange, TPExchange
 from engram_train.memory.layout import Placement, TableSpec, placement_for, shard_bounds, table_specs
 from engram_train.memory.optim import TableOptimizer, build_table_optimizer
-from kernels import gather_rows, reduce_row_grads
+from engram_train.kernels import gather_rows, reduce_row_grads
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ def init_rows(spec: TableSpec, lo: int, hi: int, std: float, seed: int, device=N
 class TableShard:
     """Rows ``[lo, hi)`` of one layer's table, their pending gradient rows and their optimizer."""
 
-    # engram.kernel_backend: the backend of kernels.gather_rows and reduce_row_grads here, and of
-    # kernels.row_adam in the shard's optimizer (TableStore sets both).
+    # engram.kernel_backend: the backend of engram_train.kernels.gather_rows and reduce_row_grads here, and of
+    # engram_train.kernels.row_adam in the shard's optimizer (TableStore sets both).
     kernel_backend: str = "auto"
 
     def __init__(self, spec: TableSpec, lo: int, hi: int, weight: torch.Tensor, exchange, compute_device=None):
@@ -149,7 +149,10 @@ class StoreTable(nn.Module):
     ``_anchor`` only makes autograd call the lookup's backward.
     """
 
-    check_ids: bool = True
+    # The loader checks the ids where it makes them, on the CPU (data.loader.Collate); checking here
+    # again would sync the device in every Engram layer of every micro-batch.  Tools feeding ids of
+    # their own may set it.
+    check_ids: bool = False
 
     def __init__(self, shard: TableShard):
         super().__init__()

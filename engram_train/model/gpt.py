@@ -198,6 +198,14 @@ class EngramGPTModel(nn.Module):
         tokens; pass a process group (e.g. the data-parallel group) to sum the
         counts over it first (one small all-reduce).
         """
+        stats = self.moe_load_stats(group)
+        if not stats:
+            return {}
+        return dict(zip(stats, torch.stack(list(stats.values())).tolist()))
+
+    def moe_load_stats(self, group=None) -> Dict[str, torch.Tensor]:
+        """:meth:`moe_load_balance` as 0-d tensors on the device (no sync): the trainer pulls them with
+        its other metrics, on log steps only."""
         if not self._tokens_per_expert:
             return {}
         layers = sorted(self._tokens_per_expert)
@@ -207,10 +215,10 @@ class EngramGPTModel(nn.Module):
         mean = counts.mean(dim=1).clamp_min(1e-9)
         stats = torch.stack([counts.max(dim=1).values / mean, counts.std(dim=1, unbiased=False) / mean], 1)
         out = {}
-        for layer_id, (mom, cv) in zip(layers, stats.tolist()):
+        for layer_id, (mom, cv) in zip(layers, stats.unbind(0)):
             out[f"moe_load/layer{layer_id}/max_over_mean"] = mom
             out[f"moe_load/layer{layer_id}/cv"] = cv
-        out["moe_load/max_over_mean"], out["moe_load/cv"] = stats.mean(dim=0).tolist()
+        out["moe_load/max_over_mean"], out["moe_load/cv"] = stats.mean(dim=0).unbind(0)
         return out
 
     def _bias_routers(self) -> List[nn.Module]:

@@ -285,9 +285,7 @@ def build_engine(model: nn.Module, cfg: Config, dp_size: int, use_bf16: bool, ta
         for p in model.parameters():
             if _is_expert_param(p):
                 p.group_name = name
-        if not any(isinstance(m, _marker_class()) for m in model.modules()):
-            model.add_module("ds_expert_parallel_marker",
-                             _marker_class()(cfg.model.num_experts, ep))
+        model.add_module("ds_expert_parallel_marker", _marker_class()(cfg.model.num_experts, ep))
 
     groups = param_groups(model, cfg)
     ds_cfg = deepspeed_config(cfg, dp_size, use_bf16)

@@ -83,11 +83,7 @@ def init_parallel(parallel_cfg: ParallelConfig, seed: int) -> None:
         _init_process_group(_backend(parallel_cfg))
     world = dist.get_world_size()
     tp, ep = parallel_cfg.tensor_parallel, parallel_cfg.expert_parallel
-    if world % tp:
-        raise ConfigError(f"parallel.tensor_parallel={tp}: must divide the world size {world}")
-    if (world // tp) % ep:
-        raise ConfigError(f"parallel.expert_parallel={ep}: must divide the data-parallel size "
-                          f"{world // tp} (= world {world} / TP {tp})")
+    parallel_cfg.validate_world(world)
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -143,53 +139,8 @@ def _ps():
     return parallel_state
 
 
-def is_initialized() -> bool:
-    return dist.is_initialized() and _ps().model_parallel_is_initialized()
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def tp_rank() -> int:
     return _ps().get_tensor_model_parallel_rank()
-
-
-def tp_size() -> int:
-    return _ps().get_tensor_model_parallel_world_size()
-
-
-def tp_group():
-    return _ps().get_tensor_model_parallel_group()
-
-
-def ep_rank() -> int:
-    return _ps().get_expert_model_parallel_rank()
-
-
-def ep_size() -> int:
-    return _ps().get_expert_model_parallel_world_size()
-
-
-def ep_group():
-    return _ps().get_expert_model_parallel_group()
-
-
-def etp_rank() -> int:
-    """Rank in the expert tensor-parallel group (megatron's default makes it the TP rank)."""
-    return _ps().get_expert_tensor_parallel_rank()
-
-
-def etp_size() -> int:
-    return _ps().get_expert_tensor_parallel_world_size()
-
-
-def etp_group():
-    return _ps().get_expert_tensor_parallel_group()
 
 
 def dp_rank() -> int:
@@ -203,15 +154,6 @@ def dp_size() -> int:
 
 def dp_group():
     return _ps().get_data_parallel_group()
-
-
-def expert_dp_rank() -> int:
-    """Rank among the replicas of one expert shard (experts are replicated dp/ep times)."""
-    return _ps().get_expert_data_parallel_rank()
-
-
-def expert_dp_size() -> int:
-    return _ps().get_expert_data_parallel_world_size()
 
 
 def expert_dp_group():

@@ -539,7 +539,7 @@ class Checkpointer:
                        lambda p: table_checkpoint.check_compatible(table_store, p))
         return meta, rng
 
-    def _load_one(self, engine, path: str, dp_size: int, expect, table_store) -> TrainState:
+    def _load_one(self, engine, path: str, expect, table_store) -> TrainState:
         # Three agreed phases, so that no rank enters a collective (DCP's load, the agreement
         # itself) while another has already given up on this checkpoint.  A failure after the first
         # phase leaves the run's state half-loaded; the next candidate overwrites all of it.
@@ -561,7 +561,7 @@ class Checkpointer:
                           skipped_steps=meta.get("skipped_steps", 0), nonfinite_streak=meta.get("nonfinite_streak", 0),
                           first_nonfinite_step=meta.get("first_nonfinite_step"))
 
-    def load(self, engine, path: Optional[str] = None, dp_size: int = 1,
+    def load(self, engine, path: Optional[str] = None,
              expect: Optional[Dict[str, Any]] = None, table_store=None) -> Optional[TrainState]:
         """Restore model, optimizer, tables and RNG; returns None if there is no checkpoint.
 
@@ -582,7 +582,7 @@ class Checkpointer:
         failures: List[Tuple[str, str]] = []
         for i, cand in enumerate(candidates):
             try:
-                state = self._load_one(engine, cand, dp_size, expect, table_store)
+                state = self._load_one(engine, cand, expect, table_store)
             except _LoadFailed as e:
                 self._failed.add(cand)
                 failures.append((cand, str(e)))

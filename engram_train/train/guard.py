@@ -43,12 +43,20 @@ class NonFiniteGuard:
         self.max_skipped_steps = max_skipped_steps
         self.latest = latest
 
-    def observe(self, state, loss: float, grad_norm: float) -> Optional[Diverged]:
+    def observe(self, state, loss, grad_norm, finite: Optional[bool] = None) -> Optional[Diverged]:
         """Record step ``state.step`` (just taken) in ``state``; returns the error that ends the run, if any
-        (raised by the caller once the step's metrics are logged)."""
-        if math.isfinite(loss) and math.isfinite(grad_norm):
+        (raised by the caller once the step's metrics are logged).
+
+        ``finite``: the step's verdict where the caller already holds it on the host (the trainer: the
+        one DeepSpeed's step pulled); ``loss`` and ``grad_norm``, numbers or device tensors, are then
+        read only on a non-finite step, for its message.  Without it they are numbers, judged here.
+        """
+        if finite is None:
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
             state.nonfinite_streak = 0
             return None
+        loss, grad_norm = float(loss), float(grad_norm)
         step = state.step
         if state.first_nonfinite_step is None:
             state.first_nonfinite_step = step
@@ -75,7 +83,12 @@ class NonFiniteGuard:
 
 class LossSpikeDetector:
     """Warns when a finite loss exceeds ``factor`` x the median of the last ``window`` finite losses
-    (once per run of such steps); never changes the run."""
+    (once per run of such steps); never changes the run.
+
+    The trainer feeds it every step's loss, in order, on log steps: the losses of the steps since
+    the last log line wait on the device and come to the host with that line's metrics, so a
+    spike is reported up to ``trainer.log_interval`` steps late, at the same step as before.
+    """
 
     MIN_HISTORY = 10   # fewer losses say too little about the median
 

@@ -13,7 +13,7 @@ import os
 import random
 import time
 from dataclasses import asdict
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -96,7 +96,7 @@ class Trainer:
         self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), cfg.trainer.keep_last)
         self.state = TrainState()
         if cfg.trainer.resume:
-            self.state = self.checkpointer.load(self.engine, dp_size=self.dp_size,
+            self.state = self.checkpointer.load(self.engine,
                                                 expect={"data_fingerprint": self.data.fingerprint},
                                                 table_store=self.table_store) or TrainState()
         self.guard = NonFiniteGuard(cfg.trainer.nonfinite, cfg.trainer.max_skipped_steps, self.checkpointer.latest_dir,
@@ -155,12 +155,16 @@ class Trainer:
         """True on every rank once any rank got SIGTERM/SIGUSR1 (checked between steps)."""
         if self.world == 1:
             return signals.received() is not None
-        flag = torch.tensor([1.0 if signals.received() is not None else 0.0], device=self.device)
+        # A host flag: the default group carries CPU tensors over gloo (parallel/state.py), so agreeing
+        # on a signal every step never waits for the device's queue.
+        flag = torch.tensor([1.0 if signals.received() is not None else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     # -- one optimizer step ------------------------------------------------------------------------
-    def train_step(self) -> Dict[str, float]:
+    def train_step(self) -> Dict[str, object]:
+        """One optimizer step; its metrics stay where they are (the loss on the device): the loop brings
+        them to the host on log steps only (:meth:`_pull`)."""
         lr = lr_at(self.state.step, lr=self.cfg.trainer.lr, min_lr=self.cfg.trainer.min_lr,
                    warmup_steps=self.cfg.trainer.warmup_steps, max_steps=self.cfg.trainer.max_steps)
         apply_lr(self.optimizer, lr)
@@ -186,10 +190,13 @@ class Trainer:
             self.table_store.step(lr, grad_norm=grad_norm, max_norm=self.cfg.trainer.grad_clip)
         self.state.step += 1
         self.state.consumed_samples += self.cfg.data.global_batch_size
-        metrics = {"loss": loss.item(), "lr": lr,
-                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
-        metrics.update(self._model_stats())
-        return metrics
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm if grad_norm is not None else float("nan")}
+
+    def _step_finite(self) -> bool:
+        """The step's non-finite verdict, already on the host: DeepSpeed's ZeRO step pulled it to decide
+        whether to apply the update (its overflow check on the one global norm, which carries the
+        loss too: ``StepLoss``), so reading it costs no sync."""
+        return not self.optimizer.overflow
 
     def _reduced_loss(self, losses: List[torch.Tensor]) -> torch.Tensor:
         loss = torch.stack(losses).mean()
@@ -198,18 +205,30 @@ class Trainer:
             loss /= self.dp_size
         return loss
 
-    def _model_stats(self) -> Dict[str, float]:
-        """Engram gate means and MoE load balance of the last micro-batch (cheap, already computed)."""
-        out: Dict[str, float] = {}
-        gates = {k: float(v) for k, v in self.model.engram_gate_means().items()}
-        for layer_id, g in gates.items():
-            out[f"engram_gate_mean/layer{layer_id}"] = g
-        if gates:
-            out["engram_gate_mean"] = sum(gates.values()) / len(gates)
-        out.update({k: float(v) for k, v in self.model.moe_load_balance().items()})
+    def _model_stats(self) -> Dict[str, object]:
+        """Engram gate means and MoE load balance of the last micro-batch (device tensors, already
+        computed), and the host prefetch figures summed over the steps since the last log line."""
+        out: Dict[str, object] = {f"engram_gate_mean/layer{i}": g
+                                  for i, g in self.model.engram_gate_means().items()}
+        out.update(self.model.moe_load_stats())
         if self.table_store is not None and self.table_store.prefetcher is not None:
             out.update(self.table_store.prefetcher.stats.pop())
         return out
+
+    def _pull(self, metrics: Dict[str, object],
+              extra: Sequence[torch.Tensor] = ()) -> Tuple[Dict[str, float], List[float]]:
+        """``metrics`` and ``extra`` with every tensor brought to the host in one transfer: the one sync
+        of a log step (values exact: float64 holds every float32, bf16 and float64 value)."""
+        keys = [k for k, v in metrics.items() if torch.is_tensor(v)]
+        tensors = [metrics[k] for k in keys] + list(extra)
+        values = (torch.stack([t.detach().reshape(()).to(self.device, torch.float64) for t in tensors]).tolist()
+                  if tensors else [])
+        out = dict(metrics)
+        out.update(zip(keys, values))
+        gates = [v for k, v in out.items() if k.startswith("engram_gate_mean/layer")]
+        if gates:
+            out["engram_gate_mean"] = sum(gates) / len(gates)
+        return out, values[len(keys):]
 
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> Dict[str, float]:
@@ -218,22 +237,28 @@ class Trainer:
         if self.state.step == 0 and signals.received() is None:   # preempted during setup: no time for it
             self._evaluate()
         bar = _progress(t.max_steps, self.state.step, t.progress and self.rank == 0)
-        last: Dict[str, float] = {}
-        steps_since_log = 0
+        last: Dict[str, object] = {}
+        window: List[torch.Tensor] = []   # the losses of the steps since the last log line, on the device
         tic = time.time()
         stop = min(t.max_steps, t.stop_at_step or t.max_steps)
         while self.state.step < stop:
             last = self.train_step()
             step, done = self.state.step, self.state.step == t.max_steps
-            diverged = self.guard.observe(self.state, last["loss"], last["grad_norm"])
+            diverged = self.guard.observe(self.state, last["loss"], last["grad_norm"], finite=self._step_finite())
             last["skipped_steps"] = self.state.skipped_steps
-            if self.rank == 0:
-                self.spikes.observe(step, last["loss"])
-            steps_since_log += 1
+            window.append(last["loss"])
             if step % t.log_interval == 0 or step % t.eval_interval == 0 or done or self.state.nonfinite_streak:
                 elapsed, tic = time.time() - tic, time.time()
-                last["tokens_per_s"] = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
-                steps_since_log = 0
+                # This step's model figures before evaluation runs the model again; the window's losses
+                # feed the spike detector in step order, as if it had seen each at its step.
+                last, losses = self._pull({**last, **self._model_stats()}, window)
+                if self.rank == 0:
+                    for s, loss in zip(range(step - len(losses) + 1, step + 1), losses):
+                        self.spikes.observe(s, loss)
+                last["tokens_per_s"] = tokens_per_step * len(window) / max(elapsed, 1e-9)
+                window = []
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
                 if (step % t.eval_interval == 0 or done) and not self.state.nonfinite_streak:
                     last.update(self._evaluate(record=False))
                     tic = time.time()  # evaluation time is not training throughput
@@ -243,7 +268,6 @@ class Trainer:
                 raise diverged
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
             preempted = self._stop_requested()
             if step % t.save_interval == 0 or step == stop or preempted:
                 self._save(last, interval_only=not (step == stop or preempted))
@@ -255,7 +279,7 @@ class Trainer:
             bar.close()
         self.logger.close()
         log.info("rank %d finished at step %d: peak RSS %s", self.rank, self.state.step, _mib(peak_rss_bytes()))
-        return last
+        return self._pull(last)[0]   # a stop between log steps leaves device values in it
 
     def _save(self, last: Dict[str, float], interval_only: bool) -> None:
         """A checkpoint of the state after this step; an interval's is left out while the steps are
@@ -266,7 +290,7 @@ class Trainer:
                             self.state.step, self.state.nonfinite_streak)
             return
         self.checkpointer.save(self.engine, self.state, table_store=self.table_store,
-                               extra={"loss": last["loss"], "data_fingerprint": self.data.fingerprint})
+                               extra={"loss": float(last["loss"]), "data_fingerprint": self.data.fingerprint})
 
     def _evaluate(self, record: bool = True) -> Dict[str, float]:
         out = evaluate(self.model, self.valid_batches, self.device, self.dp_group)

@@ -20,7 +20,7 @@ from tests.unit.test_kernels_triton import (I64_MAX, I64_MIN, _hasher, _table, r
 
 
 def test_floor_mod_on_cuda_is_exact():
-    from kernels import triton as kt
+    from engram_train.kernels import triton as kt
 
     g = torch.Generator().manual_seed(0)
     xs = torch.randint(I64_MIN, I64_MAX, (1 << 16,), generator=g, dtype=torch.int64)
@@ -49,7 +49,7 @@ def test_hash_ngrams_on_cuda_equals_cpu(N, K, reset):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("where", ["device", "pinned"])
 def test_gather_rows_on_cuda(dtype, where):
-    from kernels import gather_rows
+    from engram_train.kernels import gather_rows
 
     sizes = [1000, 37, 4099]
     weight, offsets = _table(sizes, 48, dtype=dtype)
@@ -65,7 +65,7 @@ def test_gather_rows_on_cuda(dtype, where):
 
 
 def test_gather_rows_from_unpinned_host_memory_is_refused():
-    from kernels import gather_rows
+    from engram_train.kernels import gather_rows
 
     weight, offsets = _table([4], 8)
     with pytest.raises(ValueError, match="pin the host table"):
@@ -73,7 +73,7 @@ def test_gather_rows_from_unpinned_host_memory_is_refused():
 
 
 def test_gather_rows_past_int32_element_offsets():
-    from kernels import gather_rows
+    from engram_train.kernels import gather_rows
 
     rows, d = (1 << 31) // 64 + 1000, 64              # row * d exceeds 2**31 near the end of the table
     weight = torch.empty(rows, d, dtype=torch.bfloat16, device="cuda")
@@ -85,7 +85,7 @@ def test_gather_rows_past_int32_element_offsets():
 
 @pytest.mark.parametrize("M, d, R", [(100_003, 32, 5000), (50_000, 64, 1), (7, 5, 3), (0, 16, 4)])
 def test_reduce_row_grads_on_cuda(M, d, R):
-    from kernels import reduce_row_grads
+    from engram_train.kernels import reduce_row_grads
 
     g = torch.Generator().manual_seed(M)
     ids = torch.randint(0, R, (M,), generator=g)
@@ -105,7 +105,7 @@ def test_reduce_row_grads_on_cuda(M, d, R):
 
 
 def test_row_adam_on_cuda_equals_table_sparse_adam():
-    from kernels import row_adam
+    from engram_train.kernels import row_adam
 
     R, d = 1001, 48
     g = torch.Generator().manual_seed(3)

@@ -19,6 +19,7 @@ from tests.unit.test_engram_hashing import ref_isprime as _is_prime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NO_DATA = "data.dir=/nonexistent/engram_count_params"   # the tool's estimate of the compressed vocabulary
+ZERO_INIT = "engram.table_init_std=0"   # valid in the config (rows start at zero): the model builds too
 
 
 
@@ -61,12 +62,13 @@ def tool_counts(tmp_path_factory):
     out = tmp_path_factory.mktemp("count") / "counts.json"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "count_params.py"), f"experiment=debug_cpu,{NO_DATA}",
-         f"experiment=moe_baseline_cpu,{NO_DATA}", "--json", str(out)],
+         f"experiment=moe_baseline_cpu,{NO_DATA}", f"experiment=debug_cpu,{NO_DATA},{ZERO_INIT}", "--json", str(out)],
         env=dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "flops_per_token" in proc.stdout and "active_excl_tables" in proc.stdout
     counts = json.loads(out.read_text())
-    return counts[f"experiment=debug_cpu,{NO_DATA}"], counts[f"experiment=moe_baseline_cpu,{NO_DATA}"]
+    return (counts[f"experiment=debug_cpu,{NO_DATA}"], counts[f"experiment=moe_baseline_cpu,{NO_DATA}"],
+            counts[f"experiment=debug_cpu,{NO_DATA},{ZERO_INIT}"])
 
 
 def test_baseline_is_iso_parameter_by_formula():
@@ -109,3 +111,9 @@ def test_paper_27b_recipes_count_like_the_paper_without_building_them():
     # projection with bias, 3 x 4 norms, a depthwise conv of kernel 4 over 4 x 2560 channels); both have mHC
     assert moe["total"] - engram["total"] == 30 * 17 * (expert + 2560) - engram["engram_tables"] - 2 * (
         (1280 * 2560 + 2560) * (4 + 1) + 3 * 4 * 2560 + 4 * 2560 * 4)
+
+
+def test_zero_table_init_std_builds_and_counts_like_the_default(tool_counts):
+    zero_init, default = tool_counts[2], tool_counts[0]
+    assert zero_init == default and zero_init["engram_tables"] == formula("debug_cpu")["engram_tables"] > 0
+

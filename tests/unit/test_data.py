@@ -401,3 +401,26 @@ def test_prepare_cli(corpus, tmp_path, capsys):
     assert first["documents"] == {"train": 49, "valid": 5} and first["tokens"] == second["tokens"]
     assert cli.main(["--files", str(tmp_path / "missing.txt"), "--dir", str(tmp_path / "e")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_collate_checks_the_hash_ids_it_makes_on_the_cpu():
+    """The loader is where hash ids are range-checked (once, on the CPU): ids a table of other sizes
+    would need are refused there, naming the head; the tables in the forward trust them."""
+    from engram_train.data.loader import Collate
+    from engram_train.engram.table import HashIdOutOfRangeError
+
+    class Hasher:
+        table_sizes = {3: [5, 7]}
+
+        def __init__(self, top):
+            self.top = top
+
+        def __call__(self, tokens):
+            ids = torch.zeros(*tokens.shape, 2, dtype=torch.int64)
+            ids[..., 1] = self.top
+            return {3: ids}
+
+    samples = [{k: torch.zeros(4, dtype=torch.int64) for k in ("tokens", "labels", "loss_mask", "position_ids")}] * 2
+    assert Collate(Hasher(6))(samples)["engram_hash_ids"][3][..., 1].max() == 6   # 6 < 7 rows: fine
+    with pytest.raises(HashIdOutOfRangeError, match=r"head 1 holds ids in \[7, 7\] but its table has 7 rows"):
+        Collate(Hasher(7))(samples)

@@ -17,7 +17,7 @@ import torch
 from engram_train.config.schema import ConfigError, EngramConfig
 from engram_train.engram.compress import build_compression
 from engram_train.engram.hashing import NgramHasher, hasher_from_config
-from kernels import ngram_hash as ngram_kernel
+from engram_train.kernels import ngram_hash as ngram_kernel
 
 needs_kernel = pytest.mark.skipif(not ngram_kernel.available(), reason="no C compiler: the CPU kernel is unavailable")
 # Every golden test runs the reference torch path and the native kernel.

@@ -1,9 +1,9 @@
-"""The Triton kernels (``kernels/triton``) on the CPU, under Triton's interpreter.
+"""The Triton kernels (``engram_train/kernels/triton``) on the CPU, under Triton's interpreter.
 
 Each kernel is checked against its torch reference (``backend="torch"``, the
 dispatch's oracle) and against an independent implementation written here
 (Python integers, loops, float64 numpy) that shares no code with either:
-int64 results bit for bit, fp32 to 1e-6.  ``kernels.triton`` runs CPU tensors
+int64 results bit for bit, fp32 to 1e-6.  ``engram_train.kernels.triton`` runs CPU tensors
 through the interpreter whatever ``TRITON_INTERPRET`` says, so these tests
 need no environment set before ``triton`` is imported and change nothing for
 other tests of the process.  Sizes stay small: the interpreter is numpy, one
@@ -18,8 +18,8 @@ import torch
 
 from engram_train.config.schema import ConfigError, EngramConfig
 from engram_train.engram.hashing import NgramHasher
-from kernels import gather_rows, gather_rows_grad, reduce_row_grads, row_adam
-from kernels import triton as kt
+from engram_train.kernels import gather_rows, gather_rows_grad, reduce_row_grads, row_adam
+from engram_train.kernels import triton as kt
 
 pytestmark = pytest.mark.skipif(not kt.available(), reason=f"Triton unavailable: {kt.unavailable_reason()}")
 
@@ -253,7 +253,7 @@ def test_auto_uses_torch_on_the_cpu(monkeypatch):
 
 def test_table_shard_reads_rows_through_the_selected_backend(monkeypatch):
     from engram_train.memory.store import TableShard
-    import kernels.rows as rows_mod
+    import engram_train.kernels.rows as rows_mod
 
     calls = []
     real = rows_mod._gather_triton

@@ -255,3 +255,11 @@ def test_parallelize_draws_experts_by_global_index_only():
     for n in experts[0]:
         torch.testing.assert_close(experts[0][n], experts[1][n], rtol=0, atol=0)
         assert not torch.equal(experts[0][n], experts[2][n])
+
+
+def test_zero_table_init_std_validates_and_builds_zero_tables():
+    """engram.table_init_std=0 passes the config, so the model builds too: its tables start at zero."""
+    model = _build(table_init_std=0.0)
+    tables = [b.table.weight for b in model.engram_blocks().values()]
+    assert len(tables) == 2 and all(t.numel() > 0 and not t.any() for t in tables)
+    assert torch.isfinite(model(*_batch())).all()

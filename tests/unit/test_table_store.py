@@ -382,8 +382,9 @@ def test_store_memory_matches_the_sizing_arithmetic(optimizer):
 # ---- the kernels' dispatch points in the store (engram.kernel_backend) -----------------------------------
 
 def _launch_spy(monkeypatch):
-    """Names of the Triton kernels launched from now on (every launch goes through kernels.triton.launch)."""
-    import kernels.triton as triton_kernels
+    """Names of the Triton kernels launched from now on (every launch goes through
+    engram_train.kernels.triton.launch)."""
+    import engram_train.kernels.triton as triton_kernels
 
     launched = []
     real = triton_kernels.launch
@@ -412,7 +413,8 @@ def _two_steps(store, device="cpu"):
 
 
 def _lazy_adam_as_before(w, m, v, steps, ids, g, lr):
-    """The table step the store ran before it dispatched to kernels.row_adam (copied rule, not imported)."""
+    """The table step the store ran before it dispatched to engram_train.kernels.row_adam (copied rule, not
+    imported)."""
     b1, b2 = BETAS
     s = steps[ids] + 1
     steps[ids] = s

@@ -5,7 +5,7 @@ every head of every Engram layer in one launch), ``gather_rows`` (multi-head
 offset gather), ``segment_sum`` (the deterministic half of ``reduce_row_grads``),
 ``row_adam`` (the ``sparse_adam`` row update) and ``floor_mod`` (the hash's
 modulo alone, for exactness tests).  The torch references and the dispatch
-between them live with their callers (``kernels.rows``, ``NgramHasher``).
+between them live with their callers (``engram_train.kernels.rows``, ``NgramHasher``).
 
 Devices: CUDA tensors run compiled kernels; CPU tensors run the same kernels
 under Triton's interpreter (numpy, slow: for tests and small runs).  The kernel
@@ -42,7 +42,7 @@ _MAX_GRID_YZ = 65535
 def _load(interpret: bool) -> ModuleType:
     from triton import knobs
 
-    name = f"kernels.triton._{'interpreted' if interpret else 'compiled'}"
+    name = f"{__name__}._{'interpreted' if interpret else 'compiled'}"
     spec = importlib.util.spec_from_file_location(name, _SOURCE)
     mod = importlib.util.module_from_spec(spec)
     with knobs.runtime.scope():       # restores the knob (and the environment) afterwards

@@ -7,10 +7,13 @@ on CPU tensors runs the same kernels under Triton's interpreter (tests).  The
 
 ``gather_rows``       ``weight.index_select(0, hash_ids + offsets)``, the lookup of
                       ``StoreTable`` / ``MultiHeadEmbeddingTable``
-``reduce_row_grads``  ``unique_rows`` + ``sum_rows`` of ``engram_train.memory.exchange``,
-                      the store's duplicate reduction
-``row_adam``          ``sparse_adam_rows`` of ``engram_train.memory.optim``, the rule of
-                      ``TableSparseAdam.step``, run over the caller's tensors
+``reduce_row_grads``  :func:`unique_rows` + :func:`sum_rows`, the table store's duplicate
+                      reduction (``engram_train.memory.exchange`` imports them from here)
+``row_adam``          :func:`sparse_adam_rows`, the rule of ``TableSparseAdam.step``
+                      (``engram_train.memory.optim``), run over the caller's tensors
+
+The references live here so that this package is a leaf: it imports nothing of
+``engram_train``, and the table store imports its rules from it.
 
 Ids are the caller's to check (the table store validates hash ids before it
 gathers): the torch path raises on an id outside the table, the Triton gather
@@ -32,7 +35,7 @@ def _backend(backend: str, device: torch.device, what: str) -> str:
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
-        from kernels import triton as triton_kernels
+        from . import triton as triton_kernels
 
         return "triton" if triton_kernels.available() else "torch"
     if backend == "triton" and device.type not in ("cpu", "cuda"):
@@ -42,7 +45,7 @@ def _backend(backend: str, device: torch.device, what: str) -> str:
 
 
 def _launch(device: torch.device, kernel: str, grid, *args, **meta) -> None:
-    from kernels import triton as triton_kernels
+    from . import triton as triton_kernels
 
     triton_kernels.launch(device, kernel, grid, *args, **meta)
 
@@ -153,9 +156,19 @@ def gather_rows_grad(grad: torch.Tensor, hash_ids: torch.Tensor, offsets: torch.
 
 # ---- duplicate reduction -------------------------------------------------------------------------------
 
-def _reduce_torch(row_ids, grads):
-    from engram_train.memory.exchange import sum_rows, unique_rows
+def unique_rows(ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sorted unique ids and the inverse index (``ids == uniq[inv]``)."""
+    return torch.unique(ids, sorted=True, return_inverse=True)
 
+
+def sum_rows(inv: torch.Tensor, grad: torch.Tensor, num_unique: int) -> torch.Tensor:
+    """``out[u] = sum of grad[i] with inv[i] == u`` (deterministic on the CPU; CUDA's ``index_add_``
+    uses float atomics, ``reduce_row_grads(backend="triton")`` does not)."""
+    out = grad.new_zeros(num_unique, grad.shape[-1])
+    return out.index_add_(0, inv, grad)
+
+
+def _reduce_torch(row_ids, grads):
     uniq, inv = unique_rows(row_ids)
     return uniq, sum_rows(inv, grads.to(torch.float32), uniq.numel()).to(grads.dtype)
 
@@ -201,9 +214,36 @@ def reduce_row_grads(row_ids: torch.Tensor, grads: torch.Tensor,
 
 # ---- row Adam ------------------------------------------------------------------------------------------
 
-def _adam_torch(weight, exp_avg, exp_avg_sq, row_steps, ids, grads, lr, betas, eps, weight_decay):
-    from engram_train.memory.optim import sparse_adam_rows
+@torch.no_grad()
+def sparse_adam_rows(weight, exp_avg, exp_avg_sq, row_steps, ids, grads, lr, betas, eps, weight_decay,
+                     rowwise: bool = False) -> None:
+    """``sparse_adam`` (``rowwise``: ``sparse_adam_rowwise``) on the unique rows ``ids``, in place: the
+    torch rule, and the reference of :func:`row_adam`."""
+    if ids.numel() == 0:
+        return
+    b1, b2 = float(betas[0]), float(betas[1])
+    g = grads.to(torch.float32)
+    steps = row_steps[ids] + 1
+    row_steps[ids] = steps
+    m = exp_avg[ids].mul_(b1).add_(g, alpha=1.0 - b1)
+    if rowwise:
+        v = exp_avg_sq[ids].mul_(b2).add_(g.square().mean(1, keepdim=True), alpha=1.0 - b2)
+    else:
+        v = exp_avg_sq[ids].mul_(b2).addcmul_(g, g, value=1.0 - b2)
+    exp_avg[ids] = m
+    exp_avg_sq[ids] = v
+    t = steps.to(torch.float64).unsqueeze(1)
+    bc1 = (1.0 - torch.pow(b1, t)).to(torch.float32)
+    bc2_sqrt = (1.0 - torch.pow(b2, t)).sqrt().to(torch.float32)
+    w = weight[ids]
+    if weight_decay:
+        w.mul_(1.0 - lr * weight_decay)
+    w.addcdiv_(m * (lr / bc1), (v.sqrt() / bc2_sqrt).add_(eps), value=-1.0)
+    weight[ids] = w
 
+
+
+def _adam_torch(weight, exp_avg, exp_avg_sq, row_steps, ids, grads, lr, betas, eps, weight_decay):
     sparse_adam_rows(weight, exp_avg, exp_avg_sq, row_steps, ids, grads, lr, betas, eps, weight_decay)
 
 

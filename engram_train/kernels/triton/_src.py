@@ -1,6 +1,6 @@
-"""Triton kernels of the Engram lookup path.  Loaded twice by ``kernels.triton`` (compiled, interpreted).
+"""Triton kernels of the Engram lookup path.  Loaded twice by ``engram_train.kernels.triton`` (compiled, interpreted).
 
-Do not import this file directly: ``kernels.triton.module(device)`` executes it
+Do not import this file directly: ``engram_train.kernels.triton.module(device)`` executes it
 once with the interpreter knob off (compiled kernels for CUDA tensors) and once
 with it on (the interpreter, for CPU tensors), so the choice never depends on
 when ``TRITON_INTERPRET`` was set relative to the first ``import triton``.

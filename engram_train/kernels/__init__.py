@@ -12,7 +12,7 @@ kernel                reference (oracle)                           dispatch
 ``hash_ngrams``       ``NgramHasher`` torch path                   same; ``"auto"``: Triton for CUDA tensors
 (Triton)
 ``gather_rows``       ``index_select`` of ``hash_ids + offsets``   ``gather_rows(..., backend=)``; training:
-(Triton)              (``kernels.rows``)                           ``engram.kernel_backend`` at
+(Triton)              (``engram_train.kernels.rows``)                           ``engram.kernel_backend`` at
                                                                    ``TableShard.read_rows``
 ``reduce_row_grads``  ``unique_rows`` + ``sum_rows``               ``reduce_row_grads(..., backend=)``; training:
 (Triton)              (``engram_train.memory.exchange``)           ``TableStore.reduce_gradients``
@@ -27,6 +27,6 @@ for CUDA tensors and run under Triton's interpreter for CPU tensors, so
 CUDA tensors.  docs/kernels.md describes each kernel, its tests and its benchmark.
 """
 
-from kernels.rows import gather_rows, gather_rows_grad, reduce_row_grads, row_adam
+from .rows import gather_rows, gather_rows_grad, reduce_row_grads, row_adam
 
 __all__ = ["gather_rows", "gather_rows_grad", "reduce_row_grads", "row_adam"]
