@@ -103,28 +103,16 @@ def _save_planner():
 
 
 def _mesh(store):
-    """The device mesh and placements that describe this rank's shards."""
-    from torch.distributed.device_mesh import init_device_mesh
+    """The device mesh and placements that describe this rank's shards (the layout's: ``store.placement.dims``)."""
     from torch.distributed.tensor import Replicate, Shard
 
-    cached = getattr(store, "_checkpoint_mesh", None)
-    if cached is not None:
-        return cached
-    world = dist.get_world_size()
     device = store.rows_device.type   # host-resident rows are CPU tensors even on a CUDA machine
     p = store.placement
-    if p.partition == "tp" and p.tp_size > 1:
-        # megatron's layout: TP ranks adjacent, so rank r sits at (r // tp, r % tp).
-        mesh = init_device_mesh(device, (world // p.tp_size, p.tp_size))
-        placements = [Replicate(), Shard(0)]
-    elif p.partition == "all":
-        mesh = init_device_mesh(device, (world,))
-        placements = [Shard(0)]
-    else:
-        mesh = init_device_mesh(device, (world,))
-        placements = [Replicate()]
-    store._checkpoint_mesh = (mesh, placements)
-    return mesh, placements
+    if p.partition == "tp":
+        return p.dims.mesh(device), [Replicate(), Shard(0)]
+    if p.partition == "all":
+        return p.dims.world_mesh(device), [Shard(0)]
+    return p.dims.mesh(device), [Replicate(), Replicate()]
 
 
 def _global(local: torch.Tensor, rows: int, mesh, placements):

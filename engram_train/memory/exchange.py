@@ -138,7 +138,7 @@ class AllExchange(Exchange):
     are planned on the prefetch thread with CPU ids, a gloo group of its own (a group must not be
     driven from two threads, and NCCL does not carry CPU tensors)."""
 
-    def __init__(self, world_group, bounds, tp_size: int, tp_rank: int, device=None, plan_group=None):
+    def __init__(self, world_group, bounds, dims, device=None, plan_group=None):
         super().__init__()
         self.group = world_group
         self.plan_group = plan_group if plan_group is not None else world_group
@@ -147,9 +147,9 @@ class AllExchange(Exchange):
         # bounds[i] = first row of shard i (shard i of `world` is owned by global rank i).
         self._consts = {}
         self.upper_cpu = torch.tensor(bounds[1:-1], dtype=torch.int64)
-        self.tp_rank = tp_rank
-        # Ranks whose gradient rows count: TP rank 0 of every TP group (megatron: TP ranks adjacent).
-        self.grad_senders = [r % tp_size == 0 for r in range(self.world)]
+        self.tp_rank = dims.tp_rank_of(self.rank)
+        # Ranks whose gradient rows count: TP rank 0 of every TP group (``dims``: the job's layout).
+        self.grad_senders = [dims.tp_rank_of(r) == 0 for r in range(self.world)]
         self.grad_senders_cpu = torch.tensor(self.grad_senders)
 
     def _on(self, t: torch.Tensor, device) -> torch.Tensor:

@@ -211,7 +211,7 @@ def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group,
 
 
 def _shard_index_of_every_rank(p: Placement) -> List[int]:
-    return [placement_for(p.partition, p.world_size, r, p.tp_size, r % p.tp_size).index for r in range(p.world_size)]
+    return [p.of_rank(r).index for r in range(p.world_size)]
 
 
 def _node_replicas(placement: Placement, rank: int, local_world_size: int) -> List[int]:
@@ -322,8 +322,8 @@ class TableStore:
             return ReplicatedExchange()
         if p == "tp":
             return TPExchange(self.tp_group)
-        return AllExchange(self.world_group, shard_bounds(spec.rows, self.placement.parts),
-                           self.placement.tp_size, self.placement.tp_rank, plan_group=self.plan_group)
+        return AllExchange(self.world_group, shard_bounds(spec.rows, self.placement.parts), self.placement.dims,
+                           plan_group=self.plan_group)
 
     # -- the model's side -------------------------------------------------------------------------
     def table(self, layer_id: int, table_sizes: Sequence[int], embed_dim: int) -> StoreTable:
