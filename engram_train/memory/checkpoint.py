@@ -155,7 +155,8 @@ def save(store, path: str) -> None:
     """Write the store into directory ``path`` (collective over all ranks)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(state_dict(store), checkpoint_id=path, planner=_save_planner())
+    # sync_files: every data file and .metadata is fsynced (the checkpoint's commit protocol counts on it)
+    dcp.save(state_dict(store), storage_writer=dcp.FileSystemWriter(path, sync_files=True), planner=_save_planner())
     if dist.get_rank() == 0:
         with open(os.path.join(path, MANIFEST), "w") as f:
             json.dump(manifest(store), f, indent=1)

@@ -221,7 +221,8 @@ def save(engine, path: str) -> None:
                 sd.update({f"optim.{m}.{k}": v for k, v in
                            _pieces(name, p, safe_get_full_optimizer_state(p, m), mesh).items()})
     sd.update({f"buffer.{name}": t.detach() for name, t in _named_buffers(engine)})
-    dcp.save(sd, checkpoint_id=path)
+    # sync_files: every data file and .metadata is fsynced (the checkpoint's commit protocol counts on it)
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(path, sync_files=True))
 
 
 @torch.no_grad()
