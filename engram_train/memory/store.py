@@ -133,7 +133,7 @@ class _Lookup(torch.autograd.Function):
         if block is None:
             rows, ctx.saved = shard.exchange.gather(shard, ids)
         else:
-            rows, ctx.saved = shard.exchange.finish(shard, block.ctx, block.rows)
+            rows, ctx.saved = shard.exchange.finish(shard, block.plan, block.rows)
         ctx.shard = shard
         return rows
 
