@@ -156,7 +156,7 @@ def save(store, path: str) -> None:
     import torch.distributed.checkpoint as dcp
 
     # sync_files: every data file and .metadata is fsynced (the checkpoint's commit protocol counts on it)
-    dcp.save(state_dict(store), storage_writer=dcp.FileSystemWriter(path, sync_files=True), planner=_save_planner())
+    dcp.save(store.state_dict(), storage_writer=dcp.FileSystemWriter(path, sync_files=True), planner=_save_planner())
     if dist.get_rank() == 0:
         with open(os.path.join(path, MANIFEST), "w") as f:
             json.dump(manifest(store), f, indent=1)
@@ -188,8 +188,13 @@ def load(store, path: str) -> None:
     import torch.distributed.checkpoint as dcp
 
     check_compatible(store, path)
-    sd = state_dict(store)
+    sd = store.state_dict()
     dcp.load(sd, checkpoint_id=path)
+    store.load_state_dict(sd)
+
+
+def load_state_dict(store, sd: Dict[str, Any]) -> None:
+    """After ``dcp.load`` filled ``sd`` (from ``state_dict(store)``): the optimizer's scalars into the store."""
     for layer_id, shard in store.shards.items():
         key = f"{PREFIX}.layer{layer_id}"
         shard.optimizer.load_scalars({n: sd[f"{key}.{n}"] for n in shard.optimizer.scalars()})

@@ -410,6 +410,20 @@ class TableStore:
             shard.grad = None
         self._grad_sq_norm = None
 
+    # -- checkpoints (a DCP ``Stateful``) ---------------------------------------------------------
+    def state_dict(self) -> Dict[str, object]:
+        """Every table tensor as a ``DTensor`` of its global shape over this rank's rows (the store's own
+        memory, so ``dcp.load`` fills it in place), and the optimizers' scalars; the format:
+        :mod:`engram_train.memory.checkpoint`."""
+        from engram_train.memory import checkpoint
+
+        return checkpoint.state_dict(self)
+
+    def load_state_dict(self, state_dict: Dict[str, object]) -> None:
+        from engram_train.memory import checkpoint
+
+        checkpoint.load_state_dict(self, state_dict)
+
     # -- introspection ----------------------------------------------------------------------------
     def num_parameters(self) -> Dict[str, int]:
         """Table parameters held here and in the whole table (``local``, ``global``)."""
