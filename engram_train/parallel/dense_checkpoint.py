@@ -40,7 +40,6 @@ import os
 from typing import Dict, List, Tuple
 
 import torch
-import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 

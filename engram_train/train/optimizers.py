@@ -27,7 +27,6 @@ Why DeepSpeed is told nothing but gets its gradients scaled: docs/tables.md, "On
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
