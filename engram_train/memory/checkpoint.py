@@ -103,28 +103,16 @@ def _save_planner():
 
 
 def _mesh(store):
-    """The device mesh and placements that describe this rank's shards."""
-    from torch.distributed.device_mesh import init_device_mesh
+    """The device mesh and placements that describe this rank's shards (the layout's: ``store.placement.dims``)."""
     from torch.distributed.tensor import Replicate, Shard
 
-    cached = getattr(store, "_checkpoint_mesh", None)
-    if cached is not None:
-        return cached
-    world = dist.get_world_size()
     device = store.rows_device.type   # host-resident rows are CPU tensors even on a CUDA machine
     p = store.placement
-    if p.partition == "tp" and p.tp_size > 1:
-        # megatron's layout: TP ranks adjacent, so rank r sits at (r // tp, r % tp).
-        mesh = init_device_mesh(device, (world // p.tp_size, p.tp_size))
-        placements = [Replicate(), Shard(0)]
-    elif p.partition == "all":
-        mesh = init_device_mesh(device, (world,))
-        placements = [Shard(0)]
-    else:
-        mesh = init_device_mesh(device, (world,))
-        placements = [Replicate()]
-    store._checkpoint_mesh = (mesh, placements)
-    return mesh, placements
+    if p.partition == "tp":
+        return p.dims.mesh(device), [Replicate(), Shard(0)]
+    if p.partition == "all":
+        return p.dims.world_mesh(device), [Shard(0)]
+    return p.dims.mesh(device), [Replicate(), Replicate()]
 
 
 def _global(local: torch.Tensor, rows: int, mesh, placements):
@@ -167,7 +155,8 @@ def save(store, path: str) -> None:
     """Write the store into directory ``path`` (collective over all ranks)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(state_dict(store), checkpoint_id=path, planner=_save_planner())
+    # sync_files: every data file and .metadata is fsynced (the checkpoint's commit protocol counts on it)
+    dcp.save(store.state_dict(), storage_writer=dcp.FileSystemWriter(path, sync_files=True), planner=_save_planner())
     if dist.get_rank() == 0:
         with open(os.path.join(path, MANIFEST), "w") as f:
             json.dump(manifest(store), f, indent=1)
@@ -199,8 +188,13 @@ def load(store, path: str) -> None:
     import torch.distributed.checkpoint as dcp
 
     check_compatible(store, path)
-    sd = state_dict(store)
+    sd = store.state_dict()
     dcp.load(sd, checkpoint_id=path)
+    store.load_state_dict(sd)
+
+
+def load_state_dict(store, sd: Dict[str, Any]) -> None:
+    """After ``dcp.load`` filled ``sd`` (from ``state_dict(store)``): the optimizer's scalars into the store."""
     for layer_id, shard in store.shards.items():
         key = f"{PREFIX}.layer{layer_id}"
         shard.optimizer.load_scalars({n: sd[f"{key}.{n}"] for n in shard.optimizer.scalars()})

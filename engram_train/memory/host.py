@@ -51,15 +51,7 @@ from typing import Deque, Dict, Iterator, Optional
 
 import torch
 
-from engram_train.memory.exchange import sum_rows, unique_rows
-
-
-def _to_pinned(ctx: tuple) -> tuple:
-    return tuple(c.pin_memory() if isinstance(c, torch.Tensor) else c for c in ctx)
-
-
-def _to_device(ctx: tuple, device) -> tuple:
-    return tuple(c.to(device, non_blocking=True) if isinstance(c, torch.Tensor) else c for c in ctx)
+from engram_train.memory.exchange import Plan, sum_rows, unique_rows
 
 
 @dataclass
@@ -68,7 +60,7 @@ class RowBlock:
 
     uniq: torch.Tensor          # sorted unique global ids of the rows read (host): what a refresh patches
     rows: torch.Tensor          # [U, d] the rows read (compute device)
-    ctx: tuple                  # the exchange's plan (compute device): ``exchange.finish(shard, ctx, rows)``
+    plan: Plan                  # the exchange's plan (compute device): ``exchange.finish(shard, plan, rows)``
     num_ids: int                # ids looked up (checks the block belongs to the micro-batch asking)
     staging: Optional[object] = None   # pinned host memory, kept alive until its copy is done
     ready: Optional[object] = None     # CUDA event recorded after the copies
@@ -144,25 +136,25 @@ class HostPrefetcher:
         for layer_id, h in hash_ids.items():
             shard = self.store.shards[layer_id]
             ids = (h.to("cpu", torch.int64) + self._offsets[layer_id]).reshape(-1)
-            local, ctx = shard.exchange.plan(shard, ids)
+            local, plan = shard.exchange.plan(shard, ids)
             if self.cuda:
                 staging = torch.empty(local.numel(), shard.embed_dim, dtype=shard.weight.dtype, pin_memory=True)
                 torch.index_select(shard.weight, 0, local, out=staging)
-                pinned = _to_pinned(ctx)
+                pinned = plan.map(torch.Tensor.pin_memory)
                 with torch.cuda.stream(self.copy_stream):
                     rows = staging.to(self.device, non_blocking=True)
-                    ctx_dev = _to_device(pinned, self.device)
+                    plan_dev = pinned.map(lambda t: t.to(self.device, non_blocking=True))
                     ready = torch.cuda.Event()
                     ready.record(self.copy_stream)
-                block = RowBlock(local + shard.lo, rows, ctx_dev, ids.numel(), staging=(staging, pinned), ready=ready)
+                block = RowBlock(local + shard.lo, rows, plan_dev, ids.numel(), staging=(staging, pinned), ready=ready)
             else:
                 # The CPU runs the same pipeline: a host-to-host copy stands in for the device copy.
                 rows = shard.weight.index_select(0, local).to(self.device, copy=True)
-                block = RowBlock(local + shard.lo, rows, _to_device(ctx, self.device), ids.numel())
+                block = RowBlock(local + shard.lo, rows, plan.map(lambda t: t.to(self.device, non_blocking=True)),
+                                 ids.numel())
             blocks[layer_id] = block
-            index_bytes = sum(c.numel() * c.element_size() for c in ctx if isinstance(c, torch.Tensor))
-            # Every plan's context starts (inverse index, number of unique ids).
-            self.stats.add(rows=ctx[1], ids=ids.numel(),
+            index_bytes = sum(t.numel() * t.element_size() for t in plan.tensors())
+            self.stats.add(rows=plan.num_unique, ids=ids.numel(),
                            h2d_bytes=rows.numel() * rows.element_size() + index_bytes)
         return blocks
 
@@ -217,9 +209,8 @@ class HostPrefetcher:
             for b in blocks.values():
                 compute.wait_event(b.ready)
                 # Allocated on the copy stream, used on this one: keep the allocator from reusing them early.
-                for t in (b.rows, *b.ctx):
-                    if isinstance(t, torch.Tensor):
-                        t.record_stream(compute)
+                for t in (b.rows, *b.plan.tensors()):
+                    t.record_stream(compute)
         return dict(blocks)
 
     def lookup_now(self, layer_id: int, hash_ids: torch.Tensor) -> RowBlock:

@@ -101,6 +101,17 @@ class Placement:
     def rows_of(self, spec: TableSpec) -> Tuple[int, int]:
         return row_range(spec.rows, self.parts, self.index)
 
+    @property
+    def dims(self):
+        """The job's layout (which ranks are adjacent): ``engram_train.parallel.dims``."""
+        from engram_train.parallel.dims import ParallelDims
+
+        return ParallelDims(self.world_size, self.tp_size)
+
+    def of_rank(self, rank: int) -> "Placement":
+        """The placement of another rank of the same job."""
+        return placement_for(self.partition, self.world_size, rank, self.tp_size, self.dims.tp_rank_of(rank))
+
 
 def resolve_partition(partition: str, tensor_parallel: int) -> str:
     """``engram.partition`` with ``auto`` resolved: ``tp`` under tensor parallelism, else ``replicated``."""
@@ -112,7 +123,7 @@ def resolve_partition(partition: str, tensor_parallel: int) -> str:
 
 
 def placement_for(partition: str, world_size: int, rank: int, tp_size: int, tp_rank: int) -> Placement:
-    """The placement of global rank ``rank`` (megatron's layout: TP ranks adjacent)."""
+    """The placement of global rank ``rank``, whose TP rank is ``tp_rank``."""
     partition = resolve_partition(partition, tp_size)
     if partition == "replicated":
         parts, index = 1, 0

@@ -12,8 +12,11 @@ A training step, seen from the store::
     forward      StoreTable -> exchange.gather          rows of this rank's tokens
     backward     exchange.scatter_grad -> accumulate    (local ids, rows) per micro-batch, sparse
     reduce_gradients()                                  sum duplicates, average over replicas, norm^2
-    <DeepSpeed step: clips with the norm of dense + table gradients>
-    step(lr, grad_norm)                                 clip, table optimizer, drop the gradients
+    step(lr, grad_scale)                                table optimizer on the clipped rows, drop the gradients
+
+The optimizers container (``engram_train.train.optimizers``) calls both: the
+squared norm joins DeepSpeed's dense norm in the one global norm, whose clip
+coefficient comes back as ``grad_scale``.
 
 Where rows live (``residency``): on the compute device, or in host RAM
 (optionally memory-mapped files, one copy per node for replicas), where
@@ -34,7 +37,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -131,7 +133,7 @@ class _Lookup(torch.autograd.Function):
         if block is None:
             rows, ctx.saved = shard.exchange.gather(shard, ids)
         else:
-            rows, ctx.saved = shard.exchange.finish(shard, block.ctx, block.rows)
+            rows, ctx.saved = shard.exchange.finish(shard, block.plan, block.rows)
         ctx.shard = shard
         return rows
 
@@ -212,7 +214,7 @@ def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group,
 
 
 def _shard_index_of_every_rank(p: Placement) -> List[int]:
-    return [placement_for(p.partition, p.world_size, r, p.tp_size, r % p.tp_size).index for r in range(p.world_size)]
+    return [p.of_rank(r).index for r in range(p.world_size)]
 
 
 def _node_replicas(placement: Placement, rank: int, local_world_size: int) -> List[int]:
@@ -323,8 +325,8 @@ class TableStore:
             return ReplicatedExchange()
         if p == "tp":
             return TPExchange(self.tp_group)
-        return AllExchange(self.world_group, shard_bounds(spec.rows, self.placement.parts),
-                           self.placement.tp_size, self.placement.tp_rank, plan_group=self.plan_group)
+        return AllExchange(self.world_group, shard_bounds(spec.rows, self.placement.parts), self.placement.dims,
+                           plan_group=self.plan_group)
 
     # -- the model's side -------------------------------------------------------------------------
     def table(self, layer_id: int, table_sizes: Sequence[int], embed_dim: int) -> StoreTable:
@@ -363,36 +365,22 @@ class TableStore:
         self._grad_sq_norm = total
         return total
 
-    def grad_sq_norm(self) -> torch.Tensor:
-        """The squared norm of the table gradients of this step (after :meth:`reduce_gradients`)."""
-        if self._grad_sq_norm is None:
-            raise RuntimeError("TableStore.grad_sq_norm() before reduce_gradients(): reduce the table "
-                               "gradients after the last backward of the step, before the optimizer step")
-        return self._grad_sq_norm
-
     @torch.no_grad()
-    def step(self, lr: float, grad_norm: Optional[float] = None, max_norm: float = 0.0) -> None:
-        """Apply the table optimizer at ``lr * lr_mult``, clipped like DeepSpeed clips dense gradients.
-
-        ``grad_norm`` is the global norm of dense and table gradients together;
-        with ``max_norm > 0`` gradients are scaled by ``1 / max(1, (norm + 1e-6) / max_norm)``
-        (DeepSpeed's ``unscale_and_clip_grads``).  A non-finite norm drops the update, as DeepSpeed drops
-        the dense one on the same norm (the trainer's guard reports it: ``engram_train.train.guard``).
+    def step(self, lr: float, grad_scale: float = 1.0, drop: bool = False) -> None:
+        """Apply the table optimizer at ``lr * lr_mult`` to the reduced gradients times ``grad_scale``
+        (the global norm's clip coefficient), or, with ``drop``, discard them: a step whose global norm is
+        non-finite updates neither the dense parameters nor the tables (``engram_train.train.optimizers``).
         """
         if self._grad_sq_norm is None:
             raise RuntimeError("TableStore.step() before reduce_gradients()")
-        scale = 1.0
-        if grad_norm is not None:
-            if not math.isfinite(float(grad_norm)):
-                self.zero_grad()
-                return
-            if max_norm > 0:
-                scale = 1.0 / max(1.0, (float(grad_norm) + 1e-6) / max_norm)
+        if drop:
+            self.zero_grad()
+            return
         work, updated = [], {}
         for layer_id, shard in self.shards.items():
             ids, rows = shard.grad
-            if scale != 1.0:
-                rows = rows * scale
+            if grad_scale != 1.0:
+                rows = rows * grad_scale
             ids, rows = ids.to(shard.weight.device), rows.to(shard.weight.device)
             work.append((shard.optimizer, ids, rows))
             updated[layer_id] = ids
@@ -424,6 +412,20 @@ class TableStore:
             shard._pending = []
             shard.grad = None
         self._grad_sq_norm = None
+
+    # -- checkpoints (a DCP ``Stateful``) ---------------------------------------------------------
+    def state_dict(self) -> Dict[str, object]:
+        """Every table tensor as a ``DTensor`` of its global shape over this rank's rows (the store's own
+        memory, so ``dcp.load`` fills it in place), and the optimizers' scalars; the format:
+        :mod:`engram_train.memory.checkpoint`."""
+        from engram_train.memory import checkpoint
+
+        return checkpoint.state_dict(self)
+
+    def load_state_dict(self, state_dict: Dict[str, object]) -> None:
+        from engram_train.memory import checkpoint
+
+        checkpoint.load_state_dict(self, state_dict)
 
     # -- introspection ----------------------------------------------------------------------------
     def num_parameters(self) -> Dict[str, int]:

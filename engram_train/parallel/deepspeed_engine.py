@@ -22,10 +22,11 @@ full-batch average (each expert already summed the contributions of every DP
 rank's tokens through the token dispatcher).
 
 Engram tables are not DeepSpeed's (the table store owns them, see
-``parallel.parallelize.owner``), but gradient clipping keeps its meaning: the
-global norm covers dense and table gradients.  :func:`include_in_grad_norm`
-adds the store's squared norm to the one norm the ZeRO-1/2 optimizer computes
-(``scaled_global_norm``, used both to clip and for ``get_global_grad_norm``).
+``parallel.parallelize.owner``), so DeepSpeed does not clip: it is configured
+with ``gradient_clipping: 0`` and :class:`DenseOptimizer` hands the one norm
+over dense and table gradients (``engram_train.train.optimizers``) to the
+step through torch's public optimizer hooks on DeepSpeed's basic optimizer.
+Nothing of DeepSpeed's is replaced (docs/tables.md, "One step").
 
 Checkpoints do not use ``engine.save_checkpoint`` (its MoE path assumes
 DeepSpeed's own expert layout): see ``engram_train.train.checkpoint``.
@@ -35,12 +36,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from engram_train.config.schema import Config, ConfigError
+from engram_train.config.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +154,15 @@ def deepspeed_config(cfg: Config, dp_size: int, use_bf16: bool) -> Dict[str, Any
         zero.update(contiguous_gradients=True, reduce_scatter=True, overlap_comm=False)
     if p.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    else:
+        # The optimizers container computes the one norm (DenseOptimizer.grad_norm); DeepSpeed's own would be
+        # a second all-reduce nobody reads.  Under offload DeepSpeed insists on computing it.
+        zero["compute_grad_norm"] = False
     return {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
         "train_batch_size": micro * gas * dp_size,
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": 0.0,   # the container clips dense and table gradients with one norm
         "optimizer": {"type": "AdamW", "params": adamw_params(cfg)},
         "bf16": {"enabled": use_bf16},
         "zero_optimization": zero,
@@ -220,62 +225,15 @@ def param_groups(model: nn.Module, cfg: Config) -> List[Dict[str, Any]]:
     return groups
 
 
-class StepLoss:
-    """The step's loss, reduced over data parallelism, joined to the global gradient norm as ``0 * loss``
-    (0 when finite, NaN otherwise): one norm then says whether the loss or any gradient is non-finite,
-    and DeepSpeed's step (its overflow path), the table step and the trainer's guard all read that one
-    verdict (``engram_train.train.guard``).  The trainer sets ``value`` before the step that applies the
-    update and takes it back after."""
-
-    def __init__(self):
-        self.value: Optional[torch.Tensor] = None
-
-    def sq_norm_term(self) -> Optional[torch.Tensor]:
-        return None if self.value is None else self.value.detach().double() * 0.0
-
-
-def include_in_grad_norm(optimizer, extra_sq_norm: Callable[[], torch.Tensor]) -> None:
-    """Make ``optimizer``'s global gradient norm ``sqrt(dense^2 + extra_sq_norm())``.
-
-    ``extra_sq_norm`` returns the squared norm of gradients DeepSpeed does not
-    hold (the table store's), already summed over all ranks, plus the step loss's
-    non-finite flag (``StepLoss``).  Supported: the ZeRO-1/2 optimizer
-    (``DeepSpeedZeroOptimizer``, fp32 and bf16: our DeepSpeed config accumulates
-    gradients in the parameters' dtype, so bf16 never takes DeepSpeed's separate
-    ``BF16_Optimizer``), whose ``scaled_global_norm`` feeds clipping, the skip of a
-    non-finite step and the reported norm; anything else fails here.  No host sync:
-    an invalid dense norm stays invalid through a ``torch.where``.
-    """
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    if isinstance(optimizer, DeepSpeedZeroOptimizer):
-        dense_norm = optimizer.scaled_global_norm
-
-        def scaled_global_norm(norm_type=2):
-            norm = dense_norm(norm_type)
-            extra = extra_sq_norm().to(device=norm.device, dtype=torch.float64) * float(optimizer.loss_scale) ** 2
-            total = (norm.double().square() + extra).sqrt()
-            # DeepSpeed marks an invalid group norm -1; squaring must not launder it into a valid one.
-            valid = torch.isfinite(norm) & (norm >= 0)
-            return torch.where(valid, total, torch.full_like(total, float("inf"))).to(norm.dtype)
-
-        optimizer.scaled_global_norm = scaled_global_norm
-    else:
-        raise ConfigError(f"parallel.zero_stage: DeepSpeed built a {type(optimizer).__name__}, whose gradient "
-                          "norm cannot include the Engram table gradients; use parallel.zero_stage=1 or 2")
-
-
-def build_engine(model: nn.Module, cfg: Config, dp_size: int, use_bf16: bool, table_store=None,
-                 step_loss: Optional[StepLoss] = None):
+def build_engine(model: nn.Module, cfg: Config, dp_size: int, use_bf16: bool):
     """Wrap ``model`` in a DeepSpeed engine; returns (engine, optimizer).
 
-    With a ``table_store`` its gradients join DeepSpeed's global norm (clipping), and with a
-    ``step_loss`` the loss's non-finite flag does (the step is skipped on it).
+    The engine does not clip (``gradient_clipping: 0``): train through
+    ``engram_train.train.optimizers.OptimizersContainer``, which does.
     """
     import deepspeed
 
     from engram_train.parallel.parallelize import deepspeed_parameters
-    from engram_train.platform.device import get_device
 
     deepspeed_parameters(model)   # raises if an Engram table weight slipped into the model's parameters
 
@@ -294,17 +252,76 @@ def build_engine(model: nn.Module, cfg: Config, dp_size: int, use_bf16: bool, ta
     os.environ.setdefault("LOCAL_RANK", "0")
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, model_parameters=groups, config=ds_cfg, mpu=MegatronMPU(), dist_init_required=False)
-    terms = ([table_store.grad_sq_norm] if table_store is not None else []) + \
-        ([step_loss.sq_norm_term] if step_loss is not None else [])
-
-    def extra_sq_norm() -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float64, device=get_device())
-        for term in terms:
-            value = term()
-            if value is not None:
-                total = total + value.to(device=total.device, dtype=torch.float64)
-        return total
-
-    if terms:
-        include_in_grad_norm(optimizer, extra_sq_norm)
     return engine, optimizer
+
+
+class DenseOptimizer:
+    """The dense half of one step: DeepSpeed's ZeRO-1/2 engine, told the step's clip and verdict.
+
+    DeepSpeed has no public way to be given a gradient norm, and its own would leave out the table
+    gradients.  So DeepSpeed runs with ``gradient_clipping: 0`` and
+
+    * :meth:`grad_norm` reads the dense norm from the ZeRO optimizer's ``scaled_global_norm()`` (the
+      method its own step calls: ZeRO partitions, TP duplicates and expert groups counted as DeepSpeed
+      counts them) once the accumulation boundary's backward has reduced the gradients;
+    * :meth:`step` runs ``engine.step()``; a step pre-hook on the basic optimizer (torch's AdamW, via
+      ``torch.optim.Optimizer.register_step_pre_hook``) multiplies the fp32 gradient partition by
+      ``1 / clip``, the operation DeepSpeed's ``unscale_and_clip_grads`` would apply, or withholds the
+      gradients for a dropped step (AdamW leaves a parameter without a gradient untouched: weights,
+      moments and step count), and the post-hook gives them back to DeepSpeed's buffers.
+    """
+
+    def __init__(self, engine):
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        self.engine = engine
+        self.zero = engine.optimizer
+        if not isinstance(self.zero, DeepSpeedZeroOptimizer):
+            # The config validator admits ZeRO-1/2 only (parallel.zero_stage); anything else is a bug here.
+            raise RuntimeError(f"DenseOptimizer needs DeepSpeed's ZeRO-1/2 optimizer, not {type(self.zero).__name__}")
+        self._inv_clip: Optional[torch.Tensor] = None
+        self._apply = True
+        self._withheld: List = []
+        basic = engine.basic_optimizer
+        basic.register_step_pre_hook(self._before_step)
+        basic.register_step_post_hook(self._after_step)
+
+    @property
+    def param_groups(self):
+        return self.zero.param_groups
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()   # DeepSpeed counts micro-batches in step(); only the boundary's updates
+
+    def at_boundary(self) -> bool:
+        return self.engine.is_gradient_accumulation_boundary()
+
+    def grad_norm(self) -> torch.Tensor:
+        """DeepSpeed's norm of the dense gradients of this step (after the boundary's backward); negative
+        or non-finite when DeepSpeed found it invalid."""
+        return self.zero.scaled_global_norm()
+
+    def step(self, inv_clip: Optional[torch.Tensor], apply: bool) -> None:
+        """The boundary's ``engine.step()``: gradients times ``inv_clip`` (None: unclipped), or no update."""
+        self._inv_clip, self._apply = inv_clip, apply
+        try:
+            self.engine.step()
+        finally:
+            self._inv_clip, self._apply = None, True
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not self._apply:
+            self._withheld = [(p, p.grad) for p in params]
+            for p in params:
+                p.grad = None
+        elif self._inv_clip is not None:
+            for p in params:
+                p.grad.data.mul_(self._inv_clip.to(p.grad.device))
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        for p, grad in self._withheld:
+            p.grad = grad
+        self._withheld = []

@@ -40,7 +40,6 @@ import os
 from typing import Dict, List, Tuple
 
 import torch
-import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +47,10 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _mesh():
-    from megatron.core import parallel_state as ps
-    from torch.distributed.device_mesh import init_device_mesh
-
+    from engram_train.parallel.dims import parallel_dims
     from engram_train.platform.device import get_device
 
-    global _MESH
-    tp = ps.get_tensor_model_parallel_world_size()
-    key = (dist.get_world_size(), tp)
-    if _MESH is None or _MESH[0] != key:
-        # megatron's layout: TP ranks adjacent, so rank r sits at (r // tp, r % tp).
-        _MESH = (key, init_device_mesh(get_device().type, (key[0] // tp, tp)))
-    return _MESH[1]
-
-
-_MESH = None
+    return parallel_dims().mesh(get_device().type)
 
 
 def _split(name: str, param):
@@ -232,7 +220,8 @@ def save(engine, path: str) -> None:
                 sd.update({f"optim.{m}.{k}": v for k, v in
                            _pieces(name, p, safe_get_full_optimizer_state(p, m), mesh).items()})
     sd.update({f"buffer.{name}": t.detach() for name, t in _named_buffers(engine)})
-    dcp.save(sd, checkpoint_id=path)
+    # sync_files: every data file and .metadata is fsynced (the checkpoint's commit protocol counts on it)
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(path, sync_files=True))
 
 
 @torch.no_grad()

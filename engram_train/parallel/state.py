@@ -8,10 +8,11 @@ tests without torchrun.  On a machine without CUDA it also activates the CPU
 backend for megatron-core (:mod:`engram_train.platform.cpu_backend`) before any
 model is built.
 
-The group layout is megatron's (order ``tp-cp-ep-dp-pp``): TP ranks are
-adjacent, the dense data-parallel size is ``world / TP``, experts are spread
-over ``EP`` of those DP ranks (expert tensor parallel = TP, megatron's
-default) and replicated over the rest.  The helpers below are thin wrappers
+The group layout is megatron's (order ``tp-cp-ep-dp-pp``), described once by
+:class:`engram_train.parallel.dims.ParallelDims`: TP ranks are adjacent, the
+dense data-parallel size is ``world / TP``, experts are spread over ``EP`` of
+those DP ranks (expert tensor parallel = TP, megatron's default) and
+replicated over the rest.  The helpers below are thin wrappers
 over ``parallel_state`` so callers need not import megatron.
 """
 
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from engram_train.config.schema import ConfigError, ParallelConfig
+from engram_train.parallel.dims import ParallelDims, set_parallel_dims
 from engram_train.platform.device import get_device, is_cpu
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ def init_parallel(parallel_cfg: ParallelConfig, seed: int) -> None:
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    set_parallel_dims(ParallelDims(world, tp, ep))
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         expert_model_parallel_size=ep,
@@ -118,6 +121,7 @@ def destroy_parallel() -> None:
         get_moe_layer_wise_logging_tracker().clear()
         ps.destroy_model_parallel()
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    set_parallel_dims(None)
     if _OWNS_PROCESS_GROUP and dist.is_initialized():
         dist.destroy_process_group()
     _OWNS_PROCESS_GROUP = False

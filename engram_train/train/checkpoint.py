@@ -17,8 +17,9 @@ owns (a replicated tensor once), nothing is gathered whole, and both load at any
 the number of ranks is the same (they only feed dropout; a resharded run keeps its seeded ones).
 
 Commit protocol (a crash or power loss at any point leaves the previous ``latest`` intact and loadable):
-* everything is written into ``step_N.partial``; each rank fsyncs every file it wrote (its DCP
-  table files included) before the barrier that ends the write phase;
+* everything is written into ``step_N.partial``; every file is fsynced by its writer before the
+  exchange of outcomes that ends the write phase (DCP's ``FileSystemWriter(sync_files=True)`` its
+  data files and ``.metadata``, ``_write_durably`` the rest);
 * rank 0 then writes ``meta.json``, fsyncs every directory of the checkpoint bottom-up, renames
   ``step_N.partial -> step_N`` and fsyncs the checkpoints root, so the new name is durable;
 * only then is ``latest`` replaced atomically (tmp + fsync + ``os.replace`` + fsync of the root).
@@ -55,7 +56,7 @@ import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -68,8 +69,6 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-# torch.distributed.checkpoint's FileSystemWriter names rank r's data files "__<r>_<n>.distcp".
-_DCP_DATA_FILE = re.compile(r"^__(\d+)_")
 
 
 @dataclass
@@ -150,17 +149,6 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 def _torch_save(obj, path: str) -> None:
     _write_durably(path, lambda f: torch.save(obj, f))
-
-
-def _own_dcp_files(dcp_dir: str, rank: int, world: int) -> Iterator[str]:
-    """The files of a DCP directory this rank fsyncs: the data files it wrote; rank 0 also every
-    other file (DCP's ``.metadata``, the tables' manifest), so each file has exactly one owner."""
-    for dirpath, _, files in os.walk(dcp_dir):
-        for name in files:
-            m = _DCP_DATA_FILE.match(name)
-            owner = int(m.group(1)) if m and int(m.group(1)) < world else 0
-            if owner == rank:
-                yield os.path.join(dirpath, name)
 
 
 def _free_bytes(path: str) -> int:
@@ -353,18 +341,14 @@ class Checkpointer:
 
         def write_dense():
             dense = os.path.join(partial, "dense")
-            dense_checkpoint.save(engine, dense)   # collective: every rank writes what it owns
-            for path in _own_dcp_files(dense, self.rank, self.world):
-                fsync_file(path)
+            dense_checkpoint.save(engine, dense)   # collective: every rank writes (and fsyncs) what it owns
             _torch_save(_rng_state(), os.path.join(partial, "rng", f"rank_{self.rank:05d}.pt"))
 
         def write_tables():
             from engram_train.memory import checkpoint as table_checkpoint
 
             tables = os.path.join(partial, "tables")
-            table_checkpoint.save(table_store, tables)
-            for path in _own_dcp_files(tables, self.rank, self.world):
-                fsync_file(path)
+            table_checkpoint.save(table_store, tables)   # fsynced like the dense files
 
         def commit():
             if self.rank != 0:

@@ -1,11 +1,11 @@
 """Divergence cannot go unnoticed: the non-finite guard and the loss-spike warning.
 
-The one global gradient norm each step computes (DeepSpeed's, over dense and Engram table gradients;
-``parallel.deepspeed_engine.include_in_grad_norm``) also carries the step's loss, as ``0 * loss``: it
-is NaN/Inf exactly when the loss or any gradient on any rank is.  That norm is reduced over every
-rank for the clip, so every rank reaches the same verdict without a collective or a host sync of
-its own: DeepSpeed's step drops the dense update on it (its overflow path), the table store drops
-the table update on it, and the guard reads the value the step's metrics report anyway.
+The one global gradient norm each step computes (over dense and Engram table gradients;
+``engram_train.train.optimizers``) also carries the step's loss, as ``0 * loss``: it is NaN/Inf
+exactly when the loss or any gradient on any rank is.  That norm is reduced over every rank for the
+clip, so every rank reaches the same verdict without a collective or a host sync of its own: the
+optimizers container drops the dense and the table update on it, and the guard reads the value the
+step's metrics report anyway.
 
 ``trainer.nonfinite=stop`` ends the run at the first such step with one line (``Diverged``, a user
 error: exit code 2, printed once); ``skip`` lets the step pass without an update and stops after
@@ -48,7 +48,7 @@ class NonFiniteGuard:
         (raised by the caller once the step's metrics are logged).
 
         ``finite``: the step's verdict where the caller already holds it on the host (the trainer: the
-        one DeepSpeed's step pulled); ``loss`` and ``grad_norm``, numbers or device tensors, are then
+        one the optimizers' step pulled); ``loss`` and ``grad_norm``, numbers or device tensors, are then
         read only on a non-finite step, for its message.  Without it they are numbers, judged here.
         """
         if finite is None:

@@ -26,7 +26,8 @@ from engram_train.train import signals
 from engram_train.train.guard import LossSpikeDetector, NonFiniteGuard
 from engram_train.train.run_lock import RunDirLocked, RunLock
 from engram_train.train.metrics import build_logger
-from engram_train.train.schedule import apply_lr, lr_at
+from engram_train.train.optimizers import build_optimizers
+from engram_train.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ class Trainer:
                                               check_vocab)
         from engram_train.data.prepare import PreparedData, prepare_data
         from engram_train.model.gpt import padded_vocab_size
-        from engram_train.parallel.deepspeed_engine import StepLoss, build_engine
         from engram_train.parallel.parallelize import build_parallel_model
         from engram_train.platform.device import get_device
         from engram_train.parallel.state import init_parallel
@@ -85,9 +85,9 @@ class Trainer:
         table_sizes = self.hasher.table_sizes if self.hasher is not None else None
         model, self.table_store = build_parallel_model(
             cfg, vocab, table_sizes, params_dtype=torch.bfloat16 if self.use_bf16 else torch.float32)
-        self.step_loss = StepLoss()   # joins the global gradient norm: one verdict on a non-finite step
-        self.engine, self.optimizer = build_engine(model, cfg, self.dp_size, self.use_bf16, self.table_store,
-                                                   step_loss=self.step_loss)
+        # One step over DeepSpeed's dense parameters and the store's tables: one norm, one clip.
+        self.optimizers = build_optimizers(model, cfg, self.dp_size, self.use_bf16, self.table_store)
+        self.engine, self.optimizer = self.optimizers.engine, self.optimizers.dense.zero
         self.model = self.engine.module
         # DeepSpeed scales the LM loss by 1/grad_accum in engine.backward; the MoE aux loss enters the
         # graph through megatron's autoscaler, whose gradient scale must match.
@@ -167,36 +167,25 @@ class Trainer:
         them to the host on log steps only (:meth:`_pull`)."""
         lr = lr_at(self.state.step, lr=self.cfg.trainer.lr, min_lr=self.cfg.trainer.min_lr,
                    warmup_steps=self.cfg.trainer.warmup_steps, max_steps=self.cfg.trainer.max_steps)
-        apply_lr(self.optimizer, lr)
         losses: List[torch.Tensor] = []
-        for micro in range(self.grad_accum):
+        for _ in range(self.grad_accum):
             batch = to_device(next(self.train_iter), self.device)
             loss = forward_loss(self.engine, batch)
-            self.engine.backward(loss)
+            self.optimizers.backward(loss)
             losses.append(loss.detach())
-            if micro == self.grad_accum - 1:
-                # Before DeepSpeed's step: its one norm includes the tables and the loss's non-finite flag.
-                if self.table_store is not None:
-                    self.table_store.reduce_gradients()
-                self.step_loss.value = self._reduced_loss(losses)
-            self.engine.step()
-        loss, self.step_loss.value = self.step_loss.value, None
-        # inf when DeepSpeed dropped the update (non-finite loss or gradients): the tables drop theirs on it too
-        grad_norm = self.engine.get_global_grad_norm()
+        loss = self._reduced_loss(losses)
+        # One norm over dense and table gradients and the loss's non-finite flag; inf when the update was dropped
+        grad_norm = self.optimizers.step(lr, loss)
         # MoE expert-bias balancing, once per optimizer step; a dropped (non-finite) step moves no bias
-        finite = None if grad_norm is None else torch.isfinite(torch.as_tensor(grad_norm))
-        self.model.update_expert_bias(apply=finite)
-        if self.table_store is not None:
-            self.table_store.step(lr, grad_norm=grad_norm, max_norm=self.cfg.trainer.grad_clip)
+        self.model.update_expert_bias(apply=torch.isfinite(grad_norm))
         self.state.step += 1
         self.state.consumed_samples += self.cfg.data.global_batch_size
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm if grad_norm is not None else float("nan")}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
     def _step_finite(self) -> bool:
-        """The step's non-finite verdict, already on the host: DeepSpeed's ZeRO step pulled it to decide
-        whether to apply the update (its overflow check on the one global norm, which carries the
-        loss too: ``StepLoss``), so reading it costs no sync."""
-        return not self.optimizer.overflow
+        """The step's non-finite verdict, already on the host: the optimizers' step pulled the one global
+        norm (which carries the loss too) to decide whether to apply the update, so reading it costs no sync."""
+        return self.optimizers.applied
 
     def _reduced_loss(self, losses: List[torch.Tensor]) -> torch.Tensor:
         loss = torch.stack(losses).mean()

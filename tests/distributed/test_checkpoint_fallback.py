@@ -19,7 +19,7 @@ TABLE_SIZES = {0: [31, 37, 41, 43]}
 B, T = 2, 16
 
 
-def _train_step(engine, store, value: float, rank: int, cfg) -> None:
+def _train_step(optimizers, store, value: float, rank: int, cfg) -> None:
     """One data-parallel training step on this rank's batch, drawn from ``value``."""
     import torch
 
@@ -27,11 +27,9 @@ def _train_step(engine, store, value: float, rank: int, cfg) -> None:
     tokens = torch.randint(0, VOCAB, (B, T), generator=g)
     labels = torch.randint(0, VOCAB, (B, T), generator=g)
     hash_ids = {l: torch.randint(0, min(s), (B, T, 4), generator=g) for l, s in TABLE_SIZES.items()}
-    loss = engine(tokens, torch.arange(T).expand(B, T), labels, engram_hash_ids=hash_ids).float().mean()
-    engine.backward(loss)
-    store.reduce_gradients()
-    engine.step()
-    store.step(1e-2, grad_norm=float(engine.get_global_grad_norm()), max_norm=cfg.trainer.grad_clip)
+    loss = optimizers.engine(tokens, torch.arange(T).expand(B, T), labels, engram_hash_ids=hash_ids).float().mean()
+    optimizers.backward(loss)
+    optimizers.step(1e-2, loss)
 
 
 def _state(engine, store):
@@ -59,7 +57,7 @@ def _rank_fallback(root: str):
     import torch.distributed as dist
 
     from engram_train.config.schema import Config, DataConfig, EngramConfig, ModelConfig, ParallelConfig
-    from engram_train.parallel.deepspeed_engine import build_engine
+    from engram_train.train.optimizers import build_optimizers
     from engram_train.parallel.parallelize import build_parallel_model
     from engram_train.parallel.state import destroy_parallel, init_parallel
     from engram_train.train.checkpoint import Checkpointer, CheckpointError, TrainState
@@ -82,12 +80,13 @@ def _rank_fallback(root: str):
                      engram=EngramConfig(layer_ids=[0], max_ngram=3, heads_per_ngram=2, n_embed_per_ngram=16),
                      data=DataConfig(seq_length=T, micro_batch_size=B, global_batch_size=B * world))
         model, store = build_parallel_model(cfg, VOCAB, TABLE_SIZES)
-        engine, _ = build_engine(model, cfg, dp_size=world, use_bf16=False, table_store=store)
+        optimizers = build_optimizers(model, cfg, dp_size=world, use_bf16=False, tables=store)
+        engine = optimizers.engine
         ckpt = Checkpointer(root, keep_last=3)
         rank = dist.get_rank()
         saved = {}
         for step in (1, 2, 3):
-            _train_step(engine, store, float(step), rank, cfg)
+            _train_step(optimizers, store, float(step), rank, cfg)
             saved[step] = _state(engine, store)
             ckpt.save(engine, TrainState(step=step, consumed_samples=8 * step), table_store=store)
 
@@ -100,7 +99,7 @@ def _rank_fallback(root: str):
             with open(os.path.join(root, "step_00000002", "dense", "__0_0.distcp"), "r+b") as f:
                 f.truncate(100)
         dist.barrier()
-        _train_step(engine, store, 9.0, rank, cfg)
+        _train_step(optimizers, store, 9.0, rank, cfg)
         state = ckpt.load(engine, table_store=store)
         now = _state(engine, store)
         restored = sorted(now) == sorted(saved[1]) and all(torch.equal(now[k], saved[1][k]) for k in now)
@@ -147,7 +146,7 @@ def _rank_write_failure(root: str, fail_rank: int, how: str):
     import torch.distributed as dist
 
     from engram_train.config.schema import Config, DataConfig, EngramConfig, ModelConfig, ParallelConfig
-    from engram_train.parallel.deepspeed_engine import build_engine
+    from engram_train.train.optimizers import build_optimizers
     from engram_train.parallel.parallelize import build_parallel_model
     from engram_train.parallel.state import destroy_parallel, init_parallel
     from engram_train.train import checkpoint as ckpt_mod
@@ -161,11 +160,12 @@ def _rank_write_failure(root: str, fail_rank: int, how: str):
                      engram=EngramConfig(layer_ids=[0], max_ngram=3, heads_per_ngram=2, n_embed_per_ngram=16),
                      data=DataConfig(seq_length=T, micro_batch_size=B, global_batch_size=B * world))
         model, store = build_parallel_model(cfg, VOCAB, TABLE_SIZES)
-        engine, _ = build_engine(model, cfg, dp_size=world, use_bf16=False, table_store=store)
+        optimizers = build_optimizers(model, cfg, dp_size=world, use_bf16=False, tables=store)
+        engine = optimizers.engine
         ckpt = Checkpointer(root, keep_last=3)
-        _train_step(engine, store, 1.0, rank, cfg)
+        _train_step(optimizers, store, 1.0, rank, cfg)
         ckpt.save(engine, TrainState(step=1, consumed_samples=8), table_store=store)
-        _train_step(engine, store, 2.0, rank, cfg)
+        _train_step(optimizers, store, 2.0, rank, cfg)
         if how == "rng" and rank == fail_rank:
             def no_space(*args, **kwargs):
                 raise OSError(errno.ENOSPC, "No space left on device")

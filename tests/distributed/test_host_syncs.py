@@ -28,10 +28,9 @@ LOADER = "loader"                       # pulls made while the loader builds a b
 
 # The syncs a step needs, each charged to the code that makes it, and why (docs/architecture.md):
 EVERY_STEP = {
-    # DeepSpeed's step decides whether to apply the update from the one global norm (its overflow checks).
-    "deepspeed/runtime/utils.py:is_invalid_grad_norm",
-    # The table step clips by, and drops its update on, the same norm.
-    "engram_train/memory/store.py:step",
+    # The optimizers' step decides from the one global norm whether to apply the update (dense and
+    # tables alike) and clips the table rows by it.
+    "engram_train/train/optimizers.py:step",
 }
 NEEDED = EVERY_STEP | {
     # megatron's MoE dispatch: tokens per expert on the host, to split the tokens between the experts.

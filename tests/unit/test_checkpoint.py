@@ -1,7 +1,7 @@
 """Checkpoint commit protocol (fsync order), fallback to older checkpoints, and the metrics log on resume.
 
 The Checkpointer runs for real in one process (gloo group of one): a tiny Engram-MoE model from
-``build_parallel_model`` with its table store, in a real DeepSpeed ZeRO-1 engine (``build_engine``), built
+``build_parallel_model`` with its table store, in a real DeepSpeed ZeRO-1 engine (``build_optimizers``), built
 once per module.  State is set by real training steps on batches that depend on a value, so every saved
 step has its own weights, Adam moments and step, table rows and table optimizer state; it is read back
 through DeepSpeed (``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``).
@@ -41,12 +41,12 @@ def _cfg(**model) -> Config:
 
 def _build(cfg: Config) -> SimpleNamespace:
     """A DeepSpeed ZeRO-1 engine (fp32) over a fresh model, with the model's table store."""
-    from engram_train.parallel.deepspeed_engine import build_engine
     from engram_train.parallel.parallelize import build_parallel_model
+    from engram_train.train.optimizers import build_optimizers
 
     model, store = build_parallel_model(cfg, VOCAB, TABLE_SIZES)
-    engine, _ = build_engine(model, cfg, dp_size=1, use_bf16=False, table_store=store)
-    return SimpleNamespace(engine=engine, store=store, cfg=cfg)
+    optimizers = build_optimizers(model, cfg, dp_size=1, use_bf16=False, tables=store)
+    return SimpleNamespace(engine=optimizers.engine, store=store, cfg=cfg, optimizers=optimizers)
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +71,8 @@ def _train_step(run, value: float) -> None:
     labels = torch.randint(0, VOCAB, (B, T), generator=g)
     hash_ids = {l: torch.randint(0, min(s), (B, T, 4), generator=g) for l, s in TABLE_SIZES.items()}
     loss = run.engine(tokens, torch.arange(T).expand(B, T), labels, engram_hash_ids=hash_ids).float().mean()
-    run.engine.backward(loss)
-    run.store.reduce_gradients()
-    run.engine.step()
-    run.store.step(TABLE_LR, grad_norm=float(run.engine.get_global_grad_norm()), max_norm=run.cfg.trainer.grad_clip)
+    run.optimizers.backward(loss)
+    run.optimizers.step(TABLE_LR, loss)
 
 
 def _snapshot(run):

@@ -1,10 +1,12 @@
-"""The global gradient norm DeepSpeed clips with includes the table store's gradients.
+"""One step, one norm: the optimizers container's global gradient norm covers DeepSpeed's dense
+gradients and the table store's, and one clip scales both.
 
 One process, a small Engram-MoE with its tables in the store, one training step through the
 real DeepSpeed engine.  The expected norm is computed independently: the dense part from
 DeepSpeed's per-parameter gradients (``safe_get_full_grad``, read before the step), the table
-part from the store's sparse rows, and the clipped table update is checked against a
-hand-written AdamW step on the clipped rows.
+part from the store's pending sparse rows summed with ``index_add_``.  The clipped table update
+is checked against a hand-written AdamW step on the clipped rows, the clipped dense update
+through the dense first moments (AdamW's first step keeps (1 - beta1) times the clipped gradient).
 """
 
 from __future__ import annotations
@@ -20,14 +22,30 @@ SIZES = {0: [31, 37, 41, 43], 1: [47, 53, 59, 61]}
 B, T, VOCAB = 2, 16, 128
 
 
-def backward_one_batch(engine) -> None:
-    """One micro-batch of random tokens and hash ids (seed 0) through ``engine``, and its backward."""
+def backward_one_batch(optimizers, scale: float = 1.0) -> torch.Tensor:
+    """One micro-batch of random tokens and hash ids (seed 0) through the engine, and its backward;
+    returns the loss (times ``scale`` before the backward)."""
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, VOCAB, (B, T), generator=g)
     labels = torch.randint(0, VOCAB, (B, T), generator=g)
     hash_ids = {l: torch.randint(0, min(s), (B, T, 4), generator=g) for l, s in SIZES.items()}
-    loss = engine(tokens, torch.arange(T).expand(B, T), labels, engram_hash_ids=hash_ids).float().mean()
-    engine.backward(loss)
+    loss = optimizers.engine(tokens, torch.arange(T).expand(B, T), labels,
+                             engram_hash_ids=hash_ids).float().mean() * scale
+    optimizers.backward(loss)
+    return loss.detach()
+
+
+def record_table_grads(store):
+    """Each shard's gradient of this step, (sorted unique local ids, rows), summed from the pending
+    micro-batch rows with ``index_add_`` (one process: no replicas to average over)."""
+    out = {}
+    for l, shard in store.shards.items():
+        ids = torch.cat([p[0] for p in shard._pending])
+        rows = torch.cat([p[1] for p in shard._pending])
+        dense = torch.zeros(shard.num_rows, shard.embed_dim, dtype=torch.float64).index_add_(0, ids, rows.double())
+        uniq = torch.unique(ids)
+        out[l] = (uniq, dense[uniq].float())
+    return out
 
 
 def _cfg(*overrides):
@@ -40,39 +58,43 @@ def _cfg(*overrides):
                     f"data.micro_batch_size={B}", f"data.global_batch_size={B}", *overrides])
 
 
-@pytest.mark.parametrize("overrides, precision, optimizer_class", [
-    (["parallel.zero_stage=2", "trainer.grad_clip=0.05"], "fp32", "DeepSpeedZeroOptimizer"),   # clipping active
-    (["parallel.zero_stage=1", "trainer.grad_clip=1000.0"], "fp32", "DeepSpeedZeroOptimizer"),
-    (["parallel.zero_stage=1", "trainer.grad_clip=0.05", "trainer.precision=bf16"], "bf16", "DeepSpeedZeroOptimizer"),
+@pytest.mark.parametrize("overrides, precision", [
+    (["parallel.zero_stage=2", "trainer.grad_clip=0.05"], "fp32"),   # clipping active
+    (["parallel.zero_stage=1", "trainer.grad_clip=1000.0"], "fp32"),
+    (["parallel.zero_stage=1", "trainer.grad_clip=0.05", "trainer.precision=bf16"], "bf16"),
 ], ids=["zero2_clipped", "zero1_unclipped", "bf16_zero1_clipped"])
-def test_deepspeed_norm_includes_tables_and_tables_are_clipped_alike(overrides, precision, optimizer_class):
-    from deepspeed.utils import safe_get_full_grad
+def test_one_norm_covers_dense_and_tables_and_one_clip_scales_both(overrides, precision):
+    from deepspeed.utils import safe_get_full_grad, safe_get_full_optimizer_state
+    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
-    from engram_train.parallel.deepspeed_engine import build_engine
     from engram_train.parallel.parallelize import build_parallel_model
     from engram_train.parallel.state import destroy_parallel, init_parallel
+    from engram_train.train.optimizers import build_optimizers
 
     cfg = _cfg(*overrides)
     init_parallel(cfg.parallel, cfg.trainer.seed)
     try:
         bf16 = precision == "bf16"
-        model, store = build_parallel_model(cfg, VOCAB, SIZES, torch.bfloat16 if bf16 else torch.float32)
-        engine, optimizer = build_engine(model, cfg, 1, bf16, store)
-        assert type(optimizer).__name__ == optimizer_class
-        backward_one_batch(engine)
-        table_sq = float(store.reduce_gradients())
-        dense_sq = sum(float(safe_get_full_grad(p).double().square().sum()) for p in model.parameters())
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        torch.manual_seed(1)
+        model, store = build_parallel_model(cfg, VOCAB, SIZES, dtype)
+        optimizers = build_optimizers(model, cfg, 1, bf16, store)
+        assert type(optimizers.dense.zero).__name__ == "DeepSpeedZeroOptimizer"
+        assert optimizers.engine.gradient_clipping() == 0.0     # DeepSpeed is told nothing: the container clips
+        loss = backward_one_batch(optimizers)
+        grads = record_table_grads(store)
+        table_sq = sum(float(rows.double().square().sum()) for _, rows in grads.values())
+        dense_grads = {n: safe_get_full_grad(p).float().clone() for n, p in model.named_parameters()}
+        dense_sq = sum(float(g.double().square().sum()) for g in dense_grads.values())
         assert table_sq > 0 and dense_sq > 0
         before = {l: s.weight.clone() for l, s in store.shards.items()}
-        grads = {l: (s.grad[0].clone(), s.grad[1].clone()) for l, s in store.shards.items()}
-        engine.step()
-        norm = float(engine.get_global_grad_norm())
+
+        lr = 1e-2
+        norm = float(optimizers.step(lr, loss))
         want = math.sqrt(dense_sq + table_sq)
         assert norm == pytest.approx(want, rel=1e-3 if bf16 else 1e-5)
         assert norm > math.sqrt(dense_sq) * (1 + 1e-4)      # the tables really count
 
-        lr = 1e-2
-        store.step(lr, grad_norm=norm, max_norm=cfg.trainer.grad_clip)
         scale = 1.0 / max(1.0, (norm + 1e-6) / cfg.trainer.grad_clip)
         b1, b2, eps = cfg.trainer.adam_beta1, cfg.trainer.adam_beta2, cfg.trainer.adam_eps
         for l, shard in store.shards.items():
@@ -85,6 +107,14 @@ def test_deepspeed_norm_includes_tables_and_tables_are_clipped_alike(overrides, 
             untouched = torch.ones(shard.num_rows, dtype=torch.bool)
             untouched[ids] = False
             assert torch.equal(shard.weight[untouched], before[l][untouched])
+        # Dense: the first moment of AdamW's first step is (1 - beta1) times the clipped gradient.
+        zero = optimizers.dense.zero
+        for i, hp in enumerate(zero.single_partition_of_fp32_groups):   # link every group to its Adam state
+            lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], hp, zero.optimizer.state)
+        for n, p in model.named_parameters():
+            m = safe_get_full_optimizer_state(p, "exp_avg")
+            torch.testing.assert_close(m, (1 - b1) * scale * dense_grads[n], rtol=1e-3 if bf16 else 1e-5,
+                                       atol=1e-9, msg=n)
     finally:
         destroy_parallel()
 
@@ -106,17 +136,17 @@ def test_engram_needs_zero_1_or_2():
 def test_a_non_finite_step_drops_the_dense_and_the_table_update(fault, precision):
     """The one norm (dense + tables + the loss's flag) is Inf/NaN: DeepSpeed keeps its fp32 weights,
     Adam moments and step, and the store keeps its rows and optimizer state -- compared bit for bit."""
-    from engram_train.parallel.deepspeed_engine import StepLoss, build_engine
     from engram_train.parallel.parallelize import build_parallel_model
     from engram_train.parallel.state import destroy_parallel, init_parallel
+    from engram_train.train.optimizers import build_optimizers
 
     cfg = _cfg("parallel.zero_stage=1", "trainer.grad_clip=1.0", f"trainer.precision={precision}")
     init_parallel(cfg.parallel, cfg.trainer.seed)
     try:
         bf16 = precision == "bf16"
         model, store = build_parallel_model(cfg, VOCAB, SIZES, torch.bfloat16 if bf16 else torch.float32)
-        step_loss = StepLoss()
-        engine, optimizer = build_engine(model, cfg, 1, bf16, store, step_loss=step_loss)
+        optimizers = build_optimizers(model, cfg, 1, bf16, store)
+        optimizer = optimizers.dense.zero
 
         def state():
             dense = {f"w{i}": g.clone() for i, g in enumerate(optimizer.single_partition_of_fp32_groups)}
@@ -132,21 +162,15 @@ def test_a_non_finite_step_drops_the_dense_and_the_table_update(fault, precision
             tokens = torch.randint(0, VOCAB, (B, T), generator=g)
             labels = torch.randint(0, VOCAB, (B, T), generator=g)
             hash_ids = {l: torch.randint(0, min(s), (B, T, 4), generator=g) for l, s in SIZES.items()}
-            loss = engine(tokens, torch.arange(T).expand(B, T), labels, engram_hash_ids=hash_ids).float().mean()
+            loss = optimizers.engine(tokens, torch.arange(T).expand(B, T), labels,
+                                     engram_hash_ids=hash_ids).float().mean()
             if bad and fault == "dense_grad":
                 loss = loss * float("inf")
-            engine.backward(loss)
-            store.reduce_gradients()
-            if bad and fault == "table_grad":
-                shard = next(iter(store.shards.values()))
-                shard.grad[1][0, 0] = float("nan")
-                store._grad_sq_norm = store._grad_sq_norm + shard.grad[1][0, 0].double() ** 2
-            step_loss.value = torch.tensor(float("nan")) if bad and fault == "loss" else loss.detach()
-            engine.step()
-            step_loss.value = None
-            norm = engine.get_global_grad_norm()
-            store.step(1e-2, grad_norm=norm, max_norm=cfg.trainer.grad_clip)
-            return float(norm)
+            optimizers.backward(loss)
+            if bad and fault == "table_grad":   # one pending gradient row of one shard
+                next(iter(store.shards.values()))._pending[0][1][0, 0] = float("nan")
+            step_loss = torch.tensor(float("nan")) if bad and fault == "loss" else loss.detach()
+            return float(optimizers.step(1e-2, step_loss))
 
         assert math.isfinite(one_step(bad=False))   # a good step first: Adam state exists and moves
         dense0, tables0 = state()

@@ -1,7 +1,7 @@
 """Engram table rows train at ``lr * engram.table_lr_mult`` with ``engram.table_weight_decay``, in the
 table store's optimizer, never in DeepSpeed's.
 
-One process, the trainer's own builders (``build_parallel_model``, ``build_engine``), non-default
+One process, the trainer's own builders (``build_parallel_model``, ``build_optimizers``), non-default
 values for the multiplier and a dense weight decay, so that a table row trained at the dense
 learning rate or decay, or left in a DeepSpeed group, shows.  The expected rows come from a
 hand-written AdamW step on the store's reduced gradient rows.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.test_grad_norm import SIZES, VOCAB, _cfg as _grad_norm_cfg, backward_one_batch
+from tests.unit.test_grad_norm import SIZES, VOCAB, _cfg as _grad_norm_cfg, backward_one_batch, record_table_grads
 
 
 def _cfg(*overrides):
@@ -28,17 +28,17 @@ def _adamw_first_step(w, g, lr, wd, b1, b2, eps):
 @pytest.mark.parametrize("optimizer, lr_mult, table_wd", [
     ("adam", 3.0, 0.0), ("sparse_adam", 3.0, 0.0), ("adam", 7.0, 0.05)])
 def test_table_rows_keep_their_lr_multiplier_and_weight_decay(optimizer, lr_mult, table_wd):
-    from engram_train.parallel.deepspeed_engine import build_engine
     from engram_train.parallel.parallelize import build_parallel_model
     from engram_train.parallel.state import destroy_parallel, init_parallel
-    from engram_train.train.schedule import apply_lr
+    from engram_train.train.optimizers import build_optimizers
 
     cfg = _cfg(f"engram.optimizer={optimizer}", f"engram.table_lr_mult={lr_mult}",
                f"engram.table_weight_decay={table_wd}")
     init_parallel(cfg.parallel, cfg.trainer.seed)
     try:
         model, store = build_parallel_model(cfg, VOCAB, SIZES, torch.float32)
-        engine, ds_optimizer = build_engine(model, cfg, 1, False, store)
+        optimizers = build_optimizers(model, cfg, 1, False, store)
+        engine, ds_optimizer = optimizers.engine, optimizers.dense.zero
 
         # DeepSpeed trains the model's parameters and nothing of the tables.
         table_ptrs = {s.weight.untyped_storage().data_ptr() for s in store.shards.values()}
@@ -50,15 +50,12 @@ def test_table_rows_keep_their_lr_multiplier_and_weight_decay(optimizer, lr_mult
         assert not any(s.weight.requires_grad for s in store.shards.values())
 
         lr = 2e-3
-        apply_lr(ds_optimizer, lr)
-        backward_one_batch(engine)
-        store.reduce_gradients()
+        loss = backward_one_batch(optimizers)
         before = {l: s.weight.clone() for l, s in store.shards.items()}
-        grads = {l: (s.grad[0].clone(), s.grad[1].clone()) for l, s in store.shards.items()}
-        engine.step()
+        grads = record_table_grads(store)
+        optimizers.step(lr, loss)
         # The dense groups ran at the schedule's lr with the dense decay: the tables' values are their own.
         assert all(group["lr"] == lr for group in ds_optimizer.optimizer.param_groups)
-        store.step(lr, grad_norm=float(engine.get_global_grad_norm()), max_norm=cfg.trainer.grad_clip)
 
         b1, b2, eps = cfg.trainer.adam_beta1, cfg.trainer.adam_beta2, cfg.trainer.adam_eps
         for l, shard in store.shards.items():

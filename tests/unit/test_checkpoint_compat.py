@@ -1,0 +1,51 @@
+"""A checkpoint written by the code before issue 17 (commit cdd7c15: DeepSpeed's norm patched, the
+trainer calling the table store around ``engine.step``) resumes with today's code, and the resumed
+run continues exactly as that code's own uninterrupted run did.
+
+The fixture (``tests/fixtures/checkpoint_cdd7c15``) and its expected losses, gradient norms and
+final state were written by ``tests/fixtures/make_checkpoint_fixture.py`` run with that commit's
+code: nothing here is produced by the code under test.  A resume that silently started over (or
+loaded only part of the state) takes other losses from its first step on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from tests.fixtures.make_checkpoint_fixture import LR, SEED, TABLE_SIZES, VOCAB, batch, config, fingerprint
+
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "checkpoint_cdd7c15")
+
+
+def test_a_checkpoint_of_the_previous_code_resumes_and_continues_bit_for_bit(tmp_path):
+    from engram_train.parallel.parallelize import build_parallel_model
+    from engram_train.parallel.state import destroy_parallel, init_parallel
+    from engram_train.train.checkpoint import Checkpointer, TrainState
+    from engram_train.train.optimizers import build_optimizers
+
+    with open(os.path.join(FIXTURE, "expected.json")) as f:
+        want = json.load(f)
+    root = tmp_path / "checkpoints"
+    shutil.copytree(os.path.join(FIXTURE, "checkpoints"), root)
+    cfg = config()
+    init_parallel(cfg.parallel, seed=SEED + 1)   # another seed: only the checkpoint can give the state back
+    try:
+        model, store = build_parallel_model(cfg, VOCAB, TABLE_SIZES)
+        optimizers = build_optimizers(model, cfg, dp_size=1, use_bf16=False, tables=store)
+        state = Checkpointer(str(root), keep_last=1).load(optimizers.engine, table_store=store)
+        assert state == TrainState(step=want["saved_at"], consumed_samples=2 * want["saved_at"])
+        assert torch.equal(torch.get_rng_state(), torch.manual_seed(77).get_state())   # RNG restored
+        for step in range(want["saved_at"] + 1, len(want["losses"]) + 1):
+            tokens, pos, labels, hash_ids = batch(step)
+            loss = optimizers.engine(tokens, pos, labels, engram_hash_ids=hash_ids).float().mean()
+            optimizers.backward(loss)
+            norm = optimizers.step(LR, loss.detach())
+            assert float(loss) == want["losses"][str(step)], step
+            assert float(norm) == want["grad_norms"][str(step)], step
+        assert fingerprint(optimizers.engine, store) == want["state_after"]
+    finally:
+        destroy_parallel()
