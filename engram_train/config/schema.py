@@ -371,7 +371,9 @@ class TrainerConfig:
     # Stop (with a checkpoint) once this step is reached, without changing the schedule that
     # max_steps defines: for time-limited allocations; a later launch resumes.
     stop_at_step: Optional[int] = None
-    progress: bool = True
+    # "auto": a tqdm bar on a terminal, one line per log_interval step otherwise (a log file);
+    # "true": always the bar; "false": neither (engram_train/train/progress.py)
+    progress: str = "auto"
     # A step whose loss or global gradient norm (dense and tables) is NaN/Inf: "stop" ends the run
     # with one line and no checkpoint of that state; "skip" drops the step's update everywhere and
     # stops after max_skipped_steps such steps in a row (docs/checkpoints.md).
@@ -384,6 +386,10 @@ class TrainerConfig:
 
     def __post_init__(self):
         _require(self.max_steps > 0, "trainer.max_steps", self.max_steps, "must be > 0")
+        # true/false were the key's only values once (a bool); YAML and the command line give bools or "True"
+        self.progress = str(self.progress).lower()
+        _require(self.progress in ("auto", "true", "false"), "trainer.progress", self.progress,
+                 "choose auto (a bar on a terminal, lines in a log file), true (always the bar) or false")
         _require(self.lr > 0, "trainer.lr", self.lr, "must be > 0")
         _require(0 <= self.min_lr <= self.lr, "trainer.min_lr", self.min_lr, f"must be in [0, trainer.lr={self.lr}]")
         _require(self.warmup_steps >= 0, "trainer.warmup_steps", self.warmup_steps, "must be >= 0")

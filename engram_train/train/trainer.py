@@ -26,17 +26,10 @@ from engram_train.train import signals
 from engram_train.train.guard import LossSpikeDetector, NonFiniteGuard
 from engram_train.train.run_lock import RunDirLocked, RunLock
 from engram_train.train.metrics import build_logger
+from engram_train.train.progress import Progress
 from engram_train.train.schedule import apply_lr, lr_at
 
 log = logging.getLogger(__name__)
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
 class Trainer:
@@ -217,7 +210,7 @@ class Trainer:
         tokens_per_step = self.cfg.data.global_batch_size * self.cfg.data.seq_length
         if self.state.step == 0 and signals.received() is None:   # preempted during setup: no time for it
             self._evaluate()
-        bar = _progress(t.max_steps, self.state.step, t.progress and self.rank == 0)
+        progress = Progress(t.progress, t.max_steps, self.state.step, enabled=self.rank == 0)
         last: Dict[str, float] = {}
         steps_since_log = 0
         tic = time.time()
@@ -241,9 +234,7 @@ class Trainer:
             if diverged is not None:   # no checkpoint of this state; the newest good one stays
                 self.logger.close()
                 raise diverged
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
+            progress.update(step, last, logged=step % t.log_interval == 0 or done)
             preempted = self._stop_requested()
             if step % t.save_interval == 0 or step == stop or preempted:
                 self._save(last, interval_only=not (step == stop or preempted))
@@ -251,8 +242,7 @@ class Trainer:
                 log.warning("signal %s: stopped at step %d with a checkpoint; relaunch to resume",
                             signals.received(), step)
                 break
-        if bar is not None:
-            bar.close()
+        progress.close()
         self.logger.close()
         log.info("rank %d finished at step %d: peak RSS %s", self.rank, self.state.step, _mib(peak_rss_bytes()))
         return last
