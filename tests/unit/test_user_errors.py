@@ -64,6 +64,9 @@ def inputs(tmp_path_factory):
     (d / "garbage_run").mkdir()
     (d / "garbage_run" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo\n')
     _write_megatron_inputs(d)
+    (d / "plain.jsonl.gz").write_text('{"text": "not compressed"}\n')
+    (d / "interrupted" / ".partial").mkdir(parents=True)
+    (d / "interrupted" / ".partial" / "state.json").write_text('{"fingerprint": "0123456789abcdef", "shards": []}')
     return d
 
 
@@ -242,6 +245,11 @@ TOOL_CASES = [
     ("prepare_data", ["--files", "{d}/notext.jsonl", "--dir", "{t}/d"], ["notext.jsonl:1", "data.jsonl_text_key"]),
     ("prepare_data", ["--tokenizer", "{d}/missing.json", "--dir", "{t}/d"], ["missing.json"]),
     ("prepare_data", ["--vocab-size", "100", "--dir", "{t}/d"], ["data.vocab_size=100"]),
+    ("prepare_data", ["--files", "{d}/plain.jsonl.gz", "--dir", "{t}/d", "--workers", "1"],
+     ["plain.jsonl.gz", "not gzip-compressed", "Fix: compress it"]),
+    ("prepare_data", ["--files", "{d}/bad.jsonl", "--dir", "{t}/d", "--workers", "0"], ["--workers=0", "1 or more"]),
+    ("prepare_data", ["--files", "{d}/bad.jsonl", "--dir", "{d}/interrupted", "--workers", "1"],
+     ["interrupted preparation", "re-run with the options it was started with", "--restart"]),
     ("summarize_run", ["{t}/no_such_run"], ["no_such_run"]),
     ("summarize_run", ["{d}/garbage_run"], ["metrics.jsonl:2"]),
     ("compare_runs", ["{t}/no_runs", "--out", "{t}/cmp"], ["no_runs is not a directory"]),
