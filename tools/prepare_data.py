@@ -102,7 +102,7 @@ def _stream(args) -> int:
                           bpe_sample_bytes=args.bpe_sample_mb << 20, merge=not args.no_merge,
                           restart=args.restart, progress=not args.no_progress)
     print(json.dumps({k: meta[k] for k in ("splits", "shards", "vocab_size", "eos_id", "bpe_sample", "seconds",
-                                           "train_with") if k in meta}, indent=2))
+                                           "mb_per_s", "peak_rss_mb", "train_with") if k in meta}, indent=2))
     return 0
 
 

@@ -128,14 +128,27 @@ def _worker_init(tokenizer_path: str, valid_fraction: float, split_seed: int, dt
                    dtype=np.dtype(dtype))
 
 
-def _encode(texts: List[str]) -> Tuple[List[bool], List[np.ndarray], int]:
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (``VmHWM``), 0 where ``/proc`` has none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _encode(texts: List[str]) -> Tuple[List[bool], List[np.ndarray], int, int]:
     w = _WORKER
     tok = w["tok"]
     out = []
     for ids in tok.encode_batch(texts):
         ids.append(tok.eos_id)
         out.append(np.asarray(ids, dtype=w["dtype"]))
-    return [is_valid(t, w["valid_fraction"], w["split_seed"]) for t in texts], out, sum(len(t.encode()) for t in texts)
+    flags = [is_valid(t, w["valid_fraction"], w["split_seed"]) for t in texts]
+    return flags, out, sum(len(t.encode()) for t in texts), peak_rss_bytes()
 
 
 # ----------------------------------------------------------------------------- the preparation
@@ -257,6 +270,7 @@ def _run(paths, out: Path, fp, settings, tokenizer, vocab_size, valid_fraction, 
         pending: deque = deque()
         shard = None
         exhausted = False
+        peak_worker = 0
         while True:
             while not exhausted and len(pending) < 2 * workers:
                 batch = next(batches, None)
@@ -266,7 +280,8 @@ def _run(paths, out: Path, fp, settings, tokenizer, vocab_size, valid_fraction, 
                     pending.append(pool.submit(_encode, batch))
             if not pending:
                 break
-            flags, arrays, nbytes = pending.popleft().result()
+            flags, arrays, nbytes, worker_rss = pending.popleft().result()
+            peak_worker = max(peak_worker, worker_rss)
             if shard is None:
                 shard = _Shard(work, len(state["shards"]), dtype)
             shard.add(flags, arrays, nbytes)
@@ -318,6 +333,8 @@ def _run(paths, out: Path, fp, settings, tokenizer, vocab_size, valid_fraction, 
             "settings": settings, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "dtype": np.dtype(dtype).name,
             "splits": splits, "shards": len(shard_names), "prefixes": prefixes,
             "seconds": round(time.time() - t0, 1),
+            "peak_rss_mb": {"main": round(peak_rss_bytes() / 2**20, 1), "worker": round(peak_worker / 2**20, 1)},
+            "mb_per_s": round(prog.bytes / 1e6 / max(time.time() - t0, 1e-9), 2),
             "train_with": ["data.corpus=megatron", f"data.tokenizer={out / 'tokenizer.json'}",
                            "data.prefixes={train:[" + ",".join(prefixes["train"]) + "],valid:["
                            + ",".join(prefixes["valid"]) + "]}"]}
