@@ -3,7 +3,11 @@ resumed, gives the uninterrupted run's losses bit for bit; its log is plain line
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +33,14 @@ def test_blend_trains_and_resumes_exactly(tmp_path):
     assert "(step 2)" in out and "resumed from" in out, out[-3000:]
     assert logged_steps(run_dir) == [0, 1, 2, 3, 4]          # continued, not started over
     assert losses(run_dir) == losses(tmp_path / "oracle")    # bit-identical on CPU
+
+    # tools/generate.py samples from the checkpoint (greedy: the model's own most likely words).
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(root / "tools" / "generate.py"), str(run_dir), "--prompt", "w3 w151 w7",
+                           "--max-new-tokens", "6", "--temperature", "0", "--json"],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout)
+    assert r["step"] == 4 and 1 <= r["new_tokens"] <= 6 and r["tokens_per_s"] > 0
+    words = r["text"].split()
+    assert words and all(w == "<|endoftext|>" or (w.startswith("w") and 0 <= int(w[1:]) < 300) for w in words), r

@@ -187,6 +187,7 @@ CONFIG_CASES = [
     (["data.corpus=megatron", "data.prefixes=[0.7,/d/web,0.3]"], ["data.prefixes=", "even length", "3 entries"]),
     (["data.corpus=megatron", "data.prefixes=[0.7,/d/web,-0.3,/d/code]"], ["weight -0.3 of /d/code", "> 0"]),
     (["data.corpus=megatron"], ["data.prefixes=None", "data.corpus=megatron"]),
+    (["trainer.progress=sometimes"], ["trainer.progress='sometimes'", "auto", "true", "false"]),
     (["data.prefixes=[/d/web]"], ["data.prefixes is set", "data.corpus=megatron"]),
     # A sweep is checked job by job before its first job trains.
     (["-m", "trainer.seed=1,2", "model.foo=1"], ["model.foo"]),
