@@ -264,8 +264,11 @@ def _run(paths, out: Path, fp, settings, tokenizer, vocab_size, valid_fraction, 
 
     ctx = multiprocessing.get_context("spawn")   # workers start clean: no forked tokenizer threads or locks
     os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one thread per worker process; spawn inherits it
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                             initargs=(str(tok_path), valid_fraction, split_seed, np.dtype(dtype).name)) as pool:
+    init = (str(tok_path), valid_fraction, split_seed, np.dtype(dtype).name)
+    # One worker tokenizes in this process: no process to start, same output.
+    executor = _InProcess(init) if workers == 1 else ProcessPoolExecutor(workers, mp_context=ctx,
+                                                                          initializer=_worker_init, initargs=init)
+    with executor as pool:
         batches = _batches(docs)
         pending: deque = deque()
         shard = None
@@ -344,6 +347,26 @@ def _run(paths, out: Path, fp, settings, tokenizer, vocab_size, valid_fraction, 
     shutil.rmtree(work, ignore_errors=True)
     _write_json(out / "meta.json", meta)
     return meta
+
+
+class _InProcess:
+    """``ProcessPoolExecutor``'s ``submit`` for one worker, run at once in this process."""
+
+    def __init__(self, init):
+        _worker_init(*init)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        f = Future()
+        f.set_result(fn(*args))
+        return f
 
 
 class _Shard:
