@@ -11,7 +11,10 @@ python tools/prepare_data.py   # the debug_cpu data settings are the defaults; t
 echo "[quickstart] training"
 # A fresh quick-start each time: pass trainer.resume=true to continue the last one instead.
 engram-train experiment=debug_cpu trainer.resume=false "$@"
-python tools/summarize_run.py "$(python -c "
+RUN_DIR="$(python -c "
 import sys
 from engram_train.config.store import compose
 print(compose(['experiment=debug_cpu'] + sys.argv[1:]).run.dir)" "$@")"
+python tools/summarize_run.py "$RUN_DIR"
+echo "[quickstart] what the model says (tools/generate.py)"
+python tools/generate.py "$RUN_DIR" --prompt "ROMEO:" --max-new-tokens 32 --seed 0

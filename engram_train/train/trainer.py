@@ -27,17 +27,10 @@ from engram_train.train.guard import LossSpikeDetector, NonFiniteGuard
 from engram_train.train.run_lock import RunDirLocked, RunLock
 from engram_train.train.metrics import build_logger
 from engram_train.train.optimizers import build_optimizers
+from engram_train.train.progress import Progress
 from engram_train.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
 class Trainer:
@@ -225,7 +218,7 @@ class Trainer:
         tokens_per_step = self.cfg.data.global_batch_size * self.cfg.data.seq_length
         if self.state.step == 0 and signals.received() is None:   # preempted during setup: no time for it
             self._evaluate()
-        bar = _progress(t.max_steps, self.state.step, t.progress and self.rank == 0)
+        progress = Progress(t.progress, t.max_steps, self.state.step, enabled=self.rank == 0)
         last: Dict[str, object] = {}
         window: List[torch.Tensor] = []   # the losses of the steps since the last log line, on the device
         tic = time.time()
@@ -236,7 +229,9 @@ class Trainer:
             diverged = self.guard.observe(self.state, last["loss"], last["grad_norm"], finite=self._step_finite())
             last["skipped_steps"] = self.state.skipped_steps
             window.append(last["loss"])
-            if step % t.log_interval == 0 or step % t.eval_interval == 0 or done or self.state.nonfinite_streak:
+            logged = bool(step % t.log_interval == 0 or step % t.eval_interval == 0 or done
+                          or self.state.nonfinite_streak)
+            if logged:
                 elapsed, tic = time.time() - tic, time.time()
                 # This step's model figures before evaluation runs the model again; the window's losses
                 # feed the spike detector in step order, as if it had seen each at its step.
@@ -246,8 +241,6 @@ class Trainer:
                         self.spikes.observe(s, loss)
                 last["tokens_per_s"] = tokens_per_step * len(window) / max(elapsed, 1e-9)
                 window = []
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
                 if (step % t.eval_interval == 0 or done) and not self.state.nonfinite_streak:
                     last.update(self._evaluate(record=False))
                     tic = time.time()  # evaluation time is not training throughput
@@ -255,8 +248,7 @@ class Trainer:
             if diverged is not None:   # no checkpoint of this state; the newest good one stays
                 self.logger.close()
                 raise diverged
-            if bar is not None:
-                bar.update(1)
+            progress.update(step, last, logged=logged)
             preempted = self._stop_requested()
             if step % t.save_interval == 0 or step == stop or preempted:
                 self._save(last, interval_only=not (step == stop or preempted))
@@ -264,8 +256,7 @@ class Trainer:
                 log.warning("signal %s: stopped at step %d with a checkpoint; relaunch to resume",
                             signals.received(), step)
                 break
-        if bar is not None:
-            bar.close()
+        progress.close()
         self.logger.close()
         log.info("rank %d finished at step %d: peak RSS %s", self.rank, self.state.step, _mib(peak_rss_bytes()))
         return self._pull(last)[0]   # a stop between log steps leaves device values in it

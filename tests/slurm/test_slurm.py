@@ -69,8 +69,10 @@ def test_warned_job_checkpoints_requeues_and_resumes_exactly(cluster, tmp_path):
     _write_corpus(str(corpus))
     # A long schedule so that the warning lands mid-run; the job stops for good at step STOP.
     STOP = 150
-    overrides = TINY + ["data.corpus=files", f"data.files=[{corpus}]", f"data.dir={tmp_path / 'prepared'}",
-                        "trainer.max_steps=400", "trainer.warmup_steps=3", f"trainer.stop_at_step={STOP}"]
+    # trainer.progress left at auto: a batch job's output is a file, so progress comes as lines.
+    overrides = [o for o in TINY if not o.startswith("trainer.progress=")]
+    overrides += ["data.corpus=files", f"data.files=[{corpus}]", f"data.dir={tmp_path / 'prepared'}",
+                  "trainer.max_steps=400", "trainer.warmup_steps=3", f"trainer.stop_at_step={STOP}"]
     run_dir = tmp_path / "slurm_run"
     log = tmp_path / "job.log"
     env = dict(_env(), NPROC_PER_NODE="2")
@@ -97,6 +99,9 @@ def test_warned_job_checkpoints_requeues_and_resumes_exactly(cluster, tmp_path):
     text = log.read_text()
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (state, text[-6000:])
     assert "Traceback" not in text, text[-6000:]
+    assert "\r" not in text, "a progress bar redraw in the job's log"
+    assert re.search(r"step 10/400 \| loss \d+\.\d{4} \| lr \S+ \| [\d,]+ tokens/s \| ETA \d+:\d\d:\d\d", text), \
+        text[-3000:]
     stopped = [int(s) for s in re.findall(r"stopped at step (\d+) with a checkpoint", text)]
     assert len(stopped) == 2 and stopped[0] == stopped[1], text[-6000:]   # both ranks, at the same step
     first = stopped[0]

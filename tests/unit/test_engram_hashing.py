@@ -471,3 +471,24 @@ def test_engram_pad_id_outside_the_vocabulary(compression):
         hasher_from_config(EngramConfig(pad_id=len(lookup)), lookup, size, pad_id=pad, eos_id=eos)
     with pytest.raises(ConfigError, match=r"engram.pad_id=-1: must be a raw tokenizer id >= 0"):
         EngramConfig(pad_id=-1)
+
+
+# ---- incremental hashing for generation ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_incremental_hash_ids_of_a_growing_sequence_equal_the_whole_sequences(compression, reset):
+    """tools/generate.py hashes each new token from the last max_ngram tokens only; the ids of the
+    whole sequence come from the independent reference above."""
+    from engram_train.generate import IncrementalHashes
+
+    lookup, size, ids, pad, eos = compression
+    max_ngram, heads, sizes = 4, 3, [size * 5 + 7, size * 5 + 11, size * 5 + 13]
+    raw = batch(ids, B=1, T=40, seed=5, eos=eos, extra=[(0, 3, eos), (0, 4, eos), (0, 38, eos)])
+    h = NgramHasher(lookup, [0, 2], max_ngram, heads, sizes, pad_id=pad, seed=4, reset_at_doc_boundary=reset,
+                    eos_id=eos)
+    inc = IncrementalHashes(h, torch.from_numpy(raw[:, :2]))   # a two-token prompt, then one token at a time
+    for t in range(2, raw.shape[1]):
+        inc.append(torch.tensor(raw[0, t]))
+    ref, _, _ = ref_hash(lookup, raw, [0, 2], max_ngram, heads, sizes, pad, seed=4, eos_raw=eos if reset else None)
+    for layer in (0, 2):
+        np.testing.assert_array_equal(inc.ids[layer].numpy(), ref[layer])

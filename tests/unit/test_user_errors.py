@@ -63,7 +63,42 @@ def inputs(tmp_path_factory):
     (d / "a_file").write_text("I am a file")
     (d / "garbage_run").mkdir()
     (d / "garbage_run" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo\n')
+    _write_megatron_inputs(d)
+    (d / "plain.jsonl.gz").write_text('{"text": "not compressed"}\n')
+    (d / "interrupted" / ".partial").mkdir(parents=True)
+    (d / "interrupted" / ".partial" / "state.json").write_text('{"fingerprint": "0123456789abcdef", "shards": []}')
     return d
+
+
+def _write_megatron_inputs(d):
+    """Megatron prefixes written by megatron-core's own builder: good ones, and each kind of bad one."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(300)}
+    vocab["<|endoftext|>"] = 300
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(d / "mega_tokenizer.json"))
+    (d / "hf_dir_without_json").mkdir()
+    (d / "hf_dir_without_json" / "vocab.json").write_text("{}")
+
+    def write(name, dtype, top, bin_only=False, idx_only=False):
+        builder = IndexedDatasetBuilder(str(d / f"{name}.bin"), dtype=dtype)
+        for i in range(20):
+            doc = np.append(np.arange(i, i + 30) % 300, 300)
+            doc[0] = top - 1 if i == 7 else doc[0]
+            builder.add_document(doc, [31])
+        builder.finalize(str(d / f"{name}.idx"))
+        if bin_only:
+            (d / f"{name}.idx").unlink()
+        if idx_only:
+            (d / f"{name}.bin").unlink()
+
+    write("web", np.uint16, 300)
+    write("wide", np.int32, 300)
+    write("big_ids", np.uint16, 5000)
+    write("no_idx", np.uint16, 300, bin_only=True)
+    write("no_bin", np.uint16, 300, idx_only=True)
 
 
 # (overrides of engram-train, substrings the one error line must contain)
@@ -149,6 +184,11 @@ CONFIG_CASES = [
     (["trainer.loss_spike_factor=0.5"], ["trainer.loss_spike_factor=0.5", "or 0: off"]),
     (["trainer.loss_spike_window=1"], ["trainer.loss_spike_window=1"]),
     (["run.lock_wait_s=-1"], ["run.lock_wait_s=-1.0"]),
+    (["data.corpus=megatron", "data.prefixes=[0.7,/d/web,0.3]"], ["data.prefixes=", "even length", "3 entries"]),
+    (["data.corpus=megatron", "data.prefixes=[0.7,/d/web,-0.3,/d/code]"], ["weight -0.3 of /d/code", "> 0"]),
+    (["data.corpus=megatron"], ["data.prefixes=None", "data.corpus=megatron"]),
+    (["trainer.progress=sometimes"], ["trainer.progress='sometimes'", "auto", "true", "false"]),
+    (["data.prefixes=[/d/web]"], ["data.prefixes is set", "data.corpus=megatron"]),
     # A sweep is checked job by job before its first job trains.
     (["-m", "trainer.seed=1,2", "model.foo=1"], ["model.foo"]),
     (["-m", "trainer.seed=1,2", "parallel.zero_stage=1,3"], ["parallel.zero_stage=3"]),
@@ -171,6 +211,16 @@ FILE_CASES = [
     (["data.tokenizer={d}/no_eos_tokenizer.json"], ["no_eos_tokenizer.json", "EOS"]),
     (["run.dir={d}/a_file/run"], ["run.dir=", "a_file is a file"]),
     (["data.dir={d}/a_file/data"], ["data.dir=", "a_file is a file"]),
+    (["data.tokenizer={d}/hf_dir_without_json"], ["hf_dir_without_json", "without tokenizer.json", "save_pretrained"]),
+    (["data.corpus=megatron", "data.prefixes=[{d}/web]"], ["data.corpus=megatron needs data.tokenizer"]),
+    (["data.corpus=megatron", "data.tokenizer={d}/mega_tokenizer.json", "data.prefixes=[0.5,{d}/web,0.5,{d}/no_idx]"],
+     ["{d}/no_idx.idx does not exist", "without the suffix"]),
+    (["data.corpus=megatron", "data.tokenizer={d}/mega_tokenizer.json", "data.prefixes=[{d}/no_bin]"],
+     ["{d}/no_bin.bin does not exist"]),
+    (["data.corpus=megatron", "data.tokenizer={d}/mega_tokenizer.json", "data.prefixes=[{d}/web,{d}/wide]"],
+     ["{d}/wide.idx stores tokens as int32", "{d}/web.idx as uint16", "Fix: re-run"]),
+    (["data.corpus=megatron", "data.tokenizer={d}/mega_tokenizer.json", "data.prefixes=[{d}/big_ids]"],
+     ["{d}/big_ids.bin holds token id 4999", "has 301 ids", "Fix: set data.tokenizer"]),
 ]
 
 
@@ -196,6 +246,11 @@ TOOL_CASES = [
     ("prepare_data", ["--files", "{d}/notext.jsonl", "--dir", "{t}/d"], ["notext.jsonl:1", "data.jsonl_text_key"]),
     ("prepare_data", ["--tokenizer", "{d}/missing.json", "--dir", "{t}/d"], ["missing.json"]),
     ("prepare_data", ["--vocab-size", "100", "--dir", "{t}/d"], ["data.vocab_size=100"]),
+    ("prepare_data", ["--files", "{d}/plain.jsonl.gz", "--dir", "{t}/d", "--workers", "1"],
+     ["plain.jsonl.gz", "not gzip-compressed", "Fix: compress it"]),
+    ("prepare_data", ["--files", "{d}/bad.jsonl", "--dir", "{t}/d", "--workers", "0"], ["--workers=0", "1 or more"]),
+    ("prepare_data", ["--files", "{d}/bad.jsonl", "--dir", "{d}/interrupted", "--workers", "1"],
+     ["interrupted preparation", "re-run with the options it was started with", "--restart"]),
     ("summarize_run", ["{t}/no_such_run"], ["no_such_run"]),
     ("summarize_run", ["{d}/garbage_run"], ["metrics.jsonl:2"]),
     ("compare_runs", ["{t}/no_runs", "--out", "{t}/cmp"], ["no_runs is not a directory"]),
