@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 from typing import Dict, List
 
-import torch
-
 from engram_train.config.schema import ConfigError
-from engram_train.lngram.keys import document_segments, table_layout
+
+# torch is imported where it is used: the sizing tools and the config checks run without it.
 
 
 class LatentKeyInputs:
@@ -31,7 +30,9 @@ class LatentKeyInputs:
         rows = engram_cfg.latent.table_rows()
         self.table_sizes: Dict[int, List[int]] = {i: [rows] for i in self.layer_ids}
 
-    def __call__(self, tokens: torch.Tensor) -> Dict[int, torch.Tensor]:
+    def __call__(self, tokens):
+        from engram_train.lngram.keys import document_segments
+
         segments = document_segments(tokens, self.eos_id).unsqueeze(-1)
         return {i: segments for i in self.layer_ids}
 
@@ -67,9 +68,11 @@ def block_params(model_cfg, engram_cfg) -> int:
             + H + H * engram_cfg.kernel_size)    # conv norm + conv
 
 
-def memory_limit_bytes(device: torch.device) -> int:
+def memory_limit_bytes(device) -> int:
     """What one rank can hold at most: the accelerator's memory, or the host's RAM."""
-    if device.type == "cuda":
+    if str(device).startswith("cuda"):
+        import torch
+
         return int(torch.cuda.get_device_properties(device).total_memory)
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
@@ -79,7 +82,7 @@ def check_shards_fit(specs, placement, engram_cfg, device) -> None:
     from engram_train.memory.layout import shard_bytes
 
     need = sum(sum(shard_bytes(s, placement, engram_cfg.optimizer).values()) for s in specs.values())
-    limit = memory_limit_bytes(torch.device(device))
+    limit = memory_limit_bytes(device)
     if need > limit:
         lt = engram_cfg.latent
         raise ConfigError(
