@@ -57,3 +57,35 @@ def test_lngram_resumes_at_another_layout(tmp_path, oracle, data_overrides):  # 
     assert f"resumed from {run_dir / 'checkpoints' / 'step_00000002'} (step 2)" in out
     assert logged_steps(run_dir) == [0, 1, 2, 3, 4, 5]     # continued, not started over
     _assert_close(losses(run_dir), losses(oracle), rtol=1e-4)
+
+
+def test_inspect_lngram_reports_symbols_rows_and_sink(oracle, tmp_path):
+    """tools/inspect_lngram.py on the oracle's last checkpoint: symbol counts cover the validation
+    batch on every route, dead codes and row counts agree with the counts and the table layout."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(root / "tools" / "inspect_lngram.py"), str(oracle / "checkpoints"),
+                           "--out", str(tmp_path / "insp")], capture_output=True, text=True, timeout=600,
+                          env=dict(__import__("os").environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "insp" / "report.json").read_text())
+    assert report["step"] == 5 and sorted(report["layers"]) == ["0", "1"]
+    B, T = report["tokens"]
+    for layer in report["layers"].values():
+        counts = torch.tensor(layer["symbol_counts"])                      # [routes=4, K=8]
+        assert counts.shape == (4, 8) and counts.sum(1).tolist() == [B * T] * 4
+        assert all(0.0 <= e <= 3.0 + 1e-9 for e in layer["symbol_entropy_bits"])
+        assert layer["dead_codes"] == (counts == 0).sum(1).tolist()
+        assert 0.0 < layer["sink_mass_mean"] < 1.0
+        rows = {n: o["rows"] for n, o in layer["orders"].items()}
+        assert rows == {"2": 4 * 8 ** 2, "3": 4 * 8 ** 3}
+        # 5 steps of 8 x 64 tokens touch some rows of each order, never all of order 3
+        assert 0 < layer["orders"]["2"]["touched_rows"] <= rows["2"]
+        assert 0 < layer["orders"]["3"]["touched_rows"] < rows["3"]
+    assert (tmp_path / "insp" / "symbols_layer0.png").is_file()
+    assert "Lngram layer 0: readout mass on the sink" in proc.stdout

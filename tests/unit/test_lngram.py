@@ -192,3 +192,19 @@ def test_masked_windows_read_nothing():
     nonzero = tokens_out.abs().sum(-1).ne(0).any(-1)[0].tolist()
     # order 3 needs t >= 2 and positions t-2..t in one document: only t = 2 ([0..2]) and t = 5 ([3..5])
     assert nonzero == [False, False, True, False, False, True]
+
+
+def test_inspect_symbol_stats():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "inspect_lngram.py"
+    spec = importlib.util.spec_from_file_location("inspect_lngram", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # route 0 uses symbols 0 and 3 equally (1 bit), route 1 only symbol 2 (0 bits); K = 4
+    symbols = torch.tensor([[0, 2], [3, 2], [0, 2], [3, 2]])
+    stats = mod.symbol_stats(symbols, 2)
+    assert stats["counts"] == [[2, 0, 0, 2], [0, 0, 4, 0]]
+    assert stats["entropy_bits"] == pytest.approx([1.0, 0.0])
+    assert stats["dead_codes"] == [2, 3]
