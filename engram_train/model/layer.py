@@ -4,7 +4,9 @@ One class, :class:`BackboneLayer`, built by :mod:`engram_train.model.spec` where
 the stock megatron ``TransformerLayer`` is not enough:
 
 * **Engram** (docs/engram.md §1.7): at an Engram layer the block's output is added
-  to the residual stream *before* the layer's attention::
+  to the residual stream *before* the layer's attention (the block is an ``EngramBlock``, or a
+  ``LngramBlock`` under ``engram.keys=latent``, docs/lngram.md, whose per-layer input is the
+  documents' numbering instead of hash ids)::
 
       hidden = hidden + engram(hidden, hash_ids)
       hidden = <attention and MLP sublayers>(hidden)
