@@ -111,14 +111,15 @@ class RouterSurrogate(torch.autograd.Function):
                 width = M if ctx.mode == "one_bit" else K
                 idx = inv[used:used + w.count * width].view(w.count, width)
                 used += w.count * width
-                dots = torch.einsum("nwd,nd->nw", table_rows[idx], g)     # [N, width]
+                alt_rows = table_rows.index_select(0, idx.reshape(-1)).view(w.count, width, -1)
+                dots = torch.bmm(alt_rows, g.unsqueeze(-1)).squeeze(-1)    # [N, width]
                 # The symbol at position i of a window ending at t sits at t - (n-1-i), same route.
                 src = w.end - (w.order - 1 - i) * R                       # flat index over [B, T, R]
                 if ctx.mode == "one_bit":
                     bit = (w.addr.unsqueeze(1) >> (M * i + j)) & 1
                     score = (dots - cur.unsqueeze(1)) * (1 - 2 * bit).to(dots.dtype)
                 else:
-                    p = probs.view(-1, M)[src]                           # [N, M]
+                    p = probs.view(-1, M).index_select(0, src)            # [N, M]
                     codes = (torch.arange(K, device=logits.device).unsqueeze(1) >> j) & 1   # [K, M]
                     cb = codes.to(p.dtype)
                     prob_code = torch.where(codes.bool().unsqueeze(0), p.unsqueeze(1),
