@@ -34,7 +34,9 @@ def count(overrides):
     vocab = -(-(m.vocab_size or cfg.data.vocab_size) // m.make_vocab_size_divisible_by) * m.make_vocab_size_divisible_by
     counts = param_counts(m, cfg.engram, vocab)
     tables = 0
-    if cfg.engram.enabled:
+    if cfg.engram.enabled and cfg.engram.keys == "latent":   # Lngram: R K^n rows per order, exact
+        tables = len(cfg.engram.layer_ids) * cfg.engram.latent.table_rows() * cfg.engram.latent.memory_dim
+    elif cfg.engram.enabled:
         from engram_train.engram.hashing import prime_table_sizes
 
         e = cfg.engram

@@ -177,6 +177,61 @@ class ModelConfig:
         return bool(self.num_experts)
 
 
+MEMORY_KEYS = ("hashed", "latent")
+LATENT_SURROGATES = ("one_bit", "exact", "none")
+INT64_MAX = (1 << 63) - 1
+
+
+@dataclass
+class LatentKeysConfig:
+    """Lngram's learned keys (``engram.keys=latent``, docs/lngram.md); defaults are the public v2's."""
+
+    routes: int = 16                  # R: routes per token, each its own symbol and its own table rows
+    bits: int = 4                     # M: bits per route symbol (K = 2^M symbols)
+    orders: List[int] = field(default_factory=lambda: [2, 3])   # n-gram orders, one exact table of R K^n rows each
+    memory_dim: int = 128             # width of a table row
+    readout_heads: int = 4            # query heads of the readout over routes (must divide model.hidden_size)
+    readout_kv_heads: int = 2         # key/value heads (GQA: divides readout_heads)
+    # Readout mass on the routes when every route scores alike; the zero sink's logit is log(R (1-m)/m)
+    route_mass_prior: float = 0.5
+    # Router gradient: "one_bit" (flip each bit, n M extra rows per window) | "exact" (all K codes per
+    # position, n K rows) | "none" (the router does not train)
+    surrogate: str = "one_bit"
+    temperature: float = 1.0         # tau of p = sigmoid(tau z)
+    scale: float = 1.0               # lambda of the surrogate gradient
+
+    def __post_init__(self):
+        k = "engram.latent."
+        _require(type(self.routes) is int and self.routes >= 1, k + "routes", self.routes, "must be an integer >= 1")
+        _require(type(self.bits) is int and 1 <= self.bits <= 16, k + "bits", self.bits,
+                 "bits per route symbol must be in [1, 16] (K = 2^bits symbols; the public code uses 4)")
+        orders = list(self.orders)
+        _require(len(orders) > 0 and all(type(n) is int and n >= 1 for n in orders), k + "orders", orders,
+                 "list n-gram orders >= 1, e.g. [2, 3]")
+        _require(len(set(orders)) == len(orders), k + "orders", orders, "orders must be distinct")
+        for n in orders:
+            rows = self.routes * (1 << (self.bits * n))
+            _require(rows <= INT64_MAX, k + "orders", orders,
+                     f"order {n} needs routes x 2^(bits x {n}) = {self.routes} x 2^{self.bits * n} rows, more than "
+                     "an int64 row id can address; lower engram.latent.bits or the orders")
+        _require(type(self.memory_dim) is int and self.memory_dim >= 1, k + "memory_dim", self.memory_dim,
+                 "must be an integer >= 1")
+        _require(type(self.readout_heads) is int and self.readout_heads >= 1, k + "readout_heads",
+                 self.readout_heads, "must be an integer >= 1")
+        _require(type(self.readout_kv_heads) is int and self.readout_kv_heads >= 1
+                 and self.readout_heads % self.readout_kv_heads == 0, k + "readout_kv_heads", self.readout_kv_heads,
+                 f"must divide engram.latent.readout_heads={self.readout_heads} (grouped-query readout)")
+        _require(0.0 < self.route_mass_prior < 1.0, k + "route_mass_prior", self.route_mass_prior,
+                 "must be strictly between 0 and 1 (the public code uses 0.5)")
+        _require(self.surrogate in LATENT_SURROGATES, k + "surrogate", self.surrogate,
+                 "choose 'one_bit' (the paper's), 'exact' (all codes) or 'none'")
+        _require(self.temperature >= 0, k + "temperature", self.temperature, "must be >= 0")
+
+    def table_rows(self) -> int:
+        """Rows of one layer's tables: sum over orders of routes x 2^(bits x n)."""
+        return sum(self.routes * (1 << (self.bits * n)) for n in self.orders)
+
+
 @dataclass
 class EngramConfig:
     """Engram conditional memory (docs/engram.md).  Layer ids are 0-based, like the reference demo."""
@@ -228,8 +283,20 @@ class EngramConfig:
     # (a local disk: tables larger than RAM, paged by the OS; /dev/shm: RAM outside the process heap).
     # null: plain host RAM.  The files are the live tables of this run, one set per rank.
     host_dir: Optional[str] = None
+    # Memory kind: "hashed" = Engram (tokenizer n-grams, hashed) | "latent" = Lngram (learned route
+    # symbols, exact n-gram tables; engram.latent.*, docs/lngram.md).  Layer ids, partition, optimizer,
+    # table_lr_mult/weight_decay/init_std and kernel_size apply to both.
+    keys: str = "hashed"
+    latent: LatentKeysConfig = field(default_factory=LatentKeysConfig)
 
     def __post_init__(self):
+        _require(self.keys in MEMORY_KEYS, "engram.keys", self.keys,
+                 "choose 'hashed' (Engram: hashed tokenizer n-grams) or 'latent' (Lngram: learned route symbols)")
+        if self.keys == "latent":
+            _require(self.residency == "device", "engram.residency", self.residency,
+                     "Lngram's addresses come from the layer's own hidden states, so no prefetcher can gather "
+                     "its rows a step ahead: keep engram.residency=device (engram.partition=all spreads the "
+                     "tables over every rank)")
         _require(self.partition in PARTITIONS, "engram.partition", self.partition,
                  "choose 'auto', 'replicated', 'tp' (rows split over tensor parallelism) or 'all' "
                  "(rows split over every rank)")
@@ -480,6 +547,12 @@ class Config:
         _require(e.hc_mult is None or e.hc_mult == m.hc_mult, "engram.hc_mult", e.hc_mult,
                  f"Engram's branches are the backbone's residual streams (model.hc_mult={m.hc_mult}); "
                  "set model.hc_mult only and leave engram.hc_mult unset (it follows)")
+        if e.enabled and e.keys == "latent":
+            _require(m.hidden_size % e.latent.readout_heads == 0, "engram.latent.readout_heads",
+                     e.latent.readout_heads, f"must divide model.hidden_size={m.hidden_size} (the readout's "
+                     "query heads share the hidden width)")
+            _require(m.hc_mult == 1, "model.hc_mult", m.hc_mult,
+                     "Lngram (engram.keys=latent) runs on a plain residual stream; set model.hc_mult=1")
         if e.enabled:
             bad = [i for i in e.layer_ids if i >= m.num_layers]
             _require(not bad, "engram.layer_ids", e.layer_ids,

@@ -379,6 +379,10 @@ def build_engram_hasher(prepared: PreparedData, engram_cfg) -> Optional[Hasher]:
     """The Engram hasher for the prepared tokenizer, or None when Engram is disabled."""
     if engram_cfg is None or not engram_cfg.enabled:
         return None
+    if engram_cfg.keys == "latent":   # Lngram: keys come from hidden states; the batch carries documents
+        from engram_train.lngram.build import LatentKeyInputs
+
+        return LatentKeyInputs(engram_cfg, prepared.eos_id)
     from engram_train.engram.compress import load_or_build_compression
     from engram_train.engram.hashing import hasher_from_config
 

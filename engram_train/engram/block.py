@@ -140,6 +140,11 @@ class EngramBlock(nn.Module):
         self.last_gate_mean: Optional[torch.Tensor] = None
         nn.init.zeros_(self.conv.weight)
 
+    @staticmethod
+    def table_shape(kwargs: dict):
+        """``(table_sizes, embed_dim)`` of the table the block built from ``kwargs`` reads."""
+        return kwargs["table_sizes"], kwargs["n_embed_per_ngram"] // kwargs["heads_per_ngram"]
+
     def forward(self, hidden: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
         return self.fuse(hidden, self.table(hash_ids))
 

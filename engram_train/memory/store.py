@@ -459,6 +459,11 @@ def build_table_store(engram_cfg, trainer_cfg, table_sizes: Dict[int, Sequence[i
     world, rank = dist.get_world_size(), dist.get_rank()
     tp_size, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     placement = placement_for(partition, world, rank, tp_size, tp_rank)
+    if engram_cfg.keys == "latent":   # Lngram: row width from its config; shards checked against the rank
+        from engram_train.lngram import build as lngram
+
+        specs = lngram.table_specs(engram_cfg)
+        lngram.check_shards_fit(specs, placement, engram_cfg, get_device())
     store = TableStore(
         specs, placement, optimizer=engram_cfg.optimizer, lr_mult=engram_cfg.table_lr_mult,
         weight_decay=engram_cfg.table_weight_decay, betas=(trainer_cfg.adam_beta1, trainer_cfg.adam_beta2),

@@ -55,6 +55,10 @@ def attention_params(model) -> Dict[str, int]:
 def engram_block_params(model, engram) -> int:
     """One Engram block's dense parameters (its table excluded): per branch a key projection with bias
     and three RMSNorms (key, query, conv), the shared value projection with bias, the depthwise conv."""
+    if getattr(engram, "keys", "hashed") == "latent":   # Lngram's block: router, readout, conv
+        from engram_train.lngram.build import block_params
+
+        return block_params(model, engram)
     h, g = model.hidden_size, model.hc_mult   # Engram's branches are the residual streams
     e_dim = (engram.max_ngram - 1) * engram.n_embed_per_ngram
     return g * (e_dim * h + h) + (e_dim * h + h) + 3 * g * h + g * h * engram.kernel_size

@@ -56,6 +56,10 @@ def engram_block_kwargs(model_cfg: ModelConfig, engram_cfg: EngramConfig,
     if bad:
         raise ConfigError(f"engram.layer_ids={engram_cfg.layer_ids}: layer ids are 0-based and must be "
                           f"< model.num_layers={model_cfg.num_layers} (bad: {bad})")
+    if engram_cfg.keys == "latent":   # Lngram: tables sized by the config, not by a hasher
+        from engram_train.lngram.build import block_kwargs
+
+        return block_kwargs(model_cfg, engram_cfg)
     n_tables = (engram_cfg.max_ngram - 1) * engram_cfg.heads_per_ngram
     out = {}
     for layer_id in engram_cfg.layer_ids:

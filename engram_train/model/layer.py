@@ -4,7 +4,9 @@ One class, :class:`BackboneLayer`, built by :mod:`engram_train.model.spec` where
 the stock megatron ``TransformerLayer`` is not enough:
 
 * **Engram** (docs/engram.md §1.7): at an Engram layer the block's output is added
-  to the residual stream *before* the layer's attention::
+  to the residual stream *before* the layer's attention (the block is an ``EngramBlock``, or a
+  ``LngramBlock`` under ``engram.keys=latent``, docs/lngram.md, whose per-layer input is the
+  documents' numbering instead of hash ids)::
 
       hidden = hidden + engram(hidden, hash_ids)
       hidden = <attention and MLP sublayers>(hidden)
@@ -138,15 +140,17 @@ class BackboneLayer(TransformerLayer):
             raise RuntimeError(f"Engram layer id {layer_id} was built as megatron layer_number "
                                f"{self.layer_number} (expected {layer_number_of(layer_id)})")
         from engram_train.engram.block import EngramBlock
+        from engram_train.lngram.block import LngramBlock
 
         kwargs = dict(block_kwargs)
+        # The memory kind (engram.keys): Engram's block, or Lngram's for latent keys.
+        block_class = {"engram": EngramBlock, "lngram": LngramBlock}[kwargs.pop("block_class", "engram")]
         if table_provider is not None:
             # The table comes from outside (memory/: partitioned, or elsewhere); the block never
             # allocates one of its own, so no rank holds a whole partitioned table, even briefly.
-            kwargs["table"] = table_provider(
-                layer_id, kwargs["table_sizes"], kwargs["n_embed_per_ngram"] // kwargs["heads_per_ngram"])
+            kwargs["table"] = table_provider(layer_id, *block_class.table_shape(kwargs))
         # .to(dtype) casts floating-point parameters and buffers only: a store table has neither.
-        self.engram = EngramBlock(**kwargs).to(dtype=self.config.params_dtype)
+        self.engram = block_class(**kwargs).to(dtype=self.config.params_dtype)
         self.engram_context = context
 
     # --- Engram ---------------------------------------------------------------------------------

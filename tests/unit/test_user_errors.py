@@ -189,6 +189,10 @@ CONFIG_CASES = [
     (["data.corpus=megatron"], ["data.prefixes=None", "data.corpus=megatron"]),
     (["trainer.progress=sometimes"], ["trainer.progress='sometimes'", "auto", "true", "false"]),
     (["data.prefixes=[/d/web]"], ["data.prefixes is set", "data.corpus=megatron"]),
+    # Lngram (engram.keys=latent); the other engram.latent.* refusals are tested in-process below
+    (["engram.keys=lattice"], ["engram.keys='lattice'", "'latent'"]),
+    (["experiment=lngram_cpu", "engram.residency=host", "engram.optimizer=sparse_adam"],
+     ["engram.residency='host'", "hidden states", "engram.residency=device"]),
     # A sweep is checked job by job before its first job trains.
     (["-m", "trainer.seed=1,2", "model.foo=1"], ["model.foo"]),
     (["-m", "trainer.seed=1,2", "parallel.zero_stage=1,3"], ["parallel.zero_stage=3"]),
@@ -420,3 +424,54 @@ def test_a_run_directory_in_use_is_refused_and_left_as_it_was(tmp_path):
         assert _snapshot(run) == before
     finally:
         holder.release()
+
+
+# engram.latent.* refusals, in-process (each a ConfigError of one line naming key, value and fix)
+LATENT_CASES = [
+    (["engram.latent.orders=[0,2]"], ["engram.latent.orders=[0, 2]", ">= 1"]),
+    (["engram.latent.orders=[2,2]"], ["engram.latent.orders=[2, 2]", "distinct"]),
+    (["engram.latent.bits=17"], ["engram.latent.bits=17", "[1, 16]"]),
+    (["engram.latent.bits=0"], ["engram.latent.bits=0", "[1, 16]"]),
+    (["engram.latent.bits=16", "engram.latent.orders=[2,4]"],
+     ["engram.latent.orders=[2, 4]", "8 x 2^64", "int64", "engram.latent.bits"]),
+    (["engram.latent.readout_heads=6"], ["engram.latent.readout_heads=6", "model.hidden_size=128"]),
+    (["engram.latent.readout_kv_heads=3"], ["engram.latent.readout_kv_heads=3", "readout_heads=4"]),
+    (["engram.latent.surrogate=straight_through"], ["engram.latent.surrogate='straight_through'", "'one_bit'"]),
+    (["model.hc_mult=4"], ["model.hc_mult=4", "model.hc_mult=1"]),
+]
+
+
+@pytest.mark.parametrize("overrides, needles", LATENT_CASES, ids=[" ".join(c[0]) for c in LATENT_CASES])
+def test_lngram_config_errors(overrides, needles):
+    from engram_train.config.schema import ConfigError
+    from engram_train.config.store import compose
+
+    with pytest.raises(ConfigError) as err:
+        compose(["experiment=lngram_cpu"] + overrides)
+    line = str(err.value)
+    assert "\n" not in line
+    for needle in needles:
+        assert needle in line, f"{needle!r} not in {line!r}"
+
+
+def test_lngram_tables_larger_than_a_rank_are_refused_with_their_bytes():
+    """Checked before any row is allocated: 16 routes x 2^32 order-4 rows x 128 floats cannot fit."""
+    from engram_train.config.schema import ConfigError
+    from engram_train.config.store import compose
+    from engram_train.lngram.build import check_shards_fit, table_specs
+    from engram_train.memory.layout import placement_for
+
+    cfg = compose(["experiment=lngram_cpu", "engram.latent.routes=16", "engram.latent.bits=8",
+                   "engram.latent.orders=[4]", "engram.latent.memory_dim=128"])
+    specs = table_specs(cfg.engram)
+    with pytest.raises(ConfigError) as err:
+        check_shards_fit(specs, placement_for("replicated", 1, 0, 1, 0), cfg.engram, "cpu")
+    line = str(err.value)
+    assert "\n" not in line
+    # 2 layers x 16 x 2^32 rows x 128 x (4 weight + 8 adam + 4 grad) bytes, + 8 B/row of gradient ids
+    need = 2 * 16 * 2 ** 32 * (128 * 16 + 8)
+    for needle in ("engram.latent.orders=[4]", "68,719,476,736 rows", f"{need / 2**30:.1f} GiB",
+                   "engram.partition=all"):
+        assert needle in line, f"{needle!r} not in {line!r}"
+    # spread over enough ranks, the same tables fit
+    check_shards_fit(specs, placement_for("all", 1 << 20, 0, 1, 0), cfg.engram, "cpu")
