@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -27,36 +26,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def sample(checkpoint: str, prompt: str, overrides=(), max_new_tokens: int = 64, temperature: float = 0.8,
            top_k: int = 50, top_p: float = 0.95, seed: int = 0) -> dict:
-    from inspect_engram import load_config, one_process, resolve_checkpoint
+    from inspect_engram import loaded_checkpoint
 
     from engram_train.errors import UserError
     from engram_train.generate import generate
 
-    step_dir, run_dir = resolve_checkpoint(checkpoint)
-    cfg = load_config(run_dir, list(overrides))
-    with tempfile.TemporaryDirectory(prefix="generate_") as scratch:
-        from engram_train.parallel.state import destroy_parallel
-        from engram_train.train.trainer import Trainer, seed_everything
-
-        cfg = one_process(cfg, scratch)
-        seed_everything(cfg.trainer.seed)
-        trainer = Trainer(cfg)
-        try:
-            trainer.checkpointer.load(trainer.engine, path=step_dir, table_store=trainer.table_store,
-                                      expect={"data_fingerprint": trainer.data.fingerprint})
-            tok = trainer.data.tokenizer
-            prompt_ids = tok.encode(prompt)
-            if not prompt_ids:
-                raise UserError(f"--prompt={prompt!r} encodes to no token; give some text")
-            out = generate(trainer.model, trainer.hasher, prompt_ids, max_new_tokens=max_new_tokens,
-                           max_seq_length=cfg.model.max_seq_length, vocab_size=tok.vocab_size,
-                           temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tok.eos_id, seed=seed,
-                           device=trainer.device)
-        finally:
-            trainer.logger.close()
-            destroy_parallel()
-    with open(os.path.join(step_dir, "meta.json")) as f:
-        step = json.load(f)["step"]
+    with loaded_checkpoint(checkpoint, overrides) as (trainer, cfg, step_dir, step, _):
+        tok = trainer.data.tokenizer
+        prompt_ids = tok.encode(prompt)
+        if not prompt_ids:
+            raise UserError(f"--prompt={prompt!r} encodes to no token; give some text")
+        out = generate(trainer.model, trainer.hasher, prompt_ids, max_new_tokens=max_new_tokens,
+                       max_seq_length=cfg.model.max_seq_length, vocab_size=tok.vocab_size,
+                       temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tok.eos_id, seed=seed,
+                       device=trainer.device)
     return {"checkpoint": step_dir, "step": step, "prompt": prompt, "text": tok.decode(out["ids"]),
             "new_tokens": len(out["ids"]), "tokens_per_s": out["tokens_per_s"], "device": str(trainer.device)}
 

@@ -33,6 +33,7 @@ each order's share of the gated value, which the third panel shows instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -101,6 +102,35 @@ def one_process(cfg, scratch: str):
     return cfg
 
 
+@contextlib.contextmanager
+def loaded_checkpoint(checkpoint: str, overrides: List[str] = (), check=None):
+    """The run of ``checkpoint`` in this one process at the checkpoint's state: yields ``(trainer, cfg,
+    step_dir, step, init)``, where ``init`` holds each layer's table rows as initialized (what training
+    changed is what differs).  ``check(cfg, run_dir)`` may refuse the run before anything is built."""
+    step_dir, run_dir = resolve_checkpoint(checkpoint)
+    cfg = load_config(run_dir, list(overrides))
+    if check is not None:
+        check(cfg, run_dir)
+    with tempfile.TemporaryDirectory(prefix="engram_train_checkpoint_") as scratch:
+        from engram_train.parallel.state import destroy_parallel
+        from engram_train.train.trainer import Trainer, seed_everything
+
+        cfg = one_process(cfg, scratch)
+        seed_everything(cfg.trainer.seed)
+        trainer = Trainer(cfg)
+        try:
+            store = trainer.table_store
+            init = {} if store is None else {l: s.weight.detach().clone() for l, s in store.shards.items()}
+            trainer.checkpointer.load(trainer.engine, path=step_dir, table_store=store,
+                                      expect={"data_fingerprint": trainer.data.fingerprint})
+            with open(os.path.join(step_dir, "meta.json")) as f:
+                step = json.load(f)["step"]
+            yield trainer, cfg, step_dir, step, init
+        finally:
+            trainer.logger.close()
+            destroy_parallel()
+
+
 def touched_rows(shard, init, weight_decay: float) -> Tuple[object, str]:
     opt = shard.optimizer
     if hasattr(opt, "row_steps"):
@@ -158,65 +188,50 @@ def inspect(checkpoint: str, out: str, overrides: List[str] = (), sequences: int
 
     from engram_train.train.evaluate import forward_per_token, to_device
 
-    step_dir, run_dir = resolve_checkpoint(checkpoint)
-    cfg = load_config(run_dir, list(overrides))
-    if not cfg.engram.enabled:
-        _fail(f"the run in {run_dir} has no Engram layers (engram.enabled=false): nothing to inspect")
-    os.makedirs(out, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="inspect_engram_") as scratch:
-        from engram_train.parallel.state import destroy_parallel
-        from engram_train.train.trainer import Trainer, seed_everything
+    def check(cfg, run_dir):
+        if not cfg.engram.enabled:
+            _fail(f"the run in {run_dir} has no Engram layers (engram.enabled=false): nothing to inspect")
+        os.makedirs(out, exist_ok=True)
 
-        cfg = one_process(cfg, scratch)
-        seed_everything(cfg.trainer.seed)
-        trainer = Trainer(cfg)
-        try:
-            store = trainer.table_store
-            init = {l: s.weight.detach().clone() for l, s in store.shards.items()}
-            trainer.checkpointer.load(trainer.engine, path=step_dir, table_store=store,
-                                      expect={"data_fingerprint": trainer.data.fingerprint})
-            with open(os.path.join(step_dir, "meta.json")) as f:
-                step = json.load(f)["step"]
-            model = trainer.model
-            probes = {l: GateProbe(b) for l, b in model.engram_blocks().items()}
-            model.eval()
-            batch = to_device(trainer.valid_batches[0], trainer.device)
+    with loaded_checkpoint(checkpoint, overrides, check) as (trainer, cfg, step_dir, step, init):
+        store = trainer.table_store
+        model = trainer.model
+        probes = {l: GateProbe(b) for l, b in model.engram_blocks().items()}
+        model.eval()
+        batch = to_device(trainer.valid_batches[0], trainer.device)
+        with torch.no_grad():
+            forward_per_token(model, batch)
+        report = {"checkpoint": step_dir, "step": step, "tokens": list(batch["tokens"].shape),
+                  "layers": {}}
+        for layer_id, probe in probes.items():
+            alpha = probe.gate()
             with torch.no_grad():
-                forward_per_token(model, batch)
-            report = {"checkpoint": step_dir, "step": step, "tokens": list(batch["tokens"].shape),
-                      "layers": {}}
-            for layer_id, probe in probes.items():
-                alpha = probe.gate()
-                with torch.no_grad():
-                    shares = probe.order_shares(alpha)
-                probe.remove()
-                shard = store.shards[layer_id]
-                touched, rule = touched_rows(shard, init[layer_id], cfg.engram.table_weight_decay)
-                norms = shard.weight.norm(dim=1)
-                sizes = list(shard.spec.table_sizes)
-                k = cfg.engram.heads_per_ngram
-                order_of_row = torch.repeat_interleave(
-                    torch.tensor([2 + j // k for j in range(len(sizes))]), torch.tensor(sizes))
-                orders = {}
-                for n in range(2, cfg.engram.max_ngram + 1):
-                    sel = order_of_row == n
-                    orders[str(n)] = {
-                        "rows": int(sel.sum()), "touched_fraction": float(touched[sel].float().mean()),
-                        "gated_value_norm_mean": float(shares[n - 2].mean()),
-                    }
-                report["layers"][str(layer_id)] = {
-                    "gate_mean": float(alpha.mean()), "gate_std": float(alpha.std()),
-                    "gate_quantiles": {q: float(alpha.flatten().quantile(float(q))) for q in ("0.05", "0.5", "0.95")},
-                    "rows": int(touched.numel()), "touched_rows": int(touched.sum()),
-                    "touched_fraction": float(touched.float().mean()), "touched_rule": rule,
-                    "row_norm_touched_mean": float(norms[touched].mean()) if touched.any() else None,
-                    "row_norm_untouched_mean": float(norms[~touched].mean()) if (~touched).any() else None,
-                    "orders": orders,
+                shares = probe.order_shares(alpha)
+            probe.remove()
+            shard = store.shards[layer_id]
+            touched, rule = touched_rows(shard, init[layer_id], cfg.engram.table_weight_decay)
+            norms = shard.weight.norm(dim=1)
+            sizes = list(shard.spec.table_sizes)
+            k = cfg.engram.heads_per_ngram
+            order_of_row = torch.repeat_interleave(
+                torch.tensor([2 + j // k for j in range(len(sizes))]), torch.tensor(sizes))
+            orders = {}
+            for n in range(2, cfg.engram.max_ngram + 1):
+                sel = order_of_row == n
+                orders[str(n)] = {
+                    "rows": int(sel.sum()), "touched_fraction": float(touched[sel].float().mean()),
+                    "gated_value_norm_mean": float(shares[n - 2].mean()),
                 }
-                _plot_layer(out, layer_id, step, alpha, shares, norms, touched, order_of_row, sequences, rule)
-        finally:
-            trainer.logger.close()
-            destroy_parallel()
+            report["layers"][str(layer_id)] = {
+                "gate_mean": float(alpha.mean()), "gate_std": float(alpha.std()),
+                "gate_quantiles": {q: float(alpha.flatten().quantile(float(q))) for q in ("0.05", "0.5", "0.95")},
+                "rows": int(touched.numel()), "touched_rows": int(touched.sum()),
+                "touched_fraction": float(touched.float().mean()), "touched_rule": rule,
+                "row_norm_touched_mean": float(norms[touched].mean()) if touched.any() else None,
+                "row_norm_untouched_mean": float(norms[~touched].mean()) if (~touched).any() else None,
+                "orders": orders,
+            }
+            _plot_layer(out, layer_id, step, alpha, shares, norms, touched, order_of_row, sequences, rule)
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     return report

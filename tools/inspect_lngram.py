@@ -22,13 +22,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from inspect_engram import _fail, load_config, one_process, resolve_checkpoint, touched_rows  # noqa: E402
+from inspect_engram import _fail, loaded_checkpoint, touched_rows  # noqa: E402
 
 
 def symbol_stats(symbols, bits: int) -> Dict:
@@ -49,51 +48,36 @@ def inspect(checkpoint: str, out: str, overrides: List[str] = ()) -> Dict:
     from engram_train.lngram.keys import order_offsets, table_layout
     from engram_train.train.evaluate import forward_per_token, to_device
 
-    step_dir, run_dir = resolve_checkpoint(checkpoint)
-    cfg = load_config(run_dir, list(overrides))
-    if not cfg.engram.enabled or cfg.engram.keys != "latent":
-        _fail(f"the run in {run_dir} has no Lngram layers (engram.keys={cfg.engram.keys!r}, enabled="
-              f"{cfg.engram.enabled}); tools/inspect_engram.py inspects Engram's")
-    os.makedirs(out, exist_ok=True)
-    lt = cfg.engram.latent
-    with tempfile.TemporaryDirectory(prefix="inspect_lngram_") as scratch:
-        from engram_train.parallel.state import destroy_parallel
-        from engram_train.train.trainer import Trainer, seed_everything
+    def check(cfg, run_dir):
+        if not cfg.engram.enabled or cfg.engram.keys != "latent":
+            _fail(f"the run in {run_dir} has no Lngram layers (engram.keys={cfg.engram.keys!r}, enabled="
+                  f"{cfg.engram.enabled}); tools/inspect_engram.py inspects Engram's")
+        os.makedirs(out, exist_ok=True)
 
-        cfg = one_process(cfg, scratch)
-        seed_everything(cfg.trainer.seed)
-        trainer = Trainer(cfg)
-        try:
-            store = trainer.table_store
-            init = {l: s.weight.detach().clone() for l, s in store.shards.items()}
-            trainer.checkpointer.load(trainer.engine, path=step_dir, table_store=store,
-                                      expect={"data_fingerprint": trainer.data.fingerprint})
-            with open(os.path.join(step_dir, "meta.json")) as f:
-                step = json.load(f)["step"]
-            model = trainer.model
-            model.eval()
-            batch = to_device(trainer.valid_batches[0], trainer.device)
-            with torch.no_grad():
-                forward_per_token(model, batch)
-            report = {"checkpoint": step_dir, "step": step, "tokens": list(batch["tokens"].shape), "layers": {}}
-            offsets = order_offsets(lt.routes, lt.bits, lt.orders)
-            for layer_id, block in model.engram_blocks().items():
-                stats = symbol_stats(block.last_symbols.cpu(), lt.bits)
-                touched, rule = touched_rows(store.shards[layer_id], init[layer_id], cfg.engram.table_weight_decay)
-                orders = {}
-                for n, rows in zip(lt.orders, table_layout(lt.routes, lt.bits, lt.orders)):
-                    sel = touched[offsets[n]:offsets[n] + rows]
-                    orders[str(n)] = {"rows": rows, "touched_rows": int(sel.sum()),
-                                      "touched_fraction": float(sel.float().mean())}
-                report["layers"][str(layer_id)] = {
-                    "sink_mass_mean": 1.0 - float(block.last_gate_mean), "touched_rule": rule,
-                    "symbol_entropy_bits": stats["entropy_bits"], "dead_codes": stats["dead_codes"],
-                    "symbol_counts": stats["counts"], "orders": orders,
-                }
-                _plot(out, layer_id, step, stats["counts"])
-        finally:
-            trainer.logger.close()
-            destroy_parallel()
+    with loaded_checkpoint(checkpoint, overrides, check) as (trainer, cfg, step_dir, step, init):
+        store = trainer.table_store
+        lt = cfg.engram.latent
+        model = trainer.model
+        model.eval()
+        batch = to_device(trainer.valid_batches[0], trainer.device)
+        with torch.no_grad():
+            forward_per_token(model, batch)
+        report = {"checkpoint": step_dir, "step": step, "tokens": list(batch["tokens"].shape), "layers": {}}
+        offsets = order_offsets(lt.routes, lt.bits, lt.orders)
+        for layer_id, block in model.engram_blocks().items():
+            stats = symbol_stats(block.last_symbols.cpu(), lt.bits)
+            touched, rule = touched_rows(store.shards[layer_id], init[layer_id], cfg.engram.table_weight_decay)
+            orders = {}
+            for n, rows in zip(lt.orders, table_layout(lt.routes, lt.bits, lt.orders)):
+                sel = touched[offsets[n]:offsets[n] + rows]
+                orders[str(n)] = {"rows": rows, "touched_rows": int(sel.sum()),
+                                  "touched_fraction": float(sel.float().mean())}
+            report["layers"][str(layer_id)] = {
+                "sink_mass_mean": 1.0 - float(block.last_gate_mean), "touched_rule": rule,
+                "symbol_entropy_bits": stats["entropy_bits"], "dead_codes": stats["dead_codes"],
+                "symbol_counts": stats["counts"], "orders": orders,
+            }
+            _plot(out, layer_id, step, stats["counts"])
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     return report

@@ -39,7 +39,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from engram_train.errors import DataError, MissingInputError
+from engram_train.errors import MissingInputError
 
 from .corpus import DEFAULT_DOC_CHARS, corpus_identity, load_corpus, split_documents
 from .tokenizer import Tokenizer, tokenizer_json_path, train_bpe
@@ -267,18 +267,7 @@ def _prepare(data_cfg, data_dir: Path, fp: str, doc_chars: int, cache_dir, progr
             "splits": splits,
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        # Remove the old meta first: from here until the new one lands the directory reads incomplete.
-        (data_dir / "meta.json").unlink(missing_ok=True)
-        for name in _OUTPUTS:
-            os.replace(tmp / name, data_dir / name)
-        for name in _TOKENIZER_SIDE_FILES:   # the new tokenizer's, or none: never a previous one's
-            if (tmp / name).is_file():
-                os.replace(tmp / name, data_dir / name)
-            else:
-                (data_dir / name).unlink(missing_ok=True)
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(tmp / "meta.json", data_dir / "meta.json")
+        _commit(tmp, data_dir, _OUTPUTS, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -286,6 +275,22 @@ def _prepare(data_cfg, data_dir: Path, fp: str, doc_chars: int, cache_dir, progr
     log.info("data: prepared %s in %.1fs: %s", data_dir, meta["seconds"], _summary(prepared))
     return prepared
 
+
+
+def _commit(tmp: Path, data_dir: Path, outputs, meta: dict) -> None:
+    """Moves a finished preparation from ``tmp`` into ``data_dir``, ``meta.json`` last."""
+    # Remove the old meta first: from here until the new one lands the directory reads incomplete.
+    (data_dir / "meta.json").unlink(missing_ok=True)
+    for name in outputs:
+        os.replace(tmp / name, data_dir / name)
+    for name in _TOKENIZER_SIDE_FILES:   # the new tokenizer's, or none: never a previous one's
+        if (tmp / name).is_file():
+            os.replace(tmp / name, data_dir / name)
+        else:
+            (data_dir / name).unlink(missing_ok=True)
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp / "meta.json", data_dir / "meta.json")
 
 def _prepare_megatron(data_cfg, data_dir: Path, fp: str) -> PreparedData:
     """Check the prefixes against the tokenizer; keep a copy of the tokenizer and the blend in data.dir."""
@@ -321,16 +326,7 @@ def _prepare_megatron(data_cfg, data_dir: Path, fp: str) -> PreparedData:
             "tokenizer_source": str(data_cfg.tokenizer), "valid_fraction": data_cfg.valid_fraction,
             "splits": splits, "seconds": round(time.perf_counter() - t0, 2),
         }
-        (data_dir / "meta.json").unlink(missing_ok=True)
-        os.replace(tmp / "tokenizer.json", data_dir / "tokenizer.json")
-        for name in _TOKENIZER_SIDE_FILES:
-            if (tmp / name).is_file():
-                os.replace(tmp / name, data_dir / name)
-            else:
-                (data_dir / name).unlink(missing_ok=True)
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(tmp / "meta.json", data_dir / "meta.json")
+        _commit(tmp, data_dir, _MEGATRON_OUTPUTS, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     prepared = PreparedData._from_meta(data_dir, meta, skipped=False)

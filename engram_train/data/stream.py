@@ -46,6 +46,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from engram_train.errors import DataError, UserError
+from engram_train.platform.memory import peak_rss_bytes
 
 from .corpus import _decode_user_text, _read_jsonl, expand_files, file_kind, files_identity, open_binary
 from .tokenizer import Tokenizer, tokenizer_json_path, train_bpe
@@ -126,18 +127,6 @@ _WORKER = {}
 def _worker_init(tokenizer_path: str, valid_fraction: float, split_seed: int, dtype: str) -> None:
     _WORKER.update(tok=Tokenizer(tokenizer_path), valid_fraction=valid_fraction, split_seed=split_seed,
                    dtype=np.dtype(dtype))
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (``VmHWM``), 0 where ``/proc`` has none."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _encode(texts: List[str]) -> Tuple[List[bool], List[np.ndarray], int, int]:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from engram_train.config.schema import Config
+from engram_train.platform.memory import peak_rss_bytes
 from engram_train.train.checkpoint import Checkpointer, TrainState
 from engram_train.train.evaluate import evaluate, forward_loss, to_device
 from engram_train.train import signals
@@ -283,18 +284,6 @@ class Trainer:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (``VmHWM``), 0 where ``/proc`` has none."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def log_memory(model, optimizer, table_store, rank: int) -> None:
