@@ -19,16 +19,21 @@ import torch
 
 
 class IncrementalHashes:
-    """Hash ids ``{layer: LongTensor[1, T, H]}`` of a growing sequence, one token at a time."""
+    """Hash ids ``{layer: LongTensor[1, T, H]}`` of a growing sequence, one token at a time.
+
+    Lngram's inputs (``engram.keys=latent``: each layer's document numbering, its keys come from the
+    hidden states) have no n-gram window to keep; they are made afresh for the window the model
+    reads, like a training sample's."""
 
     def __init__(self, hasher, tokens: torch.Tensor):
         self.hasher = hasher
-        self.ids = hasher(tokens) if hasher is not None else {}
+        self.incremental = hasher is not None and hasattr(hasher, "max_ngram")
+        self.ids = hasher(tokens) if self.incremental else {}
         self.tokens = tokens
 
     def append(self, token: torch.Tensor) -> None:
         self.tokens = torch.cat([self.tokens, token.view(1, 1)], dim=1)
-        if self.hasher is None:
+        if not self.incremental:
             return
         window = self.tokens[:, -self.hasher.max_ngram:]
         new = self.hasher(window)
@@ -36,6 +41,8 @@ class IncrementalHashes:
             self.ids[layer] = torch.cat([self.ids[layer], ids[:, -1:]], dim=1)
 
     def last(self, n: int) -> Dict[int, torch.Tensor]:
+        if self.hasher is not None and not self.incremental:
+            return self.hasher(self.tokens[:, -n:])
         return {layer: ids[:, -n:] for layer, ids in self.ids.items()}
 
 
