@@ -283,6 +283,10 @@ class EngramConfig:
     # (a local disk: tables larger than RAM, paged by the OS; /dev/shm: RAM outside the process heap).
     # null: plain host RAM.  The files are the live tables of this run, one set per rank.
     host_dir: Optional[str] = None
+    # host residency: threads of the host table step (sparse Adam over disjoint blocks of the touched rows;
+    # the same result for any count).  null: the cores left to the rank, this process's CPU affinity divided
+    # by the ranks of its node (LOCAL_WORLD_SIZE), at least 1.
+    host_threads: Optional[int] = None
     # Memory kind: "hashed" = Engram (tokenizer n-grams, hashed) | "latent" = Lngram (learned route
     # symbols, exact n-gram tables; engram.latent.*, docs/lngram.md).  Layer ids, partition, optimizer,
     # table_lr_mult/weight_decay/init_std and kernel_size apply to both.
@@ -313,6 +317,8 @@ class EngramConfig:
             _require(self.residency == "host", "engram.host_dir", self.host_dir,
                      "memory-mapped table files need engram.residency=host")
         _require(self.prefetch_depth >= 1, "engram.prefetch_depth", self.prefetch_depth, "must be >= 1")
+        _require(self.host_threads is None or self.host_threads >= 1, "engram.host_threads", self.host_threads,
+                 "must be >= 1, or null for the cores left to the rank")
         _require(self.staleness in (0, 1), "engram.staleness", self.staleness,
                  "choose 0 (exact: read after write) or 1 (lock-free, rows up to one step stale)")
         _require(self.pad_id is None or self.pad_id >= 0, "engram.pad_id", self.pad_id,

@@ -22,9 +22,10 @@ plus the all-reduce of ``tp`` or the all-to-all of rows of ``all``), and its
 backward hands ``(unique ids, summed gradient rows)`` to the owning shard, the
 same sparse path as device tables.
 
-The host table step (``sparse_adam`` on the touched rows) runs on the same
+The host table step (``sparse_adam`` on the touched rows) is ordered by the same
 worker thread, overlapped with the trainer until the next forward's first
-Engram layer needs rows.  Read after write (``engram.staleness=0``, the
+Engram layer needs rows; the worker splits it into disjoint blocks of rows that
+``engram.host_threads`` threads update (bit for bit the one-thread result).  Read after write (``engram.staleness=0``, the
 default, exact): gathers and table steps run in submission order on that one
 thread, so a gather submitted after a step reads updated rows, and a block
 gathered before it has the rows the step changed re-read by the step itself
@@ -116,13 +117,17 @@ class HostPrefetcher:
     (:meth:`take` waits there, counted as ``engram_prefetch/update_wait_s``).
     """
 
-    def __init__(self, store, staleness: int = 0):
+    def __init__(self, store, staleness: int = 0, host_threads: int = 1):
         self.store = store
         self.staleness = staleness
         self.device = store.device
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-host-tables")
+        # The table step's row blocks (engram.host_threads; TableSparseAdam.step): the worker above hands
+        # them out and waits, so steps stay in submission order with the gathers.
+        self.step_pool = (ThreadPoolExecutor(max_workers=host_threads, thread_name_prefix="engram-host-step")
+                          if host_threads > 1 else None)
         self.pending: Deque[_Job] = collections.deque()
         self.active: Optional[_Job] = None
         self.current: Optional[Dict[int, RowBlock]] = None
@@ -245,6 +250,8 @@ class HostPrefetcher:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        if self.step_pool is not None:
+            self.step_pool.shutdown(wait=True)
 
 
 class PrefetchingIterator:

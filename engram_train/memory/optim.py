@@ -30,13 +30,24 @@ fp32 weight; ``sparse_adam`` adds a 4-byte step count per row).
 from __future__ import annotations
 
 import math
-from typing import Dict
+from concurrent.futures import Executor
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from engram_train.kernels.rows import row_adam, sparse_adam_rows
 
 _CHUNK_ROWS = 1 << 18   # the dense update works through the shard in blocks of rows (bounded temporaries)
+# The host table step's row blocks hold at most this many parameters: torch's intra-op grain
+# (at::internal::GRAIN_SIZE), so no op on a block forks torch's own threads and the step uses exactly
+# engram.host_threads cores.  Blocks depend on the row width only, never on the thread count.
+_HOST_BLOCK_PARAMS = 1 << 15
+
+
+def host_row_blocks(num_rows: int, row_width: int) -> List[Tuple[int, int]]:
+    """``[lo, hi)`` slices of a step's unique rows, one host-step task each (disjoint rows)."""
+    step = max(1, _HOST_BLOCK_PARAMS // max(int(row_width), 1))
+    return [(lo, min(lo + step, num_rows)) for lo in range(0, num_rows, step)]
 
 
 class TableOptimizer:
@@ -114,6 +125,10 @@ class TableAdam(TableOptimizer):
 
 class TableSparseAdam(TableOptimizer):
     name = "sparse_adam"
+    # Host tables: the step runs over disjoint blocks of its unique rows (host_row_blocks), on this pool
+    # (engram.host_threads; None: one after another on the calling thread).  The store sets both.
+    host_blocks = False
+    pool: Optional[Executor] = None
 
     def __init__(self, weight, **kw):
         super().__init__(weight, **kw)
@@ -122,6 +137,20 @@ class TableSparseAdam(TableOptimizer):
 
     @torch.no_grad()
     def step(self, ids, grads, lr):
+        if not self.host_blocks:
+            self._step_rows(ids, grads, lr)
+            return
+        # Each row's update reads and writes that row's state only, and the ids are unique: the blocks
+        # touch disjoint rows, so any number of threads gives the single-thread result bit for bit.
+        blocks = host_row_blocks(ids.numel(), self.weight.shape[1])
+        if self.pool is None or len(blocks) < 2:
+            for lo, hi in blocks:
+                self._step_rows(ids[lo:hi], grads[lo:hi], lr)
+            return
+        for f in [self.pool.submit(self._step_rows, ids[lo:hi], grads[lo:hi], lr) for lo, hi in blocks]:
+            f.result()
+
+    def _step_rows(self, ids, grads, lr):
         if self.rowwise:   # no kernel of its own: the torch rule below
             sparse_adam_rows(self.weight, self.exp_avg, self.exp_avg_sq, self.row_steps, ids, grads, lr,
                              (self.beta1, self.beta2), self.eps, self.weight_decay, rowwise=True)

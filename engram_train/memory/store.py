@@ -48,7 +48,7 @@ from engram_train.config.schema import ConfigError
 from engram_train.engram.table import check_hash_ids
 from engram_train.memory.exchange import AllExchange, CommCounter, ReplicatedExchange, TPExchange
 from engram_train.memory.layout import Placement, TableSpec, placement_for, shard_bounds, table_specs
-from engram_train.memory.optim import TableOptimizer, build_table_optimizer
+from engram_train.memory.optim import TableOptimizer, TableSparseAdam, build_table_optimizer
 from engram_train.kernels import gather_rows, reduce_row_grads
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,15 @@ class StoreTable(nn.Module):
                 f"embed_dim={self.embed_dim}")
 
 
+def cores_left_to_rank(local_world_size: int) -> int:
+    """``engram.host_threads=null``: the cores this process may run on, shared by the ranks of its node."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:   # no affinity on this platform
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(int(local_world_size), 1))
+
+
 def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group,
                      comm: CommCounter) -> Tuple[torch.Tensor, torch.Tensor]:
     """Every rank's ``(ids, rows)`` of ``group``, concatenated in rank order (variable sizes)."""
@@ -244,7 +253,7 @@ class TableStore:
                  init_std: float = 0.02, seed: int = 0, device=None, tp_group=None, replica_group=None,
                  world_group=None, dp_size: int = 1, residency: str = "device", staleness: int = 0,
                  host_dir: Optional[str] = None, rank: int = 0, local_world_size: int = 1,
-                 kernel_backend: str = "auto"):
+                 kernel_backend: str = "auto", host_threads: Optional[int] = None):
         self.specs = dict(sorted(specs.items()))
         self.placement = placement
         self.optimizer_name = optimizer
@@ -296,9 +305,14 @@ class TableStore:
         if residency == "host":
             from engram_train.memory.host import HostPrefetcher
 
-            self.prefetcher = HostPrefetcher(self, staleness=staleness)
+            if host_threads is None:
+                host_threads = cores_left_to_rank(local_world_size)
+            self.prefetcher = HostPrefetcher(self, staleness=staleness, host_threads=host_threads)
             for table in self.tables.values():
                 table.prefetcher = self.prefetcher
+            for shard in self.shards.values():
+                if isinstance(shard.optimizer, TableSparseAdam):
+                    shard.optimizer.host_blocks, shard.optimizer.pool = True, self.prefetcher.step_pool
 
     def _allocator(self, layer_id: int, lo: int, hi: int):
         """``alloc(name, shape, dtype)`` of one shard's tensors: zeroed, where the rows live.
@@ -473,5 +487,5 @@ def build_table_store(engram_cfg, trainer_cfg, table_sizes: Dict[int, Sequence[i
         tp_group=ps.get_tensor_model_parallel_group(),
         replica_group=None if placement.partition == "all" else ps.get_data_parallel_group(),
         world_group=dist.group.WORLD, dp_size=ps.get_data_parallel_world_size(),
-        kernel_backend=engram_cfg.kernel_backend)
+        kernel_backend=engram_cfg.kernel_backend, host_threads=engram_cfg.host_threads)
     return store

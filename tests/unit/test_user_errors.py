@@ -134,6 +134,7 @@ CONFIG_CASES = [
     (["engram.partition=rows"], ["engram.partition='rows'"]),
     (["engram.optimizer=sgd"], ["engram.optimizer='sgd'"]),
     (["engram.residency=host"], ["engram.optimizer='adam'", "sparse_adam"]),
+    (["engram.host_threads=0"], ["engram.host_threads=0", ">= 1", "null"]),
     (["engram.layer_ids=[1,9]"], ["engram.layer_ids=[1, 9]", "model.num_layers=4"]),
     (["engram.n_embed_per_ngram=30"], ["engram.n_embed_per_ngram=30"]),
     (["data.seq_length=512"], ["data.seq_length=512", "model.max_seq_length=256"]),
