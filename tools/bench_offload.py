@@ -27,7 +27,13 @@ Reported (and written with ``--json PATH`` under these keys):
 * ``host_bytes_per_param``: (peak RSS of run 2 - peak RSS of run 3) / (table parameters of
   run 2 - those of run 3), from the processes' ``VmHWM`` (summed over ranks with ``--nproc``): every host byte the tables cost
   (weights, moments, per-row step counts, staging, gradient rows), measured, not estimated (``--no-memory``
-  skips run 3 and this figure).
+  skips run 3 and this figure);
+* ``host_table_step_rows_per_s`` (``{threads: rows/s}``) and ``host_table_step_speedup`` (``{threads:
+  rows/s over one thread's}``): the host table step alone (``TableSparseAdam`` as the store sets it up for host
+  tables) on ``--step-rows`` unique rows of a ``--step-table-rows`` x 16 table, at each of
+  ``--threads`` (``engram.host_threads``; default 1 2 4), rounds interleaved, median of ``--step-repeats``
+  rounds; ``host_table_step_ms`` the median milliseconds per step at each count.  ``--step-only`` measures
+  just this (seconds, no training).
 
 ``--experiment NAME`` trains that recipe (e.g. ``gpu_check``, a GPU-sized model) instead of the small
 model of ``tools/measure_table_memory.py``; ``--corpus PATH`` uses that corpus instead of a generated one.
@@ -94,6 +100,55 @@ def _train(name, rows, residency, args, work, data) -> dict:
             "h2d_bytes": h2d}
 
 
+def host_step_scaling(threads, table_rows: int, step_rows: int, repeats: int, optimizer: str,
+                      width: int = 16) -> dict:
+    """The host table step's rows/s at each thread count, on one table, the same rows every round."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from engram_train.memory.optim import build_table_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    opt = build_table_optimizer(optimizer, torch.randn(table_rows, width, generator=g) * 0.02)
+    opt.host_blocks = True
+    ids = torch.randperm(table_rows, generator=g)[:step_rows].sort().values
+    grads = torch.randn(step_rows, width, generator=g)
+    pools = {t: ThreadPoolExecutor(t, thread_name_prefix="engram-host-step") if t > 1 else None for t in threads}
+    times = {t: [] for t in threads}
+    for r in range(repeats + 1):   # round 0 warms the pools and the pages up, untimed
+        for t in threads:
+            opt.pool = pools[t]
+            t0 = time.perf_counter()
+            opt.step(ids, grads, 1e-3)
+            if r:
+                times[t].append(time.perf_counter() - t0)
+    for p in pools.values():
+        if p is not None:
+            p.shutdown()
+    ms = {t: 1e3 * statistics.median(v) for t, v in times.items()}
+    rows_s = {t: step_rows / (m / 1e3) for t, m in ms.items()}
+    return {"host_table_step_ms": {str(t): round(m, 3) for t, m in ms.items()},
+            "host_table_step_ms_spread": {str(t): [round(1e3 * min(v), 3), round(1e3 * max(v), 3)]
+                                    for t, v in times.items()},
+            "host_table_step_rows_per_s": {str(t): round(x) for t, x in rows_s.items()},
+            "host_table_step_speedup": {str(t): round(x / rows_s[threads[0]], 3) for t, x in rows_s.items()},
+            "host_table_step_rows": step_rows, "host_table_step_table_rows": table_rows,
+            "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+
+
+def _print_scaling(sc: dict, optimizer: str) -> None:
+    print(f"\n# Host table step ({optimizer}), {sc['host_table_step_rows']} unique rows of a "
+          f"{sc['host_table_step_table_rows']}-row table, {sc['cpu_cores']} cores\n")
+    print("| engram.host_threads | median ms (min-max) | rows/s | speed-up |")
+    print("|---:|---:|---:|---:|")
+    for t, ms in sc["host_table_step_ms"].items():
+        lo, hi = sc["host_table_step_ms_spread"][t]
+        print(f"| {t} | {ms:.2f} ({lo:.2f}-{hi:.2f}) | {sc['host_table_step_rows_per_s'][t]:,} | "
+              f"{sc['host_table_step_speedup'][t]:.2f}x |")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows-per-head", type=int, default=400000,
@@ -112,9 +167,26 @@ def main(argv=None) -> None:
     p.add_argument("--corpus", default=None, help="a .jsonl/.txt corpus to train on (default: a generated one)")
     p.add_argument("--no-memory", action="store_true",
                    help="skip run 3 (small host tables) and host_bytes_per_param: a shorter run")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4],
+                   help="engram.host_threads counts of the host step scaling (default 1 2 4)")
+    p.add_argument("--step-rows", type=int, default=1 << 17, help="unique rows per host step (default 131072)")
+    p.add_argument("--step-table-rows", type=int, default=1 << 21, help="rows of its table (default 2097152)")
+    p.add_argument("--step-repeats", type=int, default=9, help="timed rounds of the scaling (default 9)")
+    p.add_argument("--step-only", action="store_true",
+                   help="measure only the host step's rows/s per thread count (no training runs)")
     args = p.parse_args(argv)
     if args.steps <= args.warmup + 2:
         p.error("--steps must exceed --warmup by at least 3")
+    if min(args.threads) < 1 or not 0 < args.step_rows <= args.step_table_rows:
+        p.error("--threads must be >= 1 and 0 < --step-rows <= --step-table-rows")
+    scaling = host_step_scaling(args.threads, args.step_table_rows, args.step_rows, args.step_repeats,
+                                args.optimizer)
+    if args.step_only:
+        _print_scaling(scaling, args.optimizer)
+        if args.json_path:
+            with open(args.json_path, "w") as f:
+                json.dump(scaling, f, indent=1)
+        return
     work = args.workdir or tempfile.mkdtemp(prefix="engram_offload_")
     os.makedirs(work, exist_ok=True)
     corpus = args.corpus or os.path.join(work, "corpus.jsonl")
@@ -140,6 +212,7 @@ def main(argv=None) -> None:
            "update_wait_share": update_share, "h2d_gb_per_s": h2d_gbs,
            "table_params": host["params"], "device_step_ms": 1e3 * statistics.median(dev["step_s"]),
            "host_step_ms": 1e3 * statistics.median(host["step_s"])}
+    out.update(scaling)
     print(f"\n# Host- vs device-resident tables, {host['params'] / 1e6:.0f}M table parameters, {args.optimizer}, "
           f"{len(host['step_s'])} timed steps\n")
     print("| run | median step ms | peak RSS MiB |")
@@ -152,6 +225,7 @@ def main(argv=None) -> None:
     print(f"h2d_gb_per_s (prefetch bytes per second of step): {h2d_gbs:.3f}")
     if bytes_per_param is not None:
         print(f"host_bytes_per_param: {bytes_per_param:.2f}")
+    _print_scaling(scaling, args.optimizer)
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(out, f, indent=1)
