@@ -37,7 +37,9 @@ import torch
 
 from engram_train.kernels.rows import row_adam, sparse_adam_rows
 
-_CHUNK_ROWS = 1 << 18   # the dense update works through the shard in blocks of rows (bounded temporaries)
+# The dense update's blocks: about 2^20 parameters (4 MiB of denominators, one reused buffer instead of
+# table-sized temporaries), in a multiple of 64 rows so that every block starts on a whole SIMD vector.
+_DENSE_BLOCK_PARAMS = 1 << 20
 # The host table step's row blocks hold at most this many parameters: torch's intra-op grain
 # (at::internal::GRAIN_SIZE), so no op on a block forks torch's own threads and the step uses exactly
 # engram.host_threads cores.  Blocks depend on the row width only, never on the thread count.
@@ -91,30 +93,41 @@ class TableAdam(TableOptimizer):
     def __init__(self, weight, **kw):
         super().__init__(weight, **kw)
         self.num_steps = 0
+        self._denom: Optional[torch.Tensor] = None   # one block's denominators, reused every step
 
     @torch.no_grad()
     def step(self, ids, grads, lr):
+        """AdamW's arithmetic, operation for operation, on every row: ``m = b1 m (+ (1-b1) g)``, ``v = b2 v
+        (+ (1-b2) g^2)``, ``w -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)``.
+
+        Memory-bound on a CPU: the moments decay in place over the whole shard, the touched rows add
+        their gradient, then the update runs block by block through one reused block of denominators, so
+        no table-sized temporary is allocated (and page-faulted) each step.  Each element sees the same
+        operations in the same order as a single pass over the shard, so the bits do not depend on the
+        blocks.
+        """
         self.num_steps += 1
         b1, b2 = self.beta1, self.beta2
         bc1 = 1.0 - b1 ** self.num_steps
         bc2_sqrt = math.sqrt(1.0 - b2 ** self.num_steps)
-        grads = grads.to(torch.float32)
-        for lo in range(0, self.weight.shape[0], _CHUNK_ROWS):
-            hi = min(lo + _CHUNK_ROWS, self.weight.shape[0])
-            w, m, v = self.weight[lo:hi], self.exp_avg[lo:hi], self.exp_avg_sq[lo:hi]
-            m.mul_(b1)
-            v.mul_(b2)
-            if lo == 0 and hi == self.weight.shape[0]:
-                local, g = ids, grads   # one block holds every id: no mask (a mask's size syncs a GPU)
-            else:
-                sel = (ids >= lo) & (ids < hi)
-                local, g = ids[sel] - lo, grads[sel]
-            m.index_add_(0, local, g, alpha=1.0 - b1)   # no rows in this block: adds nothing
-            v.index_add_(0, local, g * g, alpha=1.0 - b2)
-            if self.weight_decay:
-                w.mul_(1.0 - lr * self.weight_decay)
-            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
-            w.addcdiv_(m, denom, value=-lr / bc1)
+        w, m, v = self.weight, self.exp_avg, self.exp_avg_sq
+        g = grads.to(torch.float32)
+        m.mul_(b1)
+        v.mul_(b2)
+        m.index_add_(0, ids, g, alpha=1.0 - b1)   # untouched rows: the zero gradient adds nothing
+        v.index_add_(0, ids, g * g, alpha=1.0 - b2)
+        if self.weight_decay:
+            w.mul_(1.0 - lr * self.weight_decay)
+        rows = w.shape[0]
+        block = min(rows, max(64, _DENSE_BLOCK_PARAMS // max(w[0].numel(), 1) // 64 * 64))
+        if self._denom is None or self._denom.shape[0] < block:
+            self._denom = torch.empty(block, *w.shape[1:], dtype=torch.float32, device=w.device)
+        for lo in range(0, rows, block):
+            hi = min(lo + block, rows)
+            denom = self._denom[:hi - lo]
+            torch.sqrt(v[lo:hi], out=denom)
+            denom.div_(bc2_sqrt).add_(self.eps)
+            w[lo:hi].addcdiv_(m[lo:hi], denom, value=-lr / bc1)
 
     def scalars(self):
         return {"num_steps": self.num_steps}
