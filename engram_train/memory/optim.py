@@ -40,6 +40,7 @@ from engram_train.kernels.rows import row_adam, sparse_adam_rows
 # The dense update's blocks: about 2^20 parameters (4 MiB of denominators, one reused buffer instead of
 # table-sized temporaries), in a multiple of 64 rows so that every block starts on a whole SIMD vector.
 _DENSE_BLOCK_PARAMS = 1 << 20
+_TINY = torch.finfo(torch.float32).tiny   # the smallest normal float32
 # The host table step's row blocks hold at most this many parameters: torch's intra-op grain
 # (at::internal::GRAIN_SIZE), so no op on a block forks torch's own threads and the step uses exactly
 # engram.host_threads cores.  Blocks depend on the row width only, never on the thread count.
@@ -87,6 +88,16 @@ class TableOptimizer:
         return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
 
 
+def _add_rows(t: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, alpha: float) -> None:
+    """``t.index_add_(0, ids, rows, alpha=alpha)`` for unique ``ids``, bit for bit."""
+    if t.device.type != "cpu":
+        t.index_add_(0, ids, rows, alpha=alpha)
+        return
+    touched = t.index_select(0, ids)
+    touched.add_(rows, alpha=alpha)
+    t.index_copy_(0, ids, touched)
+
+
 class TableAdam(TableOptimizer):
     name = "adam"
 
@@ -105,6 +116,12 @@ class TableAdam(TableOptimizer):
         no table-sized temporary is allocated (and page-faulted) each step.  Each element sees the same
         operations in the same order as a single pass over the shard, so the bits do not depend on the
         blocks.
+
+        On the CPU, torch's float ``sqrt`` (MKL's vector math) takes a slow path on zero and subnormal
+        inputs, ~14x slower on a block of zeros, and untouched rows have ``v == 0``.  Where any ``v``
+        below the smallest normal float gives the denominator ``eps`` exactly (``sqrt(v)/sqrt(bc2)`` is
+        then far below half an ulp of ``eps``; checked each step, see :meth:`_floor_is_exact`), ``v``
+        is raised to that normal float before the ``sqrt``: the same bits, without the slow path.
         """
         self.num_steps += 1
         b1, b2 = self.beta1, self.beta2
@@ -114,20 +131,38 @@ class TableAdam(TableOptimizer):
         g = grads.to(torch.float32)
         m.mul_(b1)
         v.mul_(b2)
-        m.index_add_(0, ids, g, alpha=1.0 - b1)   # untouched rows: the zero gradient adds nothing
-        v.index_add_(0, ids, g * g, alpha=1.0 - b2)
+        # Untouched rows: the zero gradient adds nothing.  The ids are unique, so on the CPU the touched
+        # rows are gathered, added to in one vectorized op and written back: index_add_'s result (the
+        # same add kernel), ~3x faster than its row-by-row adds.  CUDA keeps index_add_ (its kernel
+        # rounds alpha * g before adding).
+        _add_rows(m, ids, g, 1.0 - b1)
+        _add_rows(v, ids, g * g, 1.0 - b2)
         if self.weight_decay:
             w.mul_(1.0 - lr * self.weight_decay)
         rows = w.shape[0]
         block = min(rows, max(64, _DENSE_BLOCK_PARAMS // max(w[0].numel(), 1) // 64 * 64))
         if self._denom is None or self._denom.shape[0] < block:
             self._denom = torch.empty(block, *w.shape[1:], dtype=torch.float32, device=w.device)
+        floor = _TINY if w.device.type == "cpu" and self._floor_is_exact(bc2_sqrt) else None
         for lo in range(0, rows, block):
             hi = min(lo + block, rows)
             denom = self._denom[:hi - lo]
-            torch.sqrt(v[lo:hi], out=denom)
+            if floor is None:
+                torch.sqrt(v[lo:hi], out=denom)
+            else:
+                torch.clamp_min(v[lo:hi], floor, out=denom).sqrt_()
             denom.div_(bc2_sqrt).add_(self.eps)
             w[lo:hi].addcdiv_(m[lo:hi], denom, value=-lr / bc1)
+
+    def _floor_is_exact(self, bc2_sqrt: float) -> bool:
+        """Whether every ``v`` in ``[0, tiny]`` gives the denominator ``eps`` bit for bit, floored or not.
+
+        The original's ``sqrt(v)/bc2_sqrt`` lies in ``[0, sqrt(tiny)/bc2_sqrt]``, the floored one at the
+        top of it; float rounding is monotone, so if the top plus ``eps`` (with a 2x margin for a
+        vector sqrt's last-ulp error) rounds to ``eps``, the whole range does.  False for a tiny ``eps``.
+        """
+        top = torch.tensor([2 * _TINY], dtype=torch.float32).sqrt_().div_(bc2_sqrt).add_(self.eps)
+        return bool(top[0] == torch.tensor(self.eps, dtype=torch.float32))
 
     def scalars(self):
         return {"num_steps": self.num_steps}

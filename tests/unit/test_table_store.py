@@ -480,7 +480,7 @@ def test_store_reduces_and_steps_through_the_triton_kernels_when_asked(monkeypat
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def _dense_adam_as_before(w, m, v, num_steps, ids, grads, lr, weight_decay, chunk_rows=1 << 18):
+def _dense_adam_as_before(w, m, v, num_steps, ids, grads, lr, weight_decay, eps, chunk_rows=1 << 18):
     """``adam``'s step as the store ran it before its blocked rewrite (copied rule, not imported): moments
     decayed, gradients added and a fresh denominator per block of 2^18 rows."""
     b1, b2 = BETAS
@@ -497,24 +497,34 @@ def _dense_adam_as_before(w, m, v, num_steps, ids, grads, lr, weight_decay, chun
         vv.index_add_(0, local, g * g, alpha=1.0 - b2)
         if weight_decay:
             ww.mul_(1.0 - lr * weight_decay)
-        denom = (vv.sqrt() / bc2_sqrt).add_(EPS)
+        denom = (vv.sqrt() / bc2_sqrt).add_(eps)
         ww.addcdiv_(mm, denom, value=-lr / bc1)
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_table_adam_gives_the_bits_of_its_former_implementation(weight_decay):
-    """The blocked ``adam`` (one reused denominator buffer) computes what the former one did, bit for bit:
-    270,000 rows of 4 (two blocks), two steps."""
-    rows, width = 270_000, 4
+@pytest.mark.parametrize("weight_decay,eps", [(0.0, EPS), (0.1, EPS), (0.0, 1e-30)])
+def test_table_adam_gives_the_bits_of_its_former_implementation(weight_decay, eps):
+    """The blocked ``adam`` (one reused denominator buffer; zero and subnormal second moments raised to the
+    smallest normal float before the sqrt where that cannot change the denominator, not with eps=1e-30)
+    computes what the former one did, bit for bit: 70,000 rows of 16 (two blocks), rows never touched
+    (v = 0), rows whose moments decayed to subnormals, normal ones, two steps."""
+    rows, width = 70_000, 16
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(rows, width, generator=gen)
-    opt = TableAdam(weight.clone(), betas=BETAS, eps=EPS, weight_decay=weight_decay)
-    w, m, v = weight.clone(), torch.zeros(rows, width), torch.zeros(rows, width)
+    kind = torch.randint(0, 4, (rows, 1), generator=gen)   # 0: never touched, 1: subnormal v, 2-3: normal
+    m0 = torch.where(kind > 0, torch.randn(rows, width, generator=gen) * 1e-3, torch.zeros(()))
+    v0 = torch.where(kind == 1, torch.rand(rows, width, generator=gen) * 1e-39,
+                     torch.where(kind > 1, torch.rand(rows, width, generator=gen) * 1e-6, torch.zeros(())))
+    assert ((v0 > 0) & (v0 < torch.finfo(torch.float32).tiny)).any()
+    opt = TableAdam(weight.clone(), betas=BETAS, eps=eps, weight_decay=weight_decay)
+    opt.exp_avg.copy_(m0)
+    opt.exp_avg_sq.copy_(v0)
+    w, m, v = weight.clone(), m0.clone(), v0.clone()
     for step in range(1, 3):
         ids = torch.unique(torch.randint(0, rows, (5000,), generator=gen))
         grads = torch.randn(ids.numel(), width, generator=gen)
         opt.step(ids, grads, 1e-2 * step)
-        _dense_adam_as_before(w, m, v, step, ids, grads, 1e-2 * step, weight_decay)
+        _dense_adam_as_before(w, m, v, step, ids, grads, 1e-2 * step, weight_decay, eps)
         for name, got, want in (("weight", opt.weight, w), ("exp_avg", opt.exp_avg, m), ("exp_avg_sq", opt.exp_avg_sq, v)):
             assert torch.equal(got, want), f"step {step}: {name}"
     assert opt._denom.shape[0] < rows   # the update really ran in blocks
+    assert opt._floor_is_exact(math.sqrt(1 - BETAS[1])) == (eps == EPS)
