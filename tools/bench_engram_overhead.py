@@ -1,20 +1,22 @@
 """What Engram costs a training step: the Engram model against the same backbone with ``engram=none``.
 
-    python tools/bench_engram_overhead.py                           # debug_cpu, 3 rounds, ~5 minutes on 2 cores
-    python tools/bench_engram_overhead.py --rounds 5 --steps 30 --json overhead.json
+    python tools/bench_engram_overhead.py                           # debug_cpu, ~4 minutes on 2 cores
+    python tools/bench_engram_overhead.py --windows 12 --window-steps 4 --json overhead.json
+    python tools/bench_engram_overhead.py --clock cpu --torch-threads 1   # a CPU shared with other jobs
     python tools/bench_engram_overhead.py --experiment gpu_check --extra engram.residency=device   # one GPU
 
-One round trains both variants through the trainer's own step (``Trainer.train_step``: data and
-hashing, forward, backward, the one norm, DeepSpeed's step and the table store's step), each in a
-process of its own, one after the other, the order alternating from round to round (ABBA) so that
-drift of a shared machine hits both.  Each process takes ``--warmup`` untimed steps, then
-``--steps`` timed steps (wall time, the device synchronized on CUDA).  The ratio of a round is the
-median Engram step over the median backbone step; reported: the median over rounds and its
-spread (min, max), and the ratio per active FLOP (``tools/count_params.py``: the Engram projections
-add active FLOPs the backbone does not have).
+Both variants are built in this one process (two trainers, each with its own run directory) and
+trained through the trainer's own step (``Trainer.train_step``: data and hashing, forward,
+backward, the one norm, DeepSpeed's step and the table store's step), in alternating windows of
+``--window-steps`` steps, the order swapped from pair to pair (ABBA), after ``--warmup`` untimed
+steps of each: drift of a shared machine hits both.  A step is timed in wall time (the device
+synchronized on CUDA).  The ratio of a pair of windows is the Engram window's median step over
+the backbone window's; reported: the median over the pairs and its spread (min, max), the median
+step of each variant over all windows, and the ratio per active FLOP (``tools/count_params.py``:
+the Engram projections add active FLOPs the backbone does not have).
 
-The Engram process then takes ``--split-steps`` more steps with timers at the boundaries of
-Engram's parts, set from here (the library carries no timers), summed per step:
+Then ``--split-steps`` more Engram steps run with timers at the boundaries of Engram's parts, set
+from here (the library carries no timers), summed per step:
 
 ``hashing``            the loader's hash ids of the step's micro-batches (in this process when
                        ``data.num_workers=0``, the default)
@@ -30,7 +32,7 @@ backward in reverse creation order, so the boundaries are the conv output's, the
 the embeddings' gradients); on CUDA every timer synchronizes the device, which is why the split is
 taken in steps of its own and not in the timed ones.  ``other`` is the Engram step minus the
 parts minus the backbone step: what the parts do not explain (the residual add, layout copies,
-noise).
+the dense optimizer over the block's parameters, noise).
 
 On a shared CPU, ``--clock cpu`` (with one torch thread) times the main thread's CPU time instead
 of wall time: other processes then stretch neither variant.
@@ -42,7 +44,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,7 +63,7 @@ def _overrides(args, variant: str, run_dir: str) -> list:
             "run.wandb_mode=disabled", f"run.dir={run_dir}"]
 
 
-# ---- the child: one variant, one process ---------------------------------------------------------------
+# ---- timers on Engram's parts, set from outside the library -------------------------------------------
 
 class _Split:
     """Per-part seconds of the current step, from timers on Engram's boundaries (only while ``on``)."""
@@ -164,65 +165,54 @@ def _instrument_block(block, split: _Split) -> None:
     block.short_conv = conv
 
 
-def child(args) -> None:
+def _build(args, variant: str, run_dir: str):
     from engram_train.config.store import compose
-
-    cfg = compose(_overrides(args, args.child, args.run_dir))
-    import torch
-
     from engram_train.train.trainer import Trainer, seed_everything
+
+    cfg = compose(_overrides(args, variant, run_dir))
+    seed_everything(cfg.trainer.seed)
+    return Trainer(cfg), cfg.data.global_batch_size * cfg.data.seq_length
+
+
+def measure(args, work: str) -> dict:
+    """Both variants in this process, alternating windows; per variant its step times per window, and
+    the Engram parts of the instrumented steps."""
+    import torch
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    seed_everything(cfg.trainer.seed)
-    trainer = Trainer(cfg)
-    cuda = trainer.device.type == "cuda"
-    split = _Split(cuda, args.clock)
-    if args.child == "engram":
-        _instrument(trainer, split)
+    trainers, tokens = {}, {}
+    for v in VARIANTS:
+        trainers[v], tokens[v] = _build(args, v, os.path.join(work, f"run_{v}"))
+    split = _Split(trainers["engram"].device.type == "cuda", args.clock)
+    _instrument(trainers["engram"], split)
 
-    def step() -> float:
+    def step(v: str) -> float:
         t0 = split.now()
-        trainer.train_step()
+        trainers[v].train_step()
         return split.now() - t0
 
-    for _ in range(args.warmup):
-        step()
-    times = [step() for _ in range(args.steps)]
+    for v in VARIANTS:
+        for _ in range(args.warmup):
+            step(v)
+    windows = {v: [] for v in VARIANTS}
+    for i in range(args.windows):
+        order = list(VARIANTS) if i % 2 == 0 else list(VARIANTS)[::-1]
+        for v in order:
+            windows[v].append([step(v) for _ in range(args.window_steps)])
+        print(f"[bench_engram_overhead] window pair {i + 1}/{args.windows}: engram "
+              f"{1e3 * statistics.median(windows['engram'][-1]):.1f} ms, no_engram "
+              f"{1e3 * statistics.median(windows['no_engram'][-1]):.1f} ms", flush=True)
     parts = []
-    if args.child == "engram" and args.split_steps:
-        split.on = True
-        for _ in range(args.split_steps):
-            step()
-            parts.append(split.pop())
-        split.on = False
-    out = {"variant": args.child, "step_s": times, "parts": parts, "device": str(trainer.device), "clock": args.clock,
-           "torch_threads": torch.get_num_threads(),
-           "tokens_per_step": cfg.data.global_batch_size * cfg.data.seq_length}
-    with open(args.out, "w") as f:
-        json.dump(out, f)
-    trainer.release()
-
-
-# ---- the parent: rounds of both variants ----------------------------------------------------------------
-
-def _run_child(args, variant: str, work: str, i: int) -> dict:
-    out = os.path.join(work, f"{variant}_{i}.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--out", out,
-           "--run-dir", os.path.join(work, f"run_{variant}_{i}"), "--experiment", args.experiment,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--split-steps", str(args.split_steps),
-           "--clock", args.clock, "--torch-threads", str(args.torch_threads), "--extra", *args.extra]
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else {}))
-    log = os.path.join(work, f"{variant}_{i}.log")
-    with open(log, "w") as f:
-        p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if p.returncode != 0:
-        from engram_train.errors import UserError
-
-        tail = open(log).read()[-2000:]
-        raise UserError(f"bench_engram_overhead: the {variant} run of round {i + 1} failed "
-                        f"(exit status {p.returncode}); its log {log} ends:\n{tail}")
-    return json.load(open(out))
+    split.on = True
+    for _ in range(args.split_steps):
+        step("engram")
+        parts.append(split.pop())
+    split.on = False
+    for t in trainers.values():
+        t.release()
+    return {"windows": windows, "parts": parts, "device": str(trainers["engram"].device), "clock": args.clock,
+            "torch_threads": torch.get_num_threads(), "tokens_per_step": tokens["engram"]}
 
 
 def _flops(args) -> dict:
@@ -232,40 +222,41 @@ def _flops(args) -> dict:
             for v, extra in VARIANTS.items()}
 
 
-def summarize(runs: list, flops: dict) -> dict:
-    """``runs``: per round ``{variant: child output}``; the figures of the module docstring."""
-    ratios = [statistics.median(r["engram"]["step_s"]) / statistics.median(r["no_engram"]["step_s"]) for r in runs]
-    med = {v: statistics.median([s for r in runs for s in r[v]["step_s"]]) for v in VARIANTS}
-    parts = [p for r in runs for p in r["engram"]["parts"]]
+def summarize(m: dict, flops: dict) -> dict:
+    """``m``: :func:`measure`'s output; the figures of the module docstring."""
+    w = m["windows"]
+    ratios = [statistics.median(a) / statistics.median(b) for a, b in zip(w["engram"], w["no_engram"])]
+    med = {v: statistics.median([s for win in w[v] for s in win]) for v in VARIANTS}
+    parts = m["parts"]
     split_ms = {p: 1e3 * statistics.median([x[p] for x in parts]) for p in PARTS} if parts else {}
     extra_ms = 1e3 * (med["engram"] - med["no_engram"])
     if split_ms:
         split_ms["other"] = extra_ms - sum(split_ms.values())
     active = flops["engram"] / flops["no_engram"]
     ratio = statistics.median(ratios)
-    tokens = runs[0]["engram"]["tokens_per_step"]
-    return {"step_time_ratio": ratio, "step_time_ratio_rounds": ratios,
+    tokens = m["tokens_per_step"]
+    return {"step_time_ratio": ratio, "step_time_ratio_windows": ratios,
             "step_time_ratio_spread": [min(ratios), max(ratios)],
-            "step_ms": {v: 1e3 * m for v, m in med.items()},
-            "tokens_per_s": {v: tokens / m for v, m in med.items()},
+            "step_ms": {v: 1e3 * x for v, x in med.items()},
+            "tokens_per_s": {v: tokens / x for v, x in med.items()},
             "engram_extra_ms": extra_ms, "split_ms": split_ms,
             "split_share_of_extra": {p: ms / extra_ms for p, ms in split_ms.items()} if extra_ms > 0 else {},
             "flops_per_token": flops, "active_flops_ratio": active, "ratio_per_active_flop": ratio / active,
-            "rounds": len(runs), "timed_steps": {v: sum(len(r[v]["step_s"]) for r in runs) for v in VARIANTS},
-            "split_steps": len(parts), "device": runs[0]["engram"]["device"], "clock": runs[0]["engram"]["clock"],
-            "torch_threads": runs[0]["engram"]["torch_threads"]}
+            "window_pairs": len(ratios), "timed_steps": {v: sum(len(x) for x in w[v]) for v in VARIANTS},
+            "split_steps": len(parts), "device": m["device"], "clock": m["clock"],
+            "torch_threads": m["torch_threads"]}
 
 
 def _print(s: dict, args) -> None:
     print(f"\n# Engram vs engram=none: {args.experiment} on {s['device']} ({s['clock']} clock, "
-          f"{s['torch_threads']} torch threads), {s['rounds']} rounds, {s['timed_steps']['engram']} timed steps "
-          "each\n")
+          f"{s['torch_threads']} torch threads), {s['window_pairs']} window pairs, {s['timed_steps']['engram']} "
+          "timed steps each\n")
     print("| variant | median step ms | tokens/s | forward FLOPs/token |")
     print("|---|---:|---:|---:|")
     for v in VARIANTS:
         print(f"| {v} | {s['step_ms'][v]:.1f} | {s['tokens_per_s'][v]:,.0f} | {s['flops_per_token'][v] / 1e6:.2f}M |")
     lo, hi = s["step_time_ratio_spread"]
-    print(f"\nstep_time_ratio: {s['step_time_ratio']:.3f} (rounds {lo:.3f}-{hi:.3f}); active FLOPs ratio "
+    print(f"\nstep_time_ratio: {s['step_time_ratio']:.3f} (window pairs {lo:.3f}-{hi:.3f}); active FLOPs ratio "
           f"{s['active_flops_ratio']:.3f}; per active FLOP {s['ratio_per_active_flop']:.3f}")
     if s["split_ms"]:
         print(f"\nEngram's {s['engram_extra_ms']:.1f} ms a step ({s['split_steps']} instrumented steps, medians):\n")
@@ -279,10 +270,10 @@ def _print(s: dict, args) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experiment", default="debug_cpu")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of both variants, order alternating (default 3)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per process (default 20)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    p.add_argument("--split-steps", type=int, default=8, help="instrumented Engram steps per round (default 8)")
+    p.add_argument("--windows", type=int, default=8, help="pairs of windows, one of each variant (default 8)")
+    p.add_argument("--window-steps", type=int, default=4, help="timed steps per window (default 4)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each variant first (default 3)")
+    p.add_argument("--split-steps", type=int, default=8, help="instrumented Engram steps at the end (default 8)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time (default), or the main thread's CPU time: robust to other processes on a "
                         "shared machine, meaningful with --torch-threads 1 on a CPU (it sets that)")
@@ -291,31 +282,17 @@ def main(argv=None) -> None:
     p.add_argument("--json", dest="json_path", default=None)
     p.add_argument("--workdir", default=None)
     p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for both variants")
-    p.add_argument("--child", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
-    p.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.clock == "cpu" and not args.torch_threads:
         args.torch_threads = 1
-    if args.child:
-        child(args)
-        return
-    if args.rounds < 1 or args.steps < 1 or args.warmup < 0 or args.split_steps < 0 or args.torch_threads < 0:
-        p.error("--rounds and --steps must be >= 1, --warmup, --split-steps and --torch-threads >= 0")
+    if args.windows < 1 or args.window_steps < 1 or args.warmup < 0 or args.split_steps < 0 or args.torch_threads < 0:
+        p.error("--windows and --window-steps must be >= 1, --warmup, --split-steps and --torch-threads >= 0")
     if args.clock == "cpu" and args.torch_threads != 1:
         p.error("--clock cpu reads the main thread's CPU time: use it with --torch-threads 1")
-    flops = _flops(args)   # composes the config first: a bad override is reported before any run
+    flops = _flops(args)   # composes the config first: a bad override is reported before anything loads
     work = args.workdir or tempfile.mkdtemp(prefix="engram_overhead_")
     os.makedirs(work, exist_ok=True)
-    runs = []
-    for i in range(args.rounds):
-        order = list(VARIANTS) if i % 2 == 0 else list(VARIANTS)[::-1]
-        rnd = {}
-        for v in order:
-            print(f"[bench_engram_overhead] round {i + 1}/{args.rounds}: {v} ...", flush=True)
-            rnd[v] = _run_child(args, v, work, i)
-        runs.append(rnd)
-    s = summarize(runs, flops)
+    s = summarize(measure(args, work), flops)
     _print(s, args)
     if args.json_path:
         with open(args.json_path, "w") as f:

@@ -25,7 +25,8 @@ from tests.distributed.test_train import _write_corpus
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-SKIPPED_TOOLS = ("tools/bench_lookup.py", "tools/measure_table_memory.py", "tools/bench_offload.py")
+SKIPPED_TOOLS = ("tools/bench_lookup.py", "tools/measure_table_memory.py", "tools/bench_offload.py",
+                 "tools/bench_engram_overhead.py")
 
 
 def running_commands():
