@@ -37,9 +37,10 @@ import torch
 
 from engram_train.kernels.rows import row_adam, sparse_adam_rows
 
-# The dense update's blocks: about 2^20 parameters (4 MiB of denominators, one reused buffer instead of
-# table-sized temporaries), in a multiple of 64 rows so that every block starts on a whole SIMD vector.
-_DENSE_BLOCK_PARAMS = 1 << 20
+# The dense update's blocks: about 2^22 parameters (16 MiB of denominators, one reused buffer instead of
+# table-sized temporaries; few blocks, as every op is a fork-join of torch's threads), in a multiple of
+# 64 rows so that every block starts on a whole SIMD vector.
+_DENSE_BLOCK_PARAMS = 1 << 22
 _TINY = torch.finfo(torch.float32).tiny   # the smallest normal float32
 # The host table step's row blocks hold at most this many parameters: torch's intra-op grain
 # (at::internal::GRAIN_SIZE), so no op on a block forks torch's own threads and the step uses exactly

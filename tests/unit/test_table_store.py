@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from engram_train.memory.layout import TableSpec, placement_for, row_range, shard_bounds
+from engram_train.memory import optim
 from engram_train.memory.optim import TableAdam, TableSparseAdam
 from engram_train.memory.store import TableStore, init_rows
 
@@ -502,12 +503,13 @@ def _dense_adam_as_before(w, m, v, num_steps, ids, grads, lr, weight_decay, eps,
 
 
 @pytest.mark.parametrize("weight_decay,eps", [(0.0, EPS), (0.1, EPS), (0.0, 1e-30)])
-def test_table_adam_gives_the_bits_of_its_former_implementation(weight_decay, eps):
+def test_table_adam_gives_the_bits_of_its_former_implementation(weight_decay, eps, monkeypatch):
     """The blocked ``adam`` (one reused denominator buffer; zero and subnormal second moments raised to the
     smallest normal float before the sqrt where that cannot change the denominator, not with eps=1e-30)
     computes what the former one did, bit for bit: 70,000 rows of 16 (two blocks), rows never touched
     (v = 0), rows whose moments decayed to subnormals, normal ones, two steps."""
     rows, width = 70_000, 16
+    monkeypatch.setattr(optim, "_DENSE_BLOCK_PARAMS", 1 << 20)   # 65,536-row blocks: two here
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(rows, width, generator=gen)
     kind = torch.randint(0, 4, (rows, 1), generator=gen)   # 0: never touched, 1: subnormal v, 2-3: normal
