@@ -33,6 +33,7 @@ import math
 from concurrent.futures import Executor
 from typing import Dict, List, Optional, Tuple
 
+import numpy
 import torch
 
 from engram_train.kernels.rows import row_adam, sparse_adam_rows
@@ -162,8 +163,9 @@ class TableAdam(TableOptimizer):
         top of it; float rounding is monotone, so if the top plus ``eps`` (with a 2x margin for a
         vector sqrt's last-ulp error) rounds to ``eps``, the whole range does.  False for a tiny ``eps``.
         """
-        top = torch.tensor([2 * _TINY], dtype=torch.float32).sqrt_().div_(bc2_sqrt).add_(self.eps)
-        return bool(top[0] == torch.tensor(self.eps, dtype=torch.float32))
+        f32 = numpy.float32   # float32 arithmetic on the host: no tensor, nothing to synchronize
+        top = f32(numpy.sqrt(f32(2 * _TINY))) / f32(bc2_sqrt) + f32(self.eps)
+        return bool(top == f32(self.eps))
 
     def scalars(self):
         return {"num_steps": self.num_steps}
