@@ -164,28 +164,30 @@ class StoreTable(nn.Module):
         self.register_buffer("offsets", torch.tensor(shard.spec.offsets, dtype=torch.int64), persistent=False)
         self.register_buffer("sizes", torch.tensor(self.table_sizes, dtype=torch.int64), persistent=False)
         self._anchor = torch.empty(0, requires_grad=True)
-        self.prefetcher = None   # host-resident tables: rows gathered ahead (memory/host.py)
+        # Host-resident tables: lookups that come without rows gathered ahead (evaluation) run on the
+        # prefetcher's worker, behind what it has queued, so every rank plans its collectives in one order.
+        self.prefetcher = None
 
     @property
     def num_heads(self) -> int:
         return len(self.table_sizes)
 
-    def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, hash_ids: torch.Tensor, rows=None) -> torch.Tensor:
+        """``rows``: this lookup's :class:`~engram_train.memory.host.RowBlock`, gathered ahead by the host
+        prefetch stage and carried by the batch (``batch[ENGRAM_ROWS].get(layer_id)``)."""
         if self.check_ids:
             check_hash_ids(hash_ids, self.sizes, self.table_sizes)
-        if self.prefetcher is None:
+        if rows is None and self.prefetcher is not None:   # not gathered ahead (evaluation): the same path, now
+            rows = self.prefetcher.lookup_now(self.shard.spec.layer_id, hash_ids)
+        if rows is None:
             ids = (hash_ids + self.offsets).reshape(-1)
-            rows = _Lookup.apply(self._anchor, self.shard, ids, None)
+            out = _Lookup.apply(self._anchor, self.shard, ids, None)
         else:
-            layer_id = self.shard.spec.layer_id
-            block = self.prefetcher.take(layer_id)
-            if block is None:   # not prefetched (evaluation): the same path, now
-                block = self.prefetcher.lookup_now(layer_id, hash_ids)
-            if block.num_ids != hash_ids.numel():
-                raise RuntimeError(f"Engram layer {layer_id}: the prefetched rows belong to another "
-                                   "micro-batch; take batches only through the PrefetchingIterator")
-            rows = _Lookup.apply(self._anchor, self.shard, None, block)
-        return rows.reshape(*hash_ids.shape[:-1], self.num_heads * self.embed_dim)
+            if rows.num_ids != hash_ids.numel():
+                raise RuntimeError(f"Engram layer {self.shard.spec.layer_id}: the rows gathered ahead belong to "
+                                   "another micro-batch; pass each batch's own batch[ENGRAM_ROWS] with it")
+            out = _Lookup.apply(self._anchor, self.shard, None, rows)
+        return out.reshape(*hash_ids.shape[:-1], self.num_heads * self.embed_dim)
 
     def extra_repr(self) -> str:
         s = self.shard

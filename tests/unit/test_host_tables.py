@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from engram_train.config.schema import ConfigError, EngramConfig
+from engram_train.data.batch import ENGRAM_ROWS
 from engram_train.memory.host import PrefetchingIterator
 from engram_train.memory.layout import placement_for, table_specs
 from engram_train.memory.store import TableStore
@@ -47,7 +48,10 @@ def _train(store: TableStore, prefetch: bool):
         for _ in range(GAS):
             batch = next(it)
             # The loader's ids are CPU tensors (the prefetcher reads those); the model gets device copies.
-            outs = [store.tables[l](h.to(store.device)) for l, h in sorted(batch["engram_hash_ids"].items())]
+            # The rows gathered ahead travel with the batch; each table takes its layer's block.
+            ahead = batch.get(ENGRAM_ROWS, {})
+            outs = [store.tables[l](h.to(store.device), ahead.get(l))
+                    for l, h in sorted(batch["engram_hash_ids"].items())]
             g = torch.Generator().manual_seed(1000 + batch["grad_seed"])
             # A loss whose gradient depends on the rows read, so a stale row changes the update.
             loss = sum((o * torch.randn(o.shape, generator=g).to(o.device)).square().sum() for o in outs)
