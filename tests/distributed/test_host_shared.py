@@ -27,13 +27,13 @@ def _train(host_dir):
     from engram_train.data.batch import ENGRAM_ROWS
     from engram_train.memory.host import PrefetchingIterator
     from engram_train.memory.layout import placement_for, table_specs
-    from engram_train.memory.store import TableStore
+    from engram_train.memory.store import StoreGroups, StoreOptions, TableStore
 
     rank, world = dist.get_rank(), dist.get_world_size()
     store = TableStore(table_specs(SIZES, DIM * 2, 2), placement_for("replicated", world, rank, 1, 0),
-                       optimizer="sparse_adam", seed=3, residency="host", host_dir=host_dir, rank=rank,
-                       local_world_size=world, replica_group=dist.group.WORLD, world_group=dist.group.WORLD,
-                       dp_size=world)
+                       StoreOptions(optimizer="sparse_adam", seed=3, residency="host", host_dir=host_dir),
+                       StoreGroups(replica_group=dist.group.WORLD, world_group=dist.group.WORLD, dp_size=world,
+                                   rank=rank, local_world_size=world))
 
     def batches():
         g = torch.Generator().manual_seed(100 + rank)   # each DP rank its own data
