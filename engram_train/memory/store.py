@@ -1,11 +1,13 @@
 """The table store: owner of every Engram table's rows, their gradients and their optimizer.
 
-One :class:`TableShard` per Engram layer holds this rank's contiguous row range
-(:mod:`engram_train.memory.layout`) as a plain fp32 tensor: not an
-``nn.Parameter``, so DeepSpeed never sees, broadcasts, reduces or checkpoints
-it.  The model gets a :class:`StoreTable` per layer through its layer spec
-(``build_model(table_provider=store.table)``); the Engram block calls it like
-its own table: ``table(hash_ids [..., heads]) -> [..., heads * embed_dim]``.
+One :class:`~engram_train.memory.shard.TableShard` per Engram layer holds this
+rank's contiguous row range (:mod:`engram_train.memory.layout`) as a plain fp32
+tensor: not an ``nn.Parameter``, so DeepSpeed never sees, broadcasts, reduces or
+checkpoints it.  The model gets a :class:`~engram_train.memory.shard.StoreTable`
+per layer through its layer spec (``build_model(table_provider=store.table)``);
+the Engram block calls it like its own table: ``table(hash_ids [..., heads]) ->
+[..., heads * embed_dim]``.  The store is built from :class:`StoreOptions` (how
+tables are kept and trained) and :class:`StoreGroups` (the process groups).
 
 A training step, seen from the store::
 
