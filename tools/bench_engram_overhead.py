@@ -110,7 +110,9 @@ def _instrument(trainer, split: _Split) -> None:
         store.step = split.timed("table_step", store.step)
         for shard in store.shards.values():   # the lookup's backward: gradient rows to the owning shard
             shard.exchange.scatter_grad = split.timed("gather_exchange", shard.exchange.scatter_grad)
-    loader = getattr(trainer.train_iter, "batches", trainer.train_iter)   # under a PrefetchingIterator
+    loader = trainer.train_iter
+    while not hasattr(loader, "_loader") and hasattr(loader, "batches"):   # under pipeline stages
+        loader = loader.batches
     collate = loader._loader.collate_fn
     if collate.hasher is not None:
         collate.hasher = split.timed("hashing", collate.hasher)

@@ -89,7 +89,7 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
     from engram_train.memory.exchange import CommCounter
 
     from engram_train.memory.layout import placement_for, table_specs
-    from engram_train.memory.store import TableStore
+    from engram_train.memory.store import StoreGroups, StoreOptions, TableStore
     from engram_train.platform.device import get_device
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -113,9 +113,10 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
             h_hi = min(h_lo + -(-heads // world), heads) if by_head else heads
             sizes = {l: s[h_lo:h_hi] for l, s in hasher.table_sizes.items()}
             specs = table_specs(sizes, args.dim * args.heads, args.heads)
-            store = TableStore(specs, placement, optimizer=args.optimizer, device=device, tp_group=tp_group,
-                               replica_group=singles[rank] if layout == "TP" or partition == "all" else dist.group.WORLD,
-                               world_group=dist.group.WORLD, dp_size=1 if layout == "TP" else world)
+            groups = StoreGroups(
+                tp_group=tp_group, world_group=dist.group.WORLD, dp_size=1 if layout == "TP" else world, rank=rank,
+                replica_group=singles[rank] if layout == "TP" or partition == "all" else dist.group.WORLD)
+            store = TableStore(specs, placement, StoreOptions(optimizer=args.optimizer), groups, device=device)
             g = torch.Generator().manual_seed(0)
             proj = {l: (torch.randn(2 * args.hidden, heads * args.dim, generator=g) * 0.02)[:, h_lo * args.dim:
                         h_hi * args.dim].contiguous().to(device).requires_grad_() for l in sizes}

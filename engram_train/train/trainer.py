@@ -41,6 +41,7 @@ class Trainer:
         from engram_train.data.loader import (build_engram_hasher, build_train_loader, build_valid_batches,
                                               check_vocab)
         from engram_train.data.prepare import PreparedData, prepare_data
+        from engram_train.memory.host import batch_stages
         from engram_train.model.gpt import padded_vocab_size
         from engram_train.parallel.parallelize import build_parallel_model
         from engram_train.platform.device import get_device
@@ -97,17 +98,14 @@ class Trainer:
                                     report=self.rank == 0)
         self.spikes = LossSpikeDetector(cfg.trainer.loss_spike_factor, cfg.trainer.loss_spike_window)
 
+        # Stages the components add to the data pipeline (host-resident tables: the next micro-batches'
+        # rows, gathered while this one runs, travel with their batch); their figures join the log lines.
+        self.batch_stages = batch_stages(self.table_store, cfg.engram)
         self.train_iter = build_train_loader(
             self.data, d, self.hasher, seq_length=d.seq_length, micro_batch_size=d.micro_batch_size,
             global_batch_size=d.global_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
             seed=cfg.trainer.seed, consumed_samples=self.state.consumed_samples,
-            max_seq_length=cfg.model.max_seq_length)
-        if self.table_store is not None and self.table_store.prefetcher is not None:
-            from engram_train.memory.host import PrefetchingIterator
-
-            # Host-resident tables: the rows of the next micro-batches are gathered while this one runs.
-            self.train_iter = PrefetchingIterator(self.train_iter, self.table_store.prefetcher,
-                                                  depth=cfg.engram.prefetch_depth)
+            max_seq_length=cfg.model.max_seq_length, stages=self.batch_stages)
         self.valid_batches = build_valid_batches(
             self.data, d, self.hasher, seq_length=d.seq_length, micro_batch_size=d.micro_batch_size,
             num_batches=-(-cfg.trainer.eval_iters // self.dp_size), dp_rank=self.dp_rank, dp_size=self.dp_size,
@@ -190,12 +188,12 @@ class Trainer:
 
     def _model_stats(self) -> Dict[str, object]:
         """Engram gate means and MoE load balance of the last micro-batch (device tensors, already
-        computed), and the host prefetch figures summed over the steps since the last log line."""
+        computed), and the data pipeline's figures summed over the steps since the last log line."""
         out: Dict[str, object] = {f"engram_gate_mean/layer{i}": g
                                   for i, g in self.model.engram_gate_means().items()}
         out.update(self.model.moe_load_stats())
-        if self.table_store is not None and self.table_store.prefetcher is not None:
-            out.update(self.table_store.prefetcher.stats.pop())
+        for stage in self.batch_stages:
+            out.update(stage.window_metrics())
         return out
 
     def _pull(self, metrics: Dict[str, object],

@@ -27,9 +27,10 @@ B, T, HEADS, DIM, GAS, STEPS = 2, 12, 4, 8, 2, 4
 def _train(partition: str, tp: int, residency: str, staleness: int = 0):
     import torch.distributed as dist
 
+    from engram_train.data.batch import ENGRAM_ROWS
     from engram_train.memory.host import PrefetchingIterator
     from engram_train.memory.layout import placement_for, table_specs
-    from engram_train.memory.store import TableStore
+    from engram_train.memory.store import StoreGroups, StoreOptions, TableStore
 
     rank, world = dist.get_rank(), dist.get_world_size()
     tp_groups = [dist.new_group(list(range(s, s + tp))) for s in range(0, world, tp)]
@@ -38,8 +39,9 @@ def _train(partition: str, tp: int, residency: str, staleness: int = 0):
     if partition == "tp" and dp > 1:
         raise NotImplementedError("this test runs tp with DP=1")
     store = TableStore(table_specs(SIZES, DIM * 2, 2), placement_for(partition, world, rank, tp, rank % tp),
-                       optimizer="sparse_adam", seed=5, residency=residency, staleness=staleness, rank=rank,
-                       tp_group=tp_group, replica_group=replica_group, world_group=dist.group.WORLD, dp_size=dp)
+                       StoreOptions(optimizer="sparse_adam", seed=5, residency=residency, staleness=staleness),
+                       StoreGroups(tp_group=tp_group, replica_group=replica_group, world_group=dist.group.WORLD,
+                                   dp_size=dp, rank=rank))
 
     def batches():
         g = torch.Generator().manual_seed(100 + dp_rank)   # each DP rank its own data, TP peers the same
@@ -55,7 +57,8 @@ def _train(partition: str, tp: int, residency: str, staleness: int = 0):
     for step in range(STEPS):
         for _ in range(GAS):
             batch = next(it)
-            outs = [store.tables[l](h) for l, h in sorted(batch["engram_hash_ids"].items())]
+            ahead = batch.get(ENGRAM_ROWS, {})   # the rows gathered ahead travel with the batch
+            outs = [store.tables[l](h, ahead.get(l)) for l, h in sorted(batch["engram_hash_ids"].items())]
             g = torch.Generator().manual_seed(batch["seed"])
             sum((o * torch.randn(o.shape, generator=g)).square().sum() for o in outs).backward()
         store.reduce_gradients()

@@ -24,15 +24,16 @@ B, T, HEADS, DIM, GAS, STEPS = 2, 12, 4, 8, 2, 4
 def _train(host_dir):
     import torch.distributed as dist
 
+    from engram_train.data.batch import ENGRAM_ROWS
     from engram_train.memory.host import PrefetchingIterator
     from engram_train.memory.layout import placement_for, table_specs
-    from engram_train.memory.store import TableStore
+    from engram_train.memory.store import StoreGroups, StoreOptions, TableStore
 
     rank, world = dist.get_rank(), dist.get_world_size()
     store = TableStore(table_specs(SIZES, DIM * 2, 2), placement_for("replicated", world, rank, 1, 0),
-                       optimizer="sparse_adam", seed=3, residency="host", host_dir=host_dir, rank=rank,
-                       local_world_size=world, replica_group=dist.group.WORLD, world_group=dist.group.WORLD,
-                       dp_size=world)
+                       StoreOptions(optimizer="sparse_adam", seed=3, residency="host", host_dir=host_dir),
+                       StoreGroups(replica_group=dist.group.WORLD, world_group=dist.group.WORLD, dp_size=world,
+                                   rank=rank, local_world_size=world))
 
     def batches():
         g = torch.Generator().manual_seed(100 + rank)   # each DP rank its own data
@@ -44,7 +45,8 @@ def _train(host_dir):
     for _ in range(STEPS):
         for _ in range(GAS):
             batch = next(it)
-            outs = [store.tables[l](h) for l, h in sorted(batch["engram_hash_ids"].items())]
+            ahead = batch[ENGRAM_ROWS]   # the rows gathered ahead travel with the batch
+            outs = [store.tables[l](h, ahead.get(l)) for l, h in sorted(batch["engram_hash_ids"].items())]
             g = torch.Generator().manual_seed(batch["seed"])
             sum((o * torch.randn(o.shape, generator=g)).square().sum() for o in outs).backward()
         store.reduce_gradients()

@@ -14,7 +14,7 @@ import torch
 from engram_train.memory import store as store_module
 from engram_train.memory.layout import placement_for, table_specs
 from engram_train.memory.optim import host_row_blocks
-from engram_train.memory.store import TableStore
+from engram_train.memory.store import StoreGroups, StoreOptions, TableStore
 
 BETAS, EPS, LR_MULT = (0.9, 0.95), 1e-8, 5.0
 SIZES = {2: [2003, 2011, 2017, 2027]}   # one layer, 8,058 rows of width 16
@@ -53,8 +53,9 @@ def test_host_step_is_bit_identical_for_1_2_and_4_threads(optimizer):
     rows = specs[2].rows
     results = {}
     for threads in (1, 2, 4):
-        store = TableStore(specs, placement_for("replicated", 1, 0, 1, 0), optimizer=optimizer, seed=5,
-                           betas=BETAS, eps=EPS, lr_mult=LR_MULT, residency="host", host_threads=threads)
+        store = TableStore(specs, placement_for("replicated", 1, 0, 1, 0),
+                           StoreOptions(optimizer=optimizer, seed=5, betas=BETAS, eps=EPS, lr_mult=LR_MULT,
+                                        residency="host", host_threads=threads))
         shard = store.shards[2]
         opt = shard.optimizer
         if threads == 1:
@@ -91,8 +92,8 @@ def test_host_threads_default_is_the_cores_left_to_the_rank(monkeypatch):
     assert store_module.cores_left_to_rank(1) == 16
     assert store_module.cores_left_to_rank(32) == 1
     specs = table_specs(SIZES, n_embed_per_ngram=DIM * 2, heads_per_ngram=2)
-    store = TableStore(specs, placement_for("replicated", 1, 0, 1, 0), optimizer="sparse_adam",
-                       residency="host", local_world_size=4)
+    store = TableStore(specs, placement_for("replicated", 1, 0, 1, 0),
+                       StoreOptions(optimizer="sparse_adam", residency="host"), StoreGroups(local_world_size=4))
     assert store.prefetcher.step_pool._max_workers == 4
     assert store.shards[2].optimizer.pool is store.prefetcher.step_pool
     store.prefetcher.close()

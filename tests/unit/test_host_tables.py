@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from engram_train.config.schema import ConfigError, EngramConfig
+from engram_train.data.batch import ENGRAM_ROWS
 from engram_train.memory.host import PrefetchingIterator
 from engram_train.memory.layout import placement_for, table_specs
-from engram_train.memory.store import TableStore
+from engram_train.memory.store import StoreOptions, TableStore
 
 SIZES = {0: [31, 37, 41, 43], 3: [47, 53, 59, 61]}
 B, T, HEADS, DIM = 2, 12, 4, 8
@@ -26,8 +27,9 @@ GAS, STEPS = 2, 5
 def _store(residency: str, staleness: int = 0, device: str = "cpu", host_dir=None,
            optimizer: str = "sparse_adam") -> TableStore:
     specs = table_specs(SIZES, n_embed_per_ngram=DIM * 2, heads_per_ngram=2)
-    return TableStore(specs, placement_for("replicated", 1, 0, 1, 0), optimizer=optimizer, seed=7,
-                      residency=residency, staleness=staleness, device=device, host_dir=host_dir)
+    return TableStore(specs, placement_for("replicated", 1, 0, 1, 0),
+                      StoreOptions(optimizer=optimizer, seed=7, residency=residency, staleness=staleness,
+                                   host_dir=host_dir), device=device)
 
 
 def _batches(n: int):
@@ -47,7 +49,10 @@ def _train(store: TableStore, prefetch: bool):
         for _ in range(GAS):
             batch = next(it)
             # The loader's ids are CPU tensors (the prefetcher reads those); the model gets device copies.
-            outs = [store.tables[l](h.to(store.device)) for l, h in sorted(batch["engram_hash_ids"].items())]
+            # The rows gathered ahead travel with the batch; each table takes its layer's block.
+            ahead = batch.get(ENGRAM_ROWS, {})
+            outs = [store.tables[l](h.to(store.device), ahead.get(l))
+                    for l, h in sorted(batch["engram_hash_ids"].items())]
             g = torch.Generator().manual_seed(1000 + batch["grad_seed"])
             # A loss whose gradient depends on the rows read, so a stale row changes the update.
             loss = sum((o * torch.randn(o.shape, generator=g).to(o.device)).square().sum() for o in outs)
@@ -74,6 +79,15 @@ def test_host_resident_training_equals_device_resident_exactly(optimizer):
     for l in SIZES:
         for got, want in zip(host[l], device[l]):
             assert torch.equal(got, want), l
+
+
+def test_training_lookups_read_the_rows_their_batch_carries(monkeypatch):
+    # The rows gathered ahead reach the tables with the batch; none is looked up on the spot.
+    store = _store("host")
+    now = []
+    monkeypatch.setattr(store.prefetcher, "lookup_now", lambda *a: now.append(a))
+    _train(store, prefetch=True)
+    assert now == []
 
 
 def test_staleness_one_reads_rows_gathered_before_the_update():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from engram_train.memory.layout import TableSpec, placement_for, row_range, shard_bounds
 from engram_train.memory import optim
 from engram_train.memory.optim import TableAdam, TableSparseAdam
-from engram_train.memory.store import TableStore, init_rows
+from engram_train.memory.store import StoreOptions, TableStore, init_rows
 
 RTOL, ATOL = 1e-5, 1e-6
 BETAS, EPS = (0.9, 0.95), 1e-8
@@ -225,6 +225,18 @@ def test_row_range_is_torch_chunk_covering_and_disjoint():
             row_range(10, 4, bad)
 
 
+def test_row_range_is_dtensors_uneven_shard_0():
+    # DTensor's own rule for the rows of Shard(0) on mesh coordinate i of n: the checkpoint saves each
+    # shard as a DTensor of that placement, so a torch upgrade that changed the rule must fail here.
+    from torch.distributed.tensor import Shard
+
+    for rows in [1, 2, 9, 10, 152, 220, 4099]:
+        for parts in [1, 2, 3, 4, 7, 8, 16]:
+            for i in range(parts):
+                size, offset = Shard.local_shard_size_and_offset(rows, parts, i)
+                assert row_range(rows, parts, i) == (offset, offset + size), (rows, parts, i)
+
+
 def test_placement_for():
     assert placement_for("replicated", 4, 3, 2, 1).rows_of(SMALL) == (0, SMALL.rows)
     p = placement_for("tp", 4, 3, 2, 1)
@@ -242,8 +254,9 @@ LR_MULT = 5.0
 
 
 def _store(optimizer="adam", **kw) -> TableStore:
-    return TableStore(SPECS, placement_for("replicated", 1, 0, 1, 0), optimizer=optimizer, lr_mult=LR_MULT,
-                      betas=BETAS, eps=EPS, init_std=0.02, seed=11, **kw)
+    return TableStore(SPECS, placement_for("replicated", 1, 0, 1, 0),
+                      StoreOptions(optimizer=optimizer, lr_mult=LR_MULT, betas=BETAS, eps=EPS, init_std=0.02, seed=11,
+                                   **kw))
 
 
 def _ids(spec: TableSpec, shape, seed: int, hi: int = None) -> torch.Tensor:
