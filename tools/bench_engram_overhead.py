@@ -137,11 +137,14 @@ def _instrument_block(block, split: _Split) -> None:
         value.register_hook(lambda g: state.__setitem__("conv_bwd_end", split.now()))
         return y
 
-    def forward(hidden, hash_ids):
+    def lookup(hash_ids, rows):   # EngramBlock.forward's lookup (rows: gathered ahead by host tables)
+        return table(hash_ids) if rows is None else table(hash_ids, rows)
+
+    def forward(hidden, hash_ids, rows=None):
         if not split.on:
-            return fuse(hidden, table(hash_ids))
+            return fuse(hidden, lookup(hash_ids, rows))
         t0 = split.now()
-        e = table(hash_ids)
+        e = lookup(hash_ids, rows)
         t1 = split.now()
         split.add("gather_exchange", t1 - t0)
         state["conv_fwd"] = 0.0
