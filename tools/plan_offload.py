@@ -1,0 +1,646 @@
+"""Will Engram tables hide under compute? Bytes and seconds of every table stage per step, predicted.
+
+    python tools/plan_offload.py experiment=engram_100b_host_4node world=32
+    python tools/plan_offload.py experiment=engram_27b world=64 --mfu 0.35 --data-dir data_cache/mine
+    python tools/plan_offload.py experiment=engram_27b world=64 engram.residency=host engram.optimizer=sparse_adam
+    python tools/plan_offload.py --calibrate --json calibration.json     # this machine's CPU constants
+    python tools/plan_offload.py --validate                               # predicted vs bench_offload, 2 sizes
+
+``world=N`` is the number of ranks, every other argument a Hydra override (validated as the trainer
+does). For each rank and step (``global_batch_size`` sequences) it predicts, per stage:
+
+- **unique rows** per Engram layer, from the corpus: a sample of real batches of the prepared
+  directory (``--data-dir``, default the config's ``data.dir``, prepared as the trainer prepares it
+  when missing) is windowed and hashed by the project's loader and hasher, the unique rows of
+  nested batches of 1, 2, 4, ... sequences are counted, and a power law ``U = a x^b`` in the batch's
+  tokens ``x`` (Heaps' law) is fitted per layer. The fit is used at the micro-batch (prefetch), at
+  ``dp`` micro-batches (an owner's block under ``engram.partition=all``) and at the global batch (the
+  table step); beyond the largest batch sampled it extrapolates, and the report says by how much.
+  The unique fraction depends on the tokenizer: hash the corpus prepared with the tokenizer you
+  will train with.
+- **prefetch** (host tables, one worker thread per rank, ``memory/host.py``): plan (unique ids),
+  gather of the block's rows, copy host to device (PCIe; the int64 index too), and under ``all``
+  the id requests to the owners (NIC for off-node owners);
+- **exchange in the step** (on the critical path): ``tp``'s all-reduce of ``[U, d]`` over the TP group
+  (NVLink), ``all``'s rows and gradient rows to and from owners (NVLink on the node, NIC off it),
+  the all-gather of gradient rows over the replica (data-parallel) group of ``replicated``/``tp``,
+  and for host tables the copy of the reduced gradient rows to the host (PCIe);
+- **table step**: ``sparse_adam`` on the rows the step touched, on ``--cores`` threads, the larger of
+  the per-row CPU cost and the bytes over host memory bandwidth (weight, 2 moments and the step
+  count read and written, the gradient read); plus the refresh of the next block (read after write,
+  bounded by re-reading the whole block). Device tables step on HBM (``adam``: the whole shard).
+
+Compute per step is ``--step-time`` seconds, or ``6 x active parameters x tokens per rank`` (+ the
+attention term of ``tools/count_params.py``) over ``--peak-tflops x --mfu``. Verdict: the prefetch of
+micro-batch ``i+1`` hides when it fits in micro-batch ``i``'s compute; the host table step (submitted
+after the dense optimizer step) hides, with ``engram.staleness=0``, only in the forward up to the
+first Engram layer of the next step, with ``staleness=1`` in the next micro-batch's compute. The
+report gives each margin, the exposed seconds and the resource that bounds each stage.
+
+Hardware constants: ``HARDWARE`` below, one place, each with its source; any of them can be given
+on the command line (``--pcie-gbps`` ...). CPU costs per row: ``CPU_COSTS`` (measured on the
+project's 2-core CPU machine by ``--calibrate``; ``--constants FILE`` takes another machine's
+``--calibrate --json FILE``).
+
+``--validate`` runs ``tools/bench_offload.py`` (host tables) at two table sizes on this machine,
+calibrates this machine's CPU costs, and compares the predicted unique rows, prefetch worker time and
+host table step time per step with the measured ones (``engram_prefetch/rows``, ``/gather_cpu_s``,
+``/update_cpu_s``: CPU seconds of the worker thread, medians over steps); it exits 1 if one is off by more than ``--tolerance`` (25%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# One place for the hardware: an 8-GPU H100 SXM node (DGX H100 class), per GPU rank unless said.
+HARDWARE = {
+    # NVIDIA H100 SXM5 datasheet: 989 TFLOP/s dense BF16 (1,979 with 2:4 sparsity).
+    "peak_tflops": 989.0,
+    # An assumption, not a measurement: large MoE pretraining reports 35-45% MFU on H100
+    # (DeepSeek-V3 / Megatron-scale runs); give yours with --mfu or the measured --step-time.
+    "mfu": 0.40,
+    # PCIe Gen5 x16 host->device: 40-52 GB/s achieved with copies >= ~28 KiB, 4-7 GB/s with 4-24 KiB
+    # copies (vLLM's measurements on H100). A row block is one contiguous copy (MBs): the large rate.
+    "pcie_gbps": 50.0,
+    # Host DRAM per rank: 2 sockets x 8 channels DDR5-4800 = 2 x 307 GB/s peak, ~65% achievable under
+    # random row traffic -> ~400 GB/s per node, shared by its 8 ranks.
+    "host_mem_gbps": 50.0,
+    # CPU threads per rank for the host table step (engram.host_threads): a DGX H100 has 2 x 56 cores;
+    # 8 of the 14 per rank, leaving the rest to the data loader, NCCL proxies and Python.
+    "cores": 8,
+    # One 400 Gb/s ConnectX-7 NIC per GPU (DGX H100: 8 per node) = 50 GB/s per direction.
+    "nic_gbps": 50.0,
+    # NVLink 4 on H100 SXM: 900 GB/s bidirectional per GPU = 450 GB/s per direction.
+    "nvlink_gbps": 450.0,
+    # H100 SXM5 HBM3: 3.35 TB/s.
+    "hbm_gbps": 3350.0,
+    "ranks_per_node": 8,
+}
+
+# CPU cost of the host stages, one thread, seconds: call = c0 + n * (per_item + per_float * z), z the row
+# width d for the row stages and log2(n) for the sort of "plan" (cpu_time).
+# Measured by `python tools/plan_offload.py --calibrate` on the project's CPU machine (2-core Xeon VM,
+# DDR4, shared with other jobs: medians of 5) -- a conservative stand-in for a server core.
+CPU_COSTS = {
+    "plan": {"c0": 3.0e-05, "per_item": 3.0e-08, "per_float": 0.0},      # per looked-up id: offset, sort-unique
+    "gather": {"c0": 1.0e-05, "per_item": 4.0e-08, "per_float": 1.5e-09},  # per row: index_select from the table
+    "adam": {"c0": 3.0e-04, "per_item": 3.0e-07, "per_float": 1.0e-08},   # per row: sparse_adam_rows
+    "memcpy_gbps": 5.0,         # one thread, bytes copied per second (a CPU run's "device" copy)
+    "host_mem_gbps": 10.0,      # read + write traffic per second, one thread
+}
+
+
+def fail(message):
+    from engram_train.errors import UserError
+
+    raise UserError(message)
+
+
+# ----------------------------------------------------------------------------- unique rows from the corpus
+
+
+def fit_power_law(x, y):
+    """Least squares of ``log y = log a + b log x``: ``(a, b, r2)``."""
+    import numpy as np
+
+    lx, ly = np.log(np.asarray(x, dtype=float)), np.log(np.asarray(y, dtype=float))
+    b, la = np.polyfit(lx, ly, 1)
+    pred = la + b * lx
+    ss = float(((ly - ly.mean()) ** 2).sum())
+    r2 = 1.0 - float(((ly - pred) ** 2).sum()) / ss if ss > 0 else 1.0
+    return float(math.exp(la)), float(b), r2
+
+
+class UniqueFit:
+    """Unique rows of one Engram layer in a batch of ``x`` tokens: ``min(rows, a x^b)``."""
+
+    def __init__(self, a, b, rows, max_tokens, r2=1.0, points=()):
+        self.a, self.b, self.rows, self.max_tokens, self.r2, self.points = a, b, rows, max_tokens, r2, list(points)
+
+    def __call__(self, tokens):
+        return min(float(self.rows), self.a * float(tokens) ** self.b)
+
+    def to_dict(self):
+        return dict(a=self.a, b=self.b, rows=self.rows, max_tokens_sampled=self.max_tokens, r2=self.r2,
+                    points=self.points)
+
+
+def measure_unique(prepared, cfg, max_tokens=1 << 19, repeats=2, seed=0):
+    """``({layer: [(tokens, unique rows), ...]}, hasher, starts)``: nested batches of 1, 2, 4, ... consecutive
+    samples of the training order (a real global batch) from each of ``repeats`` random starts, hashed by the
+    loader's hasher."""
+    import random
+
+    import torch
+
+    from engram_train.data.loader import _open_split, build_engram_hasher
+
+    T = cfg.data.seq_length
+    hasher = build_engram_hasher(prepared, cfg.engram)
+    samples = _open_split(prepared, "train", T, cfg.trainer.seed, None)
+    n = samples.samples_per_epoch
+    biggest = max(1, min(max_tokens // T, n))
+    sizes = [1 << i for i in range(biggest.bit_length()) if (1 << i) <= biggest]
+    offsets = {l: torch.tensor([0] + list(sizes_l[:-1]), dtype=torch.int64).cumsum(0)
+               for l, sizes_l in hasher.table_sizes.items()}
+    rng = random.Random(seed)
+    points = {l: [] for l in hasher.table_sizes}
+    starts = [rng.randrange(0, max(1, n - sizes[-1] + 1)) for _ in range(repeats)]
+    for start in starts:
+        seen = {l: torch.empty(0, dtype=torch.int64) for l in points}
+        done = 0
+        for s in sizes:
+            tokens = torch.stack([samples[g]["tokens"] for g in range(start + done, start + s)])
+            for l, ids in hasher(tokens).items():
+                seen[l] = torch.unique(torch.cat([seen[l], (ids + offsets[l]).reshape(-1)]))
+                points[l].append((s * T, int(seen[l].numel())))
+            done = s
+    return points, hasher, starts
+
+
+def fit_unique(points, table_rows, max_tokens):
+    fits = {}
+    for l, pts in points.items():
+        a, b, r2 = fit_power_law([p[0] for p in pts], [p[1] for p in pts])
+        fits[l] = UniqueFit(a, b, table_rows[l], max_tokens, r2, pts)
+    return fits
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def _scale(op, n, d):
+    """The second per-item term of a stage: the row width for row stages, ``log2 n`` for the sort."""
+    return math.log2(max(n, 2)) if op == "plan" else d
+
+
+def cpu_time(costs, op, n, d, threads=1):
+    """Seconds of one call of a host stage on ``n`` items (ids or rows of ``d`` floats)."""
+    c = costs[op]
+    return 0.0 if n <= 0 else c["c0"] + n * (c["per_item"] + c["per_float"] * _scale(op, n, d)) / threads
+
+
+def predict(cfg, world, hw, costs, fits, step_time=None, flops_per_token=None):
+    """Per rank and step: bytes, rows and seconds of every stage, and the verdict (a dict)."""
+    e, d_cfg, p = cfg.engram, cfg.data, cfg.parallel
+    tp = p.tensor_parallel
+    dp = world // tp
+    rpn = min(int(hw["ranks_per_node"]), world)
+    b, T, G = d_cfg.micro_batch_size, d_cfg.seq_length, d_cfg.global_batch_size
+    accum = G // (b * dp)
+    from engram_train.memory.layout import resolve_partition
+
+    part = resolve_partition(e.partition, tp)
+    host = e.residency == "host"
+    cuda = hw.get("cuda", True)
+    heads = (e.max_ngram - 1) * e.heads_per_ngram
+    d = e.n_embed_per_ngram // e.heads_per_ngram
+    n_ids = b * T * heads
+    row_b = 4 * d                                     # fp32 rows, the table store's
+    x_mb, x_dp, x_step = b * T, dp * b * T, G * T
+    off_node = max(0, world - rpn) / world            # share of the other ranks on other nodes (all)
+    mb = dict(unique=0.0, block_rows=0.0, ids=n_ids * len(fits), h2d_bytes=0.0, net_bytes=0.0, nvlink_bytes=0.0,
+              t_plan=0.0, t_gather=0.0, t_h2d=0.0, t_ids=0.0, t_exchange=0.0)
+    step = dict(table_rows=0.0, grad_net_bytes=0.0, d2h_bytes=0.0, written_bytes=0.0, t_adam=0.0, t_refresh=0.0,
+                t_grad_net=0.0, t_d2h=0.0, adam_bound="")
+    cores = max(1, int(hw["cores"]))
+    for l, fit in fits.items():
+        u_mb = fit(x_mb)
+        if part == "replicated":
+            block, step_rows, shard_rows = u_mb, fit(x_step), fit.rows
+        elif part == "tp":
+            block, step_rows, shard_rows = u_mb / tp, fit(x_step) / tp, fit.rows / tp
+        else:
+            block, step_rows, shard_rows = fit(x_dp) / world, fit(x_step) / world, fit.rows / world
+        mb["unique"] += u_mb
+        mb["block_rows"] += block
+        # Planning: offset + sort-unique of the ids (under `all` also the owner's unique of the requests).
+        mb["t_plan"] += cpu_time(costs, "plan", n_ids, d) + (cpu_time(costs, "plan", u_mb, d) if part == "all" else 0)
+        if part == "all":
+            mb["net_bytes"] += 8 * u_mb * off_node      # int64 ids to the owners on other nodes (gloo)
+            mb["t_ids"] += 8 * u_mb * off_node / (hw["nic_gbps"] * 1e9)
+            # Forward: owners send the rows back; backward: TP rank 0 sends the gradient rows (1/tp of ranks).
+            moved = u_mb * row_b * (world - 1) / world * (1 + 1 / tp)
+            net = u_mb * row_b * off_node * (1 + 1 / tp)
+            mb["net_bytes"] += net
+            mb["nvlink_bytes"] += moved - net
+            mb["t_exchange"] += net / (hw["nic_gbps"] * 1e9) + (moved - net) / (hw["nvlink_gbps"] * 1e9)
+        elif part == "tp" and tp > 1:
+            ring = 2 * (tp - 1) / tp * u_mb * row_b
+            mb["nvlink_bytes"] += ring
+            mb["t_exchange"] += ring / (hw["nvlink_gbps"] * 1e9)
+        if host:
+            mb["t_gather"] += max(cpu_time(costs, "gather", block, d), 2 * block * row_b / (hw["host_mem_gbps"] * 1e9))
+            index = 8 * n_ids + 8 * (u_mb if part == "all" else block)
+            copied = block * row_b + (index if cuda else 0)
+            mb["h2d_bytes"] += copied
+            mb["t_h2d"] += copied / (hw["pcie_gbps"] * 1e9)
+        else:   # device tables: the gather reads HBM inside the forward
+            mb["t_exchange"] += 2 * block * row_b / (hw["hbm_gbps"] * 1e9)
+        # The step: the replicas' gradient rows (replicated/tp: all-gathered over the DP group, not deduplicated
+        # before), then the optimizer on the reduced rows.
+        step["table_rows"] += step_rows
+        if part in ("replicated", "tp") and dp > 1:
+            pending = accum * block * (row_b + 8)
+            dp_off = max(0, dp - max(1, rpn // tp)) / dp
+            sent = (dp - 1) * pending
+            step["grad_net_bytes"] += sent * dp_off
+            step["t_grad_net"] += sent * dp_off / (hw["nic_gbps"] * 1e9) + sent * (1 - dp_off) / (hw["nvlink_gbps"] * 1e9)
+        if host:
+            step["d2h_bytes"] += step_rows * (row_b + 8) if cuda else 0
+            step["t_d2h"] += step_rows * (row_b + 8) / (hw["pcie_gbps"] * 1e9) if cuda else 0
+            step["written_bytes"] += step_rows * (3 * row_b + 4)
+            traffic = step_rows * (7 * row_b + 8 + 8)   # read w, m, v, step, grad, id; write w, m, v, step
+            t_cpu = cpu_time(costs, "adam", step_rows, d, cores)
+            t_mem = traffic / (hw["host_mem_gbps"] * 1e9)
+            step["t_adam"] += max(t_cpu, t_mem)
+            step["adam_bound"] = "host memory bandwidth" if t_mem > t_cpu else f"CPU ({cores} threads)"
+            if not e.staleness:
+                step["t_refresh"] += cpu_time(costs, "gather", block, d)
+        else:
+            rows = shard_rows if e.optimizer == "adam" else step_rows
+            step["written_bytes"] += rows * (3 * row_b + 4)
+            step["t_adam"] += rows * (7 * row_b + 16) / (hw["hbm_gbps"] * 1e9)
+            step["adam_bound"] = "HBM bandwidth" + (" (adam: every row of the shard)" if e.optimizer == "adam" else "")
+    mb["t_prefetch"] = mb["t_plan"] + mb["t_gather"] + mb["t_h2d"] + mb["t_ids"] if host else 0.0
+    step["t_table_step"] = step["t_adam"] + step["t_refresh"]
+
+    if step_time is None:
+        tokens_rank = G * T / dp
+        step_time = 3 * flops_per_token * tokens_rank / tp / (hw["peak_tflops"] * 1e12 * hw["mfu"])
+    t_mb = step_time / accum
+    # The forward is ~1/3 of a micro-batch (1/4 with full recompute); the first Engram layer comes after
+    # min(layer_ids) of num_layers layers.
+    fwd_share = 0.25 if cfg.model.recompute == "full" else 1 / 3
+    window = t_mb * fwd_share * min(e.layer_ids) / cfg.model.num_layers
+    out = dict(partition=part, residency=e.residency, world=world, tp=tp, dp=dp, ranks_per_node=rpn,
+               accumulation=accum, embed_dim=d, heads=heads, micro_batch_tokens=x_mb, step_tokens=x_step,
+               step_compute_s=step_time, micro_batch_compute_s=t_mb, micro_batch=mb, step=step,
+               extrapolation=x_step / min(f.max_tokens for f in fits.values()))
+    exposed = {}
+    if host:
+        exposed["prefetch"] = accum * max(0.0, mb["t_prefetch"] - t_mb)
+        if e.staleness:
+            exposed["table step"] = max(0.0, step["t_table_step"] + mb["t_prefetch"] - t_mb)
+            out["table_step_window_s"] = t_mb - mb["t_prefetch"]
+        else:
+            exposed["table step"] = max(0.0, step["t_table_step"] - window)
+            out["table_step_window_s"] = window
+        exposed["gradient rows to host (PCIe)"] = step["t_d2h"]
+        out["worker_busy_s"] = accum * mb["t_prefetch"] + step["t_table_step"]
+    else:
+        exposed["table step (device)"] = step["t_table_step"]
+    exposed["lookup exchange"] = accum * mb["t_exchange"]
+    exposed["gradient rows over DP"] = step["t_grad_net"]
+    out["exposed_s"] = exposed
+    out["step_s"] = step_time + sum(exposed.values())
+    out["overhead"] = sum(exposed.values()) / step_time
+    out["bottleneck"] = max(exposed, key=exposed.get) if any(exposed.values()) else None
+    return out
+
+
+# ----------------------------------------------------------------------------- calibration (this machine)
+
+
+def _median_time(fn, args):
+    """Median seconds of ``fn(*a)`` over ``args`` after one warm-up call: each call on its own rows, so that
+    the rows come from memory as in training, not from the cache the previous call filled."""
+    fn(*args[0])
+    ts = []
+    for a in args[1:]:
+        t0 = time.thread_time()   # CPU time: other processes on a shared machine do not count
+        fn(*a)
+        ts.append(time.thread_time() - t0)
+    return statistics.median(ts)
+
+
+def _fit_cost(samples):
+    """``[(n, z, seconds)] -> {c0, per_item, per_float}``: non-negative least squares of the relative error of
+    ``t = c0 + n a + n z b`` (every subset of the three terms solved, the best non-negative one kept)."""
+    import itertools
+
+    import numpy as np
+
+    A = np.array([[1.0, n, n * d] for n, d, _ in samples])
+    y = np.array([t for _, _, t in samples])
+    A, y = A / y[:, None], np.ones_like(y)     # relative: a 10 us call counts as much as a 10 ms one
+    best = (float("inf"), np.zeros(3))
+    for k in range(1, 4):
+        for cols in itertools.combinations(range(3), k):
+            x = np.linalg.lstsq(A[:, cols], y, rcond=None)[0]
+            if (x >= 0).all():
+                full = np.zeros(3)
+                full[list(cols)] = x
+                res = float(((A @ full - y) ** 2).sum())
+                if res < best[0]:
+                    best = (res, full)
+    c0, a, b = (float(v) for v in best[1])
+    return {"c0": c0, "per_item": a, "per_float": b}
+
+
+def calibrate(table_floats=1 << 25, repeats=5):
+    """This machine's CPU constants, one thread, tables larger than the caches: the stages the host
+    pipeline runs (offset + ``unique_rows``; ``index_select``; ``sparse_adam_rows``) timed at two sizes and
+    two row widths, and a memory copy."""
+    import torch
+
+    from engram_train.kernels.rows import sparse_adam_rows, unique_rows
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        src = torch.randn(table_floats, generator=g)
+        dst = torch.empty_like(src)
+        t = _median_time(lambda: dst.copy_(src), [()] * (repeats + 1))
+        memcpy = src.numel() * 4 / t
+        del src, dst
+        plan, gather, adam = [], [], []
+        off = torch.arange(16, dtype=torch.int64) * (1 << 24)
+        for n in (1 << 12, 1 << 15, 1 << 18):
+            args = [(torch.randint(0, 1 << 24, (n // 16, 16), generator=g),) for _ in range(repeats + 1)]
+            plan.append((n, _scale("plan", n, 0), _median_time(lambda ids: unique_rows((ids + off).reshape(-1)), args)))
+        for d in (16, 128):
+            rows = table_floats // d
+            w = torch.randn(rows, d, generator=g)
+            m, v = torch.zeros_like(w), torch.zeros_like(w)
+            steps = torch.zeros(rows, dtype=torch.int32)
+            for u in (1 << 11, 1 << 15):
+                args = [(torch.randperm(rows, generator=g)[:u].sort().values,) for _ in range(repeats + 1)]
+                gather.append((u, d, _median_time(lambda local: w.index_select(0, local), args)))
+                grads = torch.randn(u, d, generator=g)
+                adam.append((u, d, _median_time(lambda local: sparse_adam_rows(
+                    w, m, v, steps, local, grads, 1e-3, (0.9, 0.95), 1e-8, 0.0), args)))
+            del w, m, v, steps
+    finally:
+        torch.set_num_threads(threads)
+    return {"plan": _fit_cost(plan), "gather": _fit_cost(gather), "adam": _fit_cost(adam),
+            "memcpy_gbps": memcpy / 1e9, "host_mem_gbps": 2 * memcpy / 1e9,
+            "samples": {"plan": plan, "gather": gather, "adam": adam}}
+
+
+# ----------------------------------------------------------------------------- corpus and config
+
+
+def _prepared(cfg, data_dir):
+    """The corpus to sample: ``--data-dir``; else the config's own data (prepared as the trainer prepares it);
+    else, for a recipe that names no files, the default corpus (``DataConfig()``: the quick-start's)."""
+    from engram_train.config.schema import DataConfig
+    from engram_train.data.prepare import PreparedData, prepare_data
+
+    if data_dir is not None:
+        return PreparedData.load(data_dir)
+    d = cfg.data
+    if d.corpus == "files" and not d.files:
+        d = DataConfig()
+    return prepare_data(d, progress=False)
+
+
+def load_fits(cfg, data_dir, max_tokens, repeats):
+    from engram_train.memory.layout import table_specs
+
+    if not cfg.engram.enabled or cfg.engram.keys != "hashed":
+        fail(f"engram.keys={cfg.engram.keys if cfg.engram.enabled else 'disabled'}: the offload planner needs "
+             "hashed Engram tables (addresses known from token ids); use engram.keys=hashed")
+    prepared = _prepared(cfg, data_dir)
+    points, hasher, _ = measure_unique(prepared, cfg, max_tokens, repeats)
+    specs = table_specs(hasher.table_sizes, cfg.engram.n_embed_per_ngram, cfg.engram.heads_per_ngram)
+    biggest = max(t for pts in points.values() for t, _ in pts)
+    return fit_unique(points, {l: s.rows for l, s in specs.items()}, biggest), prepared
+
+
+def _parse(overrides):
+    worlds = [o for o in overrides if o.startswith("world=")]
+    rest = [o for o in overrides if not o.startswith("world=")]
+    if len(worlds) != 1 or not worlds[0][6:].isdigit() or int(worlds[0][6:]) < 1:
+        fail(f"world: give the number of ranks once, as world=N (got {worlds or 'none'})")
+    return int(worlds[0][6:]), rest
+
+
+def _flops_per_token(overrides):
+    from tools.count_params import count
+
+    return count(overrides)["flops_per_token"]
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _s(t):
+    return f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def _b(n):
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def report(name, r, fits, hw, sources):
+    mb, st = r["micro_batch"], r["step"]
+    print(f"== {name}: world {r['world']} = TP {r['tp']} x DP {r['dp']}, {r['ranks_per_node']} ranks/node; "
+          f"engram.partition={r['partition']}, residency={r['residency']}; {r['accumulation']} micro-batches of "
+          f"{r['micro_batch_tokens']:,} tokens per rank, {r['step_tokens']:,} tokens per step")
+    for l, f in fits.items():
+        print(f"  layer {l}: unique rows = {f.a:.3g} x tokens^{f.b:.3f} (R^2 {f.r2:.4f}, sampled up to "
+              f"{f.max_tokens:,} tokens; table {f.rows:,} rows): micro-batch {f(r['micro_batch_tokens']):,.0f}, "
+              f"step {f(r['step_tokens']):,.0f}")
+    if r["extrapolation"] > 1:
+        print(f"  (the step's unique rows extrapolate the fit {r['extrapolation']:.1f}x past the largest batch sampled)")
+    print(f"  compute: {_s(r['step_compute_s'])} per step ({sources['compute']}), {_s(r['micro_batch_compute_s'])} "
+          "per micro-batch")
+    print(f"  per micro-batch and rank (all layers): {mb['ids']:,} ids -> {mb['unique']:,.0f} unique rows; block "
+          f"read here {mb['block_rows']:,.0f} rows")
+    if r["residency"] == "host":
+        print(f"    prefetch {_s(mb['t_prefetch'])} = plan {_s(mb['t_plan'])} + gather {_s(mb['t_gather'])} + "
+              f"host-to-device {_b(mb['h2d_bytes'])} in {_s(mb['t_h2d'])}"
+              + (f" + id requests {_s(mb['t_ids'])}" if r["partition"] == "all" else ""))
+    print(f"    exchange in the step: {_b(mb['nvlink_bytes'])} NVLink + {_b(mb['net_bytes'])} network, "
+          f"{_s(mb['t_exchange'])}")
+    print(f"  per step and rank: table step on {st['table_rows']:,.0f} rows, {_s(st['t_table_step'])} "
+          f"(optimizer {_s(st['t_adam'])}, bound by {st['adam_bound']}"
+          + (f"; refresh <= {_s(st['t_refresh'])}" if st["t_refresh"] else "") + f"); written back "
+          f"{_b(st['written_bytes'])}; gradient rows to host {_b(st['d2h_bytes'])} ({_s(st['t_d2h'])}); over the "
+          f"network for the gradient all-gather {_b(st['grad_net_bytes'])} ({_s(st['t_grad_net'])})")
+    if r["residency"] == "host":
+        slack = r["micro_batch_compute_s"] - mb["t_prefetch"]
+        print(f"  verdict: prefetch {'hides' if slack >= 0 else 'does NOT hide'} under a micro-batch's compute "
+              f"(margin {_s(abs(slack))}, {100 * slack / r['micro_batch_compute_s']:+.1f}%); the table step "
+              f"{_s(st['t_table_step'])} vs its window {_s(r['table_step_window_s'])}: "
+              + ("hides" if r["exposed_s"]["table step"] == 0 else
+                 f"{_s(r['exposed_s']['table step'])} exposed") + f"; worker busy {_s(r['worker_busy_s'])} of "
+              f"{_s(r['step_compute_s'])} per step")
+    exp = ", ".join(f"{k} {_s(v)}" for k, v in r["exposed_s"].items() if v)
+    print(f"  exposed per step: {exp or 'nothing'} -> step {_s(r['step_s'])}, +{100 * r['overhead']:.2f}% over "
+          f"compute; largest: {r['bottleneck'] or 'none'}")
+
+
+def _constants(args):
+    hw = dict(HARDWARE)
+    sources = {"compute": f"{hw['peak_tflops']:g} TFLOP/s x MFU {hw['mfu']:g}"}
+    for k in ("peak_tflops", "mfu", "pcie_gbps", "host_mem_gbps", "cores", "nic_gbps", "nvlink_gbps", "hbm_gbps",
+              "ranks_per_node"):
+        v = getattr(args, k)
+        if v is not None:
+            if v <= 0:
+                fail(f"--{k.replace('_', '-')}={v}: must be > 0")
+            hw[k] = v
+    sources["compute"] = f"{hw['peak_tflops']:g} TFLOP/s x MFU {hw['mfu']:g}"
+    if args.step_time is not None:
+        if args.step_time <= 0:
+            fail(f"--step-time={args.step_time}: must be > 0 seconds")
+        sources["compute"] = f"--step-time {args.step_time:g}"
+    costs = dict(CPU_COSTS)
+    if args.constants:
+        if not os.path.isfile(args.constants):
+            fail(f"--constants {args.constants}: no such file; write one with --calibrate --json FILE")
+        with open(args.constants) as f:
+            loaded = json.load(f)
+        missing = [k for k in ("plan", "gather", "adam") if k not in loaded]
+        if missing:
+            fail(f"--constants {args.constants}: missing {missing}; write it with --calibrate --json FILE")
+        costs.update({k: loaded[k] for k in ("plan", "gather", "adam")})
+    return hw, costs, sources
+
+
+def plan_one(overrides, args):
+    from engram_train.config.store import compose
+
+    world, rest = _parse(overrides)
+    cfg = compose(rest)
+    cfg.validate(world_size=world)
+    hw, costs, sources = _constants(args)
+    fits, prepared = load_fits(cfg, args.data_dir, args.max_tokens, args.repeats)
+    flops = None if args.step_time is not None else _flops_per_token(rest)
+    r = predict(cfg, world, hw, costs, fits, step_time=args.step_time, flops_per_token=flops)
+    r["corpus"] = dict(dir=str(prepared.dir), vocab_size=prepared.vocab_size)
+    r["fits"] = {str(l): f.to_dict() for l, f in fits.items()}
+    r["hardware"] = hw
+    return cfg, r, fits, hw, sources
+
+
+# ----------------------------------------------------------------------------- validation against bench_offload
+
+
+def validate(args):
+    import tempfile
+
+    from engram_train.config.store import compose
+    from tools import bench_offload
+    from tools.measure_table_memory import MODEL
+
+    work = args.workdir or tempfile.mkdtemp(prefix="engram_plan_offload_")
+    print("[plan_offload] calibrating this machine's CPU constants ...", flush=True)
+    costs = calibrate()
+    print(json.dumps({k: costs[k] for k in ("plan", "gather", "adam", "memcpy_gbps")}), flush=True)
+    # This machine: the "device" is host RAM (a copy stands in for PCIe), the trainer pins one thread per
+    # rank (OMP_NUM_THREADS=1) and the table step runs on the one worker thread.
+    hw = dict(HARDWARE, cuda=False, pcie_gbps=costs["memcpy_gbps"], host_mem_gbps=costs["host_mem_gbps"], cores=1,
+              ranks_per_node=1)
+    rows_ok = True
+    lines = []
+    for rows in args.sizes:
+        sub = os.path.join(work, f"rows{rows}")
+        if os.path.isfile(os.path.join(sub, "host", "metrics.jsonl")):
+            print(f"[plan_offload] reusing the bench_offload runs in {sub}", flush=True)
+        else:
+            print(f"[plan_offload] bench_offload --rows-per-head {rows} ...", flush=True)
+            bench_offload.main(["--rows-per-head", str(rows), "--no-memory", "--steps", str(args.steps),
+                                "--workdir", sub, "--extra", *args.extra])
+        corpus = os.path.join(sub, "corpus.jsonl")
+        over = MODEL + ["data.corpus=files", f"data.files=[{corpus}]", f"data.dir={os.path.join(sub, 'prepared')}",
+                        "engram.optimizer=sparse_adam", "engram.residency=host",
+                        f"engram.table_size_per_ngram=[{rows},{rows}]"] + list(args.extra)
+        cfg = compose(over)
+        fits, _ = load_fits(cfg, os.path.join(sub, "prepared"), args.max_tokens, args.repeats)
+        pred = predict(cfg, 1, hw, costs, fits, step_time=1.0)
+        measured = [json.loads(x) for x in open(os.path.join(sub, "host", "metrics.jsonl")) if '"loss"' in x]
+        measured = [m for m in measured if m["step"] > 2]
+        acc = pred["accumulation"]
+        got = {"unique rows fetched": statistics.median(m["engram_prefetch/rows"] for m in measured),
+               "prefetch worker s": statistics.median(m["engram_prefetch/gather_cpu_s"] for m in measured),
+               "host table step s": statistics.median(m["engram_prefetch/update_cpu_s"] for m in measured)}
+        want = {"unique rows fetched": acc * pred["micro_batch"]["block_rows"],
+                "prefetch worker s": acc * pred["micro_batch"]["t_prefetch"],
+                "host table step s": pred["step"]["t_table_step"]}
+        params = sum(f.rows for f in fits.values()) * pred["embed_dim"]
+        for k in got:
+            err = want[k] / got[k] - 1 if got[k] else float("inf")
+            ok = abs(err) <= args.tolerance
+            rows_ok &= ok
+            lines.append((rows, params, k, want[k], got[k], err, ok))
+    print(f"\n# Offload planner vs tools/bench_offload.py on this machine ({len(measured)} steps each, medians)\n")
+    print("| rows/head | table params | quantity (per step) | predicted | measured | error | within |")
+    print("|---:|---:|---|---:|---:|---:|---|")
+    for rows, params, k, w, g, err, ok in lines:
+        fmt = (lambda v: f"{v:,.0f}") if "rows" in k else (lambda v: f"{v * 1e3:.2f} ms")
+        print(f"| {rows:,} | {params / 1e6:.1f}M | {k} | {fmt(w)} | {fmt(g)} | {100 * err:+.1f}% | "
+              f"{'yes' if ok else 'NO'} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"calibration": costs, "rows": [dict(rows_per_head=r, table_params=p, quantity=k,
+                                                           predicted=w, measured=g, error=e)
+                                                      for r, p, k, w, g, e, _ in lines]}, f, indent=1)
+    return 0 if rows_ok else 1
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", help="world=N (the number of ranks) and Hydra overrides")
+    ap.add_argument("--data-dir", default=None, help="a prepared directory whose corpus is sampled "
+                    "(default: the config's data.dir, prepared as the trainer would)")
+    ap.add_argument("--max-tokens", type=int, default=1 << 19,
+                    help="largest batch sampled for the unique-row fit, in tokens (default 524288)")
+    ap.add_argument("--repeats", type=int, default=2, help="batches sampled per size (default 2)")
+    ap.add_argument("--step-time", type=float, default=None, help="measured compute seconds per step (instead of "
+                    "FLOPs / (peak x MFU))")
+    for k, v in HARDWARE.items():
+        ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None, help=f"default {v:g}")
+    ap.add_argument("--constants", default=None, help="CPU costs from --calibrate --json FILE")
+    ap.add_argument("--calibrate", action="store_true", help="measure this machine's CPU costs and print them")
+    ap.add_argument("--validate", action="store_true",
+                    help="compare predictions with tools/bench_offload.py at two table sizes on this machine")
+    ap.add_argument("--sizes", type=int, nargs=2, default=[100000, 400000],
+                    help="--validate: rows per head of the two table sizes (default 100000 400000)")
+    ap.add_argument("--steps", type=int, default=12, help="--validate: steps per bench_offload run (default 12)")
+    ap.add_argument("--extra", nargs="*", default=[], help="--validate: more overrides for bench_offload's runs")
+    ap.add_argument("--tolerance", type=float, default=0.25, help="--validate: largest relative error (0.25)")
+    ap.add_argument("--workdir", default=None, help="--validate: where bench_offload runs (runs already there "
+                    "are reused)")
+    ap.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = ap.parse_args(argv)
+    if args.max_tokens < 1 or args.repeats < 1:
+        fail(f"--max-tokens={args.max_tokens} --repeats={args.repeats}: both must be >= 1")
+    if args.calibrate:
+        c = calibrate()
+        print(json.dumps(c, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(c, f, indent=1)
+        return 0
+    if args.validate:
+        return validate(args)
+    cfg, r, fits, hw, sources = plan_one(args.overrides, args)
+    name = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment=")), "config")
+    report(name, r, fits, hw, sources)
+    print(f"  corpus: {r['corpus']['dir']} (tokenizer vocabulary {r['corpus']['vocab_size']:,})")
+    print("  constants: " + ", ".join(f"{k} {v:g}" for k, v in hw.items() if k != "cuda"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    from engram_train.errors import run_main
+
+    sys.exit(run_main(main, prog="plan_offload"))
