@@ -45,7 +45,17 @@ def test_calibration_fit_recovers_known_costs(tool):
     got = tool._fit_cost(samples)
     assert got["c0"] == pytest.approx(c0, rel=1e-6) and got["per_item"] == pytest.approx(a, rel=1e-6)
     assert got["per_float"] == pytest.approx(b, rel=1e-6)
-    assert tool.cpu_time({"gather": got}, "gather", 1000, 80, threads=4) == pytest.approx(c0 + 1000 * (a + b * 80) / 4)
+    # Per layer: the fixed cost is paid once per call (a micro-batch's gather, a step's update), by predict.
+    assert tool.cpu_time({"gather": got}, "gather", 1000, 80, threads=4) == pytest.approx(1000 * (a + b * 80) / 4)
+    # Whole two-layer updates: the optimizer's and the refresh's per-row costs are told apart.
+    adam, fresh = dict(c0=1e-3, per_item=3e-7, per_float=1.5e-8), dict(c0=0.0, per_item=2e-8, per_float=3e-9)
+    samples = [(r, blk, d, adam["c0"] + 2 * (r * (adam["per_item"] + adam["per_float"] * d)
+                                             + blk * (fresh["per_item"] + fresh["per_float"] * d)))
+               for r in (2048, 32768) for blk in (r // 8, r) for d in (16, 128)]
+    got_adam, got_fresh = tool._fit_update(samples, 2)
+    for k in adam:
+        assert got_adam[k] == pytest.approx(adam[k], rel=1e-6, abs=1e-15)
+        assert got_fresh[k] == pytest.approx(fresh[k], rel=1e-6, abs=1e-15)
 
 
 def test_unique_rows_of_the_corpus_match_a_set_count(tool, tmp_path):
@@ -85,7 +95,8 @@ HW = dict(peak_tflops=1.0, mfu=1.0, pcie_gbps=10.0, host_mem_gbps=1000.0, cores=
           hbm_gbps=1000.0, ranks_per_node=2, cuda=True)
 COSTS = {"plan": {"c0": 0.0, "per_item": 1e-8, "per_float": 0.0},
          "gather": {"c0": 0.0, "per_item": 1e-7, "per_float": 0.0},
-         "adam": {"c0": 1e-4, "per_item": 1e-6, "per_float": 0.0}}
+         "adam": {"c0": 1e-4, "per_item": 1e-6, "per_float": 0.0},
+         "refresh": {"c0": 0.0, "per_item": 1e-7, "per_float": 0.0}}
 
 
 def test_model_arithmetic_partition_all_by_hand(tool):
@@ -108,7 +119,7 @@ def test_model_arithmetic_partition_all_by_hand(tool):
     moved = u * 4 * d * 3 / 4 * 2               # rows back and gradient rows out (TP 1: every rank sends)
     net = u * 4 * d * 0.5 * 2
     assert r["micro_batch"]["t_exchange"] == pytest.approx(L * (net / 5e9 + (moved - net) / 50e9))
-    t_adam = L * max(1e-4 + step_rows * 1e-6 / 2, step_rows * (28 * d + 16) / 1e12)
+    t_adam = 1e-4 + L * max(step_rows * 1e-6 / 2, step_rows * (28 * d + 16) / 1e12)   # one call per step
     t_ts = t_adam + L * block * 1e-7           # + the refresh, bounded by re-reading the block
     assert r["step"]["table_rows"] == pytest.approx(L * step_rows)
     assert r["step"]["t_table_step"] == pytest.approx(t_ts)
