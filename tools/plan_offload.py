@@ -272,6 +272,7 @@ def predict(cfg, world, hw, costs, fits, step_time=None, flops_per_token=None):
                 step["t_refresh"] += cpu_time(costs, "refresh", block, d)
         else:
             rows = shard_rows if e.optimizer == "adam" else step_rows
+            step["stepped_rows"] = step.get("stepped_rows", 0.0) + rows
             step["written_bytes"] += rows * (3 * row_b + 4)
             step["t_adam"] += rows * (7 * row_b + 16) / (hw["hbm_gbps"] * 1e9)
             step["adam_bound"] = "HBM bandwidth" + (" (adam: every row of the shard)" if e.optimizer == "adam" else "")
@@ -545,7 +546,9 @@ def report(name, r, fits, hw, sources):
               + (f" + id requests {_s(mb['t_ids'])}" if r["partition"] == "all" else ""))
     print(f"    exchange in the step: {_b(mb['nvlink_bytes'])} NVLink + {_b(mb['net_bytes'])} network, "
           f"{_s(mb['t_exchange'])}")
-    print(f"  per step and rank: table step on {st['table_rows']:,.0f} rows, {_s(st['t_table_step'])} "
+    stepped = f" (adam steps all {st['stepped_rows']:,.0f} rows of the shard)" if "stepped_rows" in st and \
+        st["stepped_rows"] != st["table_rows"] else ""
+    print(f"  per step and rank: table step on {st['table_rows']:,.0f} touched rows{stepped}, {_s(st['t_table_step'])} "
           f"(optimizer {_s(st['t_adam'])}, bound by {st['adam_bound']}"
           + (f"; refresh <= {_s(st['t_refresh'])}" if st["t_refresh"] else "") + f"); written back "
           f"{_b(st['written_bytes'])}; gradient rows to host {_b(st['d2h_bytes'])} ({_s(st['t_d2h'])}); over the "
