@@ -383,9 +383,11 @@ def _fit_update(samples, layers):
     return ({"c0": c0, "per_item": a, "per_float": b}, {"c0": 0.0, "per_item": fa, "per_float": fb})
 
 
-def calibrate(table_floats=1 << 25, repeats=9):
+def calibrate(table_floats=1 << 27, repeats=9):
     """This machine's CPU costs, one thread, on the project's own host pipeline (``memory/host.py``): a
-    table store of two host-resident layers larger than the caches; its prefetcher's gather of a
+    table store of two host-resident layers of ``table_floats`` parameters in all (the per-row costs depend
+    on how much of the table the caches hold: the default, 0.5 GB of weights and 1 GB of moments, is
+    larger than any cache); its prefetcher's gather of a
     micro-batch (plan, gather, copy; 2 id counts x 2 unique fractions x 2 row widths) and a table step's
     update (the optimizer's step, then the refresh of a block read ahead; 2 row counts x 2 block sizes x
     2 widths), each call on rows of its own and with cold caches (``_median_time``), fitted by
@@ -403,7 +405,7 @@ def calibrate(table_floats=1 << 25, repeats=9):
     heads = 8
     try:
         g = torch.Generator().manual_seed(0)
-        src = torch.randn(table_floats, generator=g)
+        src = torch.randn(min(table_floats, 1 << 25), generator=g)
         dst = torch.empty_like(src)
         t = _median_time(lambda: dst.copy_(src), [()] * (repeats + 1))
         memcpy = src.numel() * 4 / t
@@ -640,16 +642,9 @@ def validate(args):
     from tools.measure_table_memory import MODEL
 
     work = args.workdir or tempfile.mkdtemp(prefix="engram_plan_offload_")
-    print("[plan_offload] calibrating this machine's CPU constants ...", flush=True)
-    costs = calibrate()
-    print(json.dumps({k: costs[k] for k in ("plan", "gather", "adam", "refresh", "memcpy_gbps")}), flush=True)
-    # This machine: the "device" is host RAM (the copy is inside the calibrated gather), the trainer pins one
-    # thread per rank (OMP_NUM_THREADS=1) and the table step runs on the one worker thread.
-    hw = dict(HARDWARE, cuda=False, pcie_gbps=costs["memcpy_gbps"], host_mem_gbps=costs["host_mem_gbps"], cores=1,
-              ranks_per_node=1)
     keys = {"unique rows fetched": "engram_prefetch/rows", "prefetch worker s": "engram_prefetch/gather_cpu_s",
             "host table step s": "engram_prefetch/update_cpu_s"}
-    ok_all, lines = True, []
+    ok_all, lines, info, calibrations = True, [], [], {}
     for rows in args.sizes:
         runs, first = _bench_runs(args, rows, work)
         corpus = os.path.join(first, "corpus.jsonl")
@@ -658,12 +653,28 @@ def validate(args):
                         f"engram.table_size_per_ngram=[{rows},{rows}]"] + list(args.extra)
         cfg = compose(over)
         fits, _ = load_fits(cfg, os.path.join(first, "prepared"), args.max_tokens, args.repeats)
+        params = sum(f.rows for f in fits.values()) * cfg.engram.n_embed_per_ngram // cfg.engram.heads_per_ngram
+        print(f"[plan_offload] calibrating this machine's CPU costs on {params / 1e6:.0f}M table parameters ...",
+              flush=True)
+        costs = calibrate(table_floats=params)
+        calibrations[rows] = costs
+        print(json.dumps({k: costs[k] for k in ("plan", "gather", "adam", "refresh", "memcpy_gbps")}), flush=True)
+        # This machine: the "device" is host RAM (the copy is inside the calibrated gather), the trainer pins
+        # one thread per rank (OMP_NUM_THREADS=1) and the table step runs on the one worker thread.
+        hw = dict(HARDWARE, cuda=False, pcie_gbps=costs["memcpy_gbps"], host_mem_gbps=costs["host_mem_gbps"],
+                  cores=1, ranks_per_node=1)
         pred = predict(cfg, 1, hw, costs, fits, step_time=1.0)
         acc = pred["accumulation"]
         want = {"unique rows fetched": acc * pred["micro_batch"]["block_rows"],
                 "prefetch worker s": acc * pred["micro_batch"]["t_prefetch"],
                 "host table step s": pred["step"]["t_table_step"]}
-        params = sum(f.rows for f in fits.values()) * pred["embed_dim"]
+        waits = [statistics.median(m["engram_prefetch/update_wait_s"] for m in run) for run in runs]
+        info.append(f"rows/head {rows:,}: the trainer waited for the table step (wall clock, median per step) "
+                    f"{statistics.median(waits) * 1e3:.2f} ms (runs {min(waits) * 1e3:.2f}-{max(waits) * 1e3:.2f}); "
+                    f"predicted exposed {pred['exposed_s']['table step'] * 1e3:.2f} ms (the first Engram layer is "
+                    f"layer {min(cfg.engram.layer_ids)}: no window); for rows, "
+                    f"{statistics.median(statistics.median(m['engram_prefetch/wait_s'] for m in run) for run in runs) * 1e3:.2f}"
+                    f" ms, predicted {pred['exposed_s']['prefetch'] * 1e3:.2f} ms")
         for k, key in keys.items():
             per_run = [statistics.median(m[key] for m in run) for run in runs]
             got = statistics.median(per_run)
@@ -680,9 +691,12 @@ def validate(args):
         fmt = (lambda v: f"{v:,.0f}") if "rows" in k else (lambda v: f"{v * 1e3:.2f} ms")
         print(f"| {rows:,} | {params / 1e6:.1f}M | {k} | {fmt(w)} | {fmt(g)} | {fmt(lo)}-{fmt(hi)} | {100 * err:+.1f}% "
               f"| {'yes' if ok else 'NO'} |")
+    print("\nWaits (wall clock on a shared machine; not part of the check):")
+    for line in info:
+        print("- " + line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"calibration": costs, "rows": [dict(rows_per_head=r, table_params=p, quantity=k, predicted=w,
+            json.dump({"calibration": calibrations, "rows": [dict(rows_per_head=r, table_params=p, quantity=k, predicted=w,
                                                            measured=g, measured_min=lo, measured_max=hi, error=e)
                                                       for r, p, k, w, g, lo, hi, e, _ in lines]}, f, indent=1)
     return 0 if ok_all else 1
@@ -702,6 +716,8 @@ def main(argv=None):
         ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None, help=f"default {v:g}")
     ap.add_argument("--constants", default=None, help="CPU costs from --calibrate --json FILE")
     ap.add_argument("--calibrate", action="store_true", help="measure this machine's CPU costs and print them")
+    ap.add_argument("--table-params", type=int, default=1 << 27,
+                    help="--calibrate: table parameters of the calibration store (default 2^27: larger than caches)")
     ap.add_argument("--validate", action="store_true",
                     help="compare predictions with tools/bench_offload.py at two table sizes on this machine")
     ap.add_argument("--sizes", type=int, nargs=2, default=[100000, 400000],
@@ -719,7 +735,7 @@ def main(argv=None):
         fail(f"--max-tokens={args.max_tokens} --repeats={args.repeats} --bench-repeats={args.bench_repeats}: "
              "each must be >= 1")
     if args.calibrate:
-        c = calibrate()
+        c = calibrate(table_floats=args.table_params)
         print(json.dumps(c, indent=1))
         if args.json:
             with open(args.json, "w") as f:
