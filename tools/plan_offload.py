@@ -88,17 +88,17 @@ HARDWARE = {
     "ranks_per_node": 8,
 }
 
-# CPU cost of the host stages, one thread, seconds: call = c0 + n * (per_item + per_float * z), z the row
-# width d for the row stages and log2(n) for the sort of "plan" (cpu_time).
-# Measured by `python tools/plan_offload.py --calibrate` on the project's CPU machine (2-core Xeon VM,
-# DDR4, shared with other jobs: medians of 5) -- a conservative stand-in for a server core.
+# CPU cost of the host stages, one thread, seconds, per layer: n * (per_item + per_float * z), z the row width d
+# for the row stages and log2(n) for the sort of "plan"; c0 once per call (a micro-batch's gather, a step's
+# update). Measured by `python tools/plan_offload.py --calibrate` (2^27 table parameters, cold caches, CPU time)
+# on the project's CPU machine (2-core Xeon VM, shared with other jobs, 2026-12): a conservative stand-in for a
+# server core. --constants FILE takes another host's --calibrate --json FILE.
 CPU_COSTS = {
-    "plan": {"c0": 3.0e-05, "per_item": 3.0e-08, "per_float": 0.0},      # per looked-up id: offset, sort-unique
-    "gather": {"c0": 1.0e-05, "per_item": 4.0e-08, "per_float": 1.5e-09},  # per row: index_select from the table
-    "adam": {"c0": 3.0e-04, "per_item": 3.0e-07, "per_float": 1.0e-08},   # per row: sparse_adam_rows
-    "refresh": {"c0": 1.0e-04, "per_item": 1.0e-07, "per_float": 1.0e-09},  # per row of the block read ahead
-    "memcpy_gbps": 5.0,         # one thread, bytes copied per second (a CPU run's "device" copy)
-    "host_mem_gbps": 10.0,      # read + write traffic per second, one thread
+    "plan": {"c0": 4.07e-04, "per_item": 0.0, "per_float": 2.7e-09},        # per id: offset, sort-unique
+    "gather": {"c0": 0.0, "per_item": 2.98e-08, "per_float": 1.64e-09},     # per row: index_select + copy
+    "adam": {"c0": 9.37e-04, "per_item": 4.12e-07, "per_float": 1.74e-08},  # per row: sparse_adam
+    "refresh": {"c0": 0.0, "per_item": 1.36e-07, "per_float": 0.0},        # per row of the block read ahead
+    "memcpy_gbps": 5.49,        # one thread, bytes copied per second
 }
 
 
