@@ -320,21 +320,23 @@ def predict(cfg, world, hw, costs, fits, step_time=None, flops_per_token=None):
 # ----------------------------------------------------------------------------- calibration (this machine)
 
 
+def _timed(fn, a, evict=None):
+    """CPU seconds of the calling thread in ``fn(*a)`` (CPU time: other processes on a shared machine do not
+    count). With ``evict`` (a tensor) the call starts as a worker's call does in a run, after the trainer's
+    work: with the caches overwritten. (Not after a sleep: an idle core may slow its clock, which a worker
+    woken while the trainer computes does not see.)"""
+    if evict is not None:
+        evict.add_(1.0)
+    t0 = time.thread_time()
+    fn(*a)
+    return time.thread_time() - t0
+
+
 def _median_time(fn, args, evict=None):
-    """Median CPU seconds of the calling thread over ``fn(*a)`` for ``a`` in ``args`` after one warm-up call
-    (CPU time: other processes on a shared machine do not count). Each call on rows of its own, so that
-    they come from memory as in training; with ``evict`` (a tensor), each call starts as a worker's call
-    does in a run, after the trainer's work: caches overwritten and the CPU yielded first."""
+    """Median of :func:`_timed` over ``args[1:]`` after a warm-up call on ``args[0]``; each call on rows of
+    its own, so that they come from memory as in training."""
     fn(*args[0])
-    ts = []
-    for i, a in enumerate(args[1:]):
-        if evict is not None:
-            evict.fill_(float(i))
-            time.sleep(1e-3)
-        t0 = time.thread_time()
-        fn(*a)
-        ts.append(time.thread_time() - t0)
-    return statistics.median(ts)
+    return statistics.median(_timed(fn, a, evict) for a in args[1:])
 
 
 def _nnls_relative(A, y):
@@ -403,6 +405,8 @@ def calibrate(table_floats=1 << 27, repeats=9):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     heads = 8
+    layers = (0, 1)                # two Engram layers, as the paper's models have: one call serves both
+    stores = []
     try:
         g = torch.Generator().manual_seed(0)
         src = torch.randn(min(table_floats, 1 << 25), generator=g)
@@ -410,48 +414,55 @@ def calibrate(table_floats=1 << 27, repeats=9):
         t = _median_time(lambda: dst.copy_(src), [()] * (repeats + 1))
         memcpy = src.numel() * 4 / t
         del src, dst
-        prefetch, update_samples = [], []
-        evict = torch.empty(1 << 24)   # 64 MiB, more than a core's share of the last-level cache
-        layers = (0, 1)                # two Engram layers, as the paper's models have: one call serves both
+        points = []   # (kind, (sizes...), fn, [args of each round])
         for d in (16, 128):
-            per_head = table_floats // d // heads // len(layers)
-            spec = TableSpec(0, (per_head,) * heads, d)
-            store = TableStore({l: TableSpec(l, spec.table_sizes, d) for l in layers},
-                               placement_for("replicated", 1, 0, 1, 0), optimizer="sparse_adam", residency="host")
-            pf = store.prefetcher
-            offsets = torch.tensor(spec.offsets)
-            try:
-                for tokens in (256, 4096):
-                    for pool in (tokens // 8, 16 * tokens):   # few or mostly distinct ids per head
-                        def ids():
-                            p = min(pool, per_head)
-                            return (torch.randint(0, p, (1, tokens, heads), generator=g)
-                                    + torch.randint(0, per_head - p + 1, (1, 1, heads), generator=g))
-                        args = [({l: ids() for l in layers},) for _ in range(repeats + 1)]
-                        uniq = statistics.median(int(torch.unique(a[0][0] + offsets).numel()) for a in args)
-                        prefetch.append((tokens * heads, uniq, d, _median_time(pf._gather, args, evict)))
-                rows = store.shards[0].num_rows
-                for r in (1 << 11, 1 << 15):
-                    for b in (r // 8, r):
-                        args = []
-                        for _ in range(repeats + 1):
-                            local = {l: torch.randperm(rows, generator=g)[:r].sort().values for l in layers}
-                            fut = Future()   # a block read ahead: b of the rows the step changes (all hit)
-                            fut.set_result({l: _block(store.shards[l], local[l][torch.randperm(r, generator=g)[:b]]
-                                                      .sort().values) for l in layers})
-                            args.append((local, [_Job(fut, [])]))
-                        grads = torch.randn(r, d, generator=g)
+            per_head = max(1, table_floats // d // heads // len(layers))
+            sizes = (per_head,) * heads
+            store = TableStore({l: TableSpec(l, sizes, d) for l in layers}, placement_for("replicated", 1, 0, 1, 0),
+                               optimizer="sparse_adam", residency="host")
+            stores.append(store)
+            offsets = torch.tensor(TableSpec(0, sizes, d).offsets)
+            for tokens in (256, 4096):
+                for pool in (tokens // 8, 16 * tokens):   # few or mostly distinct ids per head
+                    p = min(pool, per_head)
+                    args = [({l: torch.randint(0, p, (1, tokens, heads), generator=g)
+                              + torch.randint(0, per_head - p + 1, (1, 1, heads), generator=g) for l in layers},)
+                            for _ in range(repeats + 1)]
+                    uniq = statistics.median(int(torch.unique(a[0][0] + offsets).numel()) for a in args)
+                    points.append(("prefetch", (tokens * heads, uniq, d), store.prefetcher._gather, args))
+            rows = store.shards[0].num_rows
+            for r in (1 << 11, 1 << 15):
+                r = min(r, rows)
+                for b in (r // 8, r):
+                    args = []
+                    for _ in range(repeats + 1):
+                        local = {l: torch.randperm(rows, generator=g)[:r].sort().values for l in layers}
+                        fut = Future()   # a block read ahead: b of the rows the step changes (all hit)
+                        fut.set_result({l: _block(store.shards[l], local[l][torch.randperm(r, generator=g)[:b]]
+                                                  .sort().values) for l in layers})
+                        args.append((local, [_Job(fut, [])], torch.randn(r, d, generator=g)))
 
-                        def update(local, jobs):   # HostPrefetcher.submit_update's body: apply, then refresh
-                            for l in layers:
-                                store.shards[l].optimizer.step(local[l], grads, 1e-3)
-                            pf._refresh(jobs, local)
+                    def update(local, jobs, grads, store=store):   # submit_update's body: apply, then refresh
+                        for l in layers:
+                            store.shards[l].optimizer.step(local[l], grads, 1e-3)
+                        store.prefetcher._refresh(jobs, local)
 
-                        update_samples.append((r, b, d, _median_time(update, args, evict)))
-            finally:
-                store.prefetcher.close()
-            del store, pf
+                    points.append(("update", (r, b, d), update, args))
+        # Round-robin over the points, so that a change of the machine's load touches every point alike.
+        evict = torch.zeros(1 << 24)   # 64 MiB, more than a core's share of the last-level cache
+        times = [[] for _ in points]
+        for i in range(repeats + 1):
+            for k, (_, _, fn, args) in enumerate(points):
+                if i:
+                    times[k].append(_timed(fn, args[i], evict))
+                else:
+                    fn(*args[0])   # warm-up
+        prefetch = [(*key, statistics.median(ts)) for (kind, key, _, _), ts in zip(points, times) if kind == "prefetch"]
+        update_samples = [(*key, statistics.median(ts)) for (kind, key, _, _), ts in zip(points, times)
+                          if kind == "update"]
     finally:
+        for store in stores:
+            store.prefetcher.close()
         torch.set_num_threads(threads)
     plan, gather = _fit_prefetch(prefetch, len(layers))
     adam, refresh = _fit_update(update_samples, len(layers))
@@ -654,24 +665,27 @@ def validate(args):
         cfg = compose(over)
         fits, _ = load_fits(cfg, os.path.join(first, "prepared"), args.max_tokens, args.repeats)
         params = sum(f.rows for f in fits.values()) * cfg.engram.n_embed_per_ngram // cfg.engram.heads_per_ngram
-        print(f"[plan_offload] calibrating this machine's CPU costs on {params / 1e6:.0f}M table parameters ...",
-              flush=True)
-        costs = calibrate(table_floats=params)
-        calibrations[rows] = costs
-        print(json.dumps({k: costs[k] for k in ("plan", "gather", "adam", "refresh", "memcpy_gbps")}), flush=True)
-        # This machine: the "device" is host RAM (the copy is inside the calibrated gather), the trainer pins
-        # one thread per rank (OMP_NUM_THREADS=1) and the table step runs on the one worker thread.
-        hw = dict(HARDWARE, cuda=False, pcie_gbps=costs["memcpy_gbps"], host_mem_gbps=costs["host_mem_gbps"],
-                  cores=1, ranks_per_node=1)
-        pred = predict(cfg, 1, hw, costs, fits, step_time=1.0)
-        acc = pred["accumulation"]
-        want = {"unique rows fetched": acc * pred["micro_batch"]["block_rows"],
-                "prefetch worker s": acc * pred["micro_batch"]["t_prefetch"],
-                "host table step s": pred["step"]["t_table_step"]}
+        print(f"[plan_offload] calibrating this machine's CPU costs on {params / 1e6:.0f}M table parameters "
+              f"({args.calibrations} times) ...", flush=True)
+        preds = []
+        for _ in range(args.calibrations):
+            costs = calibrate(table_floats=params)
+            calibrations.setdefault(rows, []).append(costs)
+            # This machine: the "device" is host RAM (the copy is inside the calibrated gather), the trainer pins
+            # one thread per rank (OMP_NUM_THREADS=1) and the table step runs on the one worker thread.
+            hw = dict(HARDWARE, cuda=False, pcie_gbps=costs["memcpy_gbps"], host_mem_gbps=costs["host_mem_gbps"],
+                      cores=1, ranks_per_node=1)
+            preds.append(predict(cfg, 1, hw, costs, fits, step_time=1.0))
+        acc = preds[0]["accumulation"]
+        predicted = {"unique rows fetched": [acc * r["micro_batch"]["block_rows"] for r in preds],
+                     "prefetch worker s": [acc * r["micro_batch"]["t_prefetch"] for r in preds],
+                     "host table step s": [r["step"]["t_table_step"] for r in preds]}
+        want = {k: statistics.median(v) for k, v in predicted.items()}
+        pred = preds[0]
         waits = [statistics.median(m["engram_prefetch/update_wait_s"] for m in run) for run in runs]
         info.append(f"rows/head {rows:,}: the trainer waited for the table step (wall clock, median per step) "
                     f"{statistics.median(waits) * 1e3:.2f} ms (runs {min(waits) * 1e3:.2f}-{max(waits) * 1e3:.2f}); "
-                    f"predicted exposed {pred['exposed_s']['table step'] * 1e3:.2f} ms (the first Engram layer is "
+                    f"predicted exposed {want['host table step s'] * 1e3:.2f} ms (the first Engram layer is "
                     f"layer {min(cfg.engram.layer_ids)}: no window); for rows, "
                     f"{statistics.median(statistics.median(m['engram_prefetch/wait_s'] for m in run) for run in runs) * 1e3:.2f}"
                     f" ms, predicted {pred['exposed_s']['prefetch'] * 1e3:.2f} ms")
@@ -681,24 +695,27 @@ def validate(args):
             err = want[k] / got - 1 if got else float("inf")
             ok = abs(err) <= args.tolerance
             ok_all &= ok
-            lines.append((rows, params, k, want[k], got, min(per_run), max(per_run), err, ok))
+            lines.append((rows, params, k, want[k], min(predicted[k]), max(predicted[k]), got, min(per_run),
+                          max(per_run), err, ok))
     steps = len(runs[0])
-    print(f"\n# Offload planner vs tools/bench_offload.py on this machine ({args.bench_repeats} runs of {steps} "
-          "timed steps per size: median over runs of each run's median)\n")
-    print("| rows/head | table params | per step | predicted | measured | runs (min-max) | error | within |")
-    print("|---:|---:|---|---:|---:|---:|---:|---|")
-    for rows, params, k, w, g, lo, hi, err, ok in lines:
+    print(f"\n# Offload planner vs tools/bench_offload.py on this machine: predicted = median over {args.calibrations} "
+          f"calibrations, measured = median over {args.bench_repeats} runs of each run's median ({steps} timed steps)\n")
+    print("| rows/head | table params | per step | predicted | calibrations (min-max) | measured | runs (min-max) "
+          "| error | within |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---|")
+    for rows, params, k, w, wlo, whi, g, lo, hi, err, ok in lines:
         fmt = (lambda v: f"{v:,.0f}") if "rows" in k else (lambda v: f"{v * 1e3:.2f} ms")
-        print(f"| {rows:,} | {params / 1e6:.1f}M | {k} | {fmt(w)} | {fmt(g)} | {fmt(lo)}-{fmt(hi)} | {100 * err:+.1f}% "
-              f"| {'yes' if ok else 'NO'} |")
+        print(f"| {rows:,} | {params / 1e6:.1f}M | {k} | {fmt(w)} | {fmt(wlo)}-{fmt(whi)} | {fmt(g)} | {fmt(lo)}-{fmt(hi)} "
+              f"| {100 * err:+.1f}% | {'yes' if ok else 'NO'} |")
     print("\nWaits (wall clock on a shared machine; not part of the check):")
     for line in info:
         print("- " + line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"calibration": calibrations, "rows": [dict(rows_per_head=r, table_params=p, quantity=k, predicted=w,
-                                                           measured=g, measured_min=lo, measured_max=hi, error=e)
-                                                      for r, p, k, w, g, lo, hi, e, _ in lines]}, f, indent=1)
+            json.dump({"calibration": calibrations, "rows": [
+                dict(rows_per_head=r, table_params=p, quantity=k, predicted=w, predicted_min=wlo, predicted_max=whi,
+                     measured=g, measured_min=lo, measured_max=hi, error=e)
+                for r, p, k, w, wlo, whi, g, lo, hi, e, _ in lines]}, f, indent=1)
     return 0 if ok_all else 1
 
 
@@ -723,6 +740,8 @@ def main(argv=None):
     ap.add_argument("--sizes", type=int, nargs=2, default=[100000, 400000],
                     help="--validate: rows per head of the two table sizes (default 100000 400000)")
     ap.add_argument("--steps", type=int, default=12, help="--validate: steps per bench_offload run (default 12)")
+    ap.add_argument("--calibrations", type=int, default=3,
+                    help="--validate: calibrations per size, their predictions' median compared (default 3)")
     ap.add_argument("--bench-repeats", type=int, default=3,
                     help="--validate: bench_offload runs per size, their medians' median compared (default 3)")
     ap.add_argument("--extra", nargs="*", default=[], help="--validate: more overrides for bench_offload's runs")
@@ -731,9 +750,9 @@ def main(argv=None):
                     "are reused)")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args(argv)
-    if args.max_tokens < 1 or args.repeats < 1 or args.bench_repeats < 1:
-        fail(f"--max-tokens={args.max_tokens} --repeats={args.repeats} --bench-repeats={args.bench_repeats}: "
-             "each must be >= 1")
+    if min(args.max_tokens, args.repeats, args.bench_repeats, args.calibrations) < 1:
+        fail(f"--max-tokens={args.max_tokens} --repeats={args.repeats} --bench-repeats={args.bench_repeats} "
+             f"--calibrations={args.calibrations}: each must be >= 1")
     if args.calibrate:
         c = calibrate(table_floats=args.table_params)
         print(json.dumps(c, indent=1))
