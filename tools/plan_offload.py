@@ -90,15 +90,16 @@ HARDWARE = {
 
 # CPU cost of the host stages, one thread, seconds, per layer: n * (per_item + per_float * z), z the row width d
 # for the row stages and log2(n) for the sort of "plan"; c0 once per call (a micro-batch's gather, a step's
-# update). Measured by `python tools/plan_offload.py --calibrate` (2^27 table parameters, cold caches, CPU time)
-# on the project's CPU machine (2-core Xeon VM, shared with other jobs, 2026-12): a conservative stand-in for a
+# update). Measured by `python tools/plan_offload.py --calibrate` (2^27 table parameters, cold caches, CPU time;
+# the middle of three runs: d=80 rows cost 2.2-2.7 us each to step) on the project's CPU machine (2-core Xeon VM,
+# shared with other jobs, 2026-12): a conservative stand-in for a
 # server core. --constants FILE takes another host's --calibrate --json FILE.
 CPU_COSTS = {
-    "plan": {"c0": 4.07e-04, "per_item": 0.0, "per_float": 2.7e-09},        # per id: offset, sort-unique
-    "gather": {"c0": 0.0, "per_item": 2.98e-08, "per_float": 1.64e-09},     # per row: index_select + copy
-    "adam": {"c0": 9.37e-04, "per_item": 4.12e-07, "per_float": 1.74e-08},  # per row: sparse_adam
-    "refresh": {"c0": 0.0, "per_item": 1.36e-07, "per_float": 0.0},        # per row of the block read ahead
-    "memcpy_gbps": 5.49,        # one thread, bytes copied per second
+    "plan": {"c0": 4.13e-04, "per_item": 5.11e-08, "per_float": 0.0},      # per id: offset, sort-unique
+    "gather": {"c0": 0.0, "per_item": 5.93e-08, "per_float": 2.31e-09},     # per row: index_select + copy
+    "adam": {"c0": 1.32e-03, "per_item": 4.54e-07, "per_float": 2.80e-08},  # per row: sparse_adam
+    "refresh": {"c0": 0.0, "per_item": 1.62e-07, "per_float": 0.0},        # per row of the block read ahead
+    "memcpy_gbps": 5.45,        # one thread, bytes copied per second
 }
 
 
