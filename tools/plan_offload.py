@@ -10,8 +10,8 @@
 does). For each rank and step (``global_batch_size`` sequences) it predicts, per stage:
 
 - **unique rows** per Engram layer, from the corpus: a sample of real batches of the prepared
-  directory (``--data-dir``, default the config's ``data.dir``, prepared as the trainer prepares it
-  when missing) is windowed and hashed by the project's loader and hasher, the unique rows of
+  directory (``--data-dir``; default the config's data, prepared as the trainer prepares it when
+  missing, or for a recipe that names no files the quick-start corpus) is windowed and hashed by the project's loader and hasher, the unique rows of
   nested batches of 1, 2, 4, ... sequences are counted, and a power law ``U = a x^b`` in the batch's
   tokens ``x`` (Heaps' law) is fitted per layer. The fit is used at the micro-batch (prefetch), at
   ``dp`` micro-batches (an owner's block under ``engram.partition=all``) and at the global batch (the
@@ -42,10 +42,15 @@ on the command line (``--pcie-gbps`` ...). CPU costs per row: ``CPU_COSTS`` (mea
 project's 2-core CPU machine by ``--calibrate``; ``--constants FILE`` takes another machine's
 ``--calibrate --json FILE``).
 
-``--validate`` runs ``tools/bench_offload.py`` (host tables) at two table sizes on this machine,
-calibrates this machine's CPU costs, and compares the predicted unique rows, prefetch worker time and
-host table step time per step with the measured ones (``engram_prefetch/rows``, ``/gather_cpu_s``,
-``/update_cpu_s``: CPU seconds of the worker thread, medians over steps); it exits 1 if one is off by more than ``--tolerance`` (25%).
+``--validate`` runs ``tools/bench_offload.py`` (host tables) ``--bench-repeats`` times at each of two
+table sizes on this machine, calibrates this machine's CPU costs ``--calibrations`` times on a table of
+each size, and compares the predicted unique rows, prefetch worker time and host table step time per
+step (median over calibrations) with the measured ones (``engram_prefetch/rows``, ``/gather_cpu_s``,
+``/update_cpu_s``: CPU seconds of the worker thread; median over runs of each run's median); it exits 1
+if one is off by more than ``--tolerance`` (25%).
+
+A tool of its own rather than a mode of ``tools/plan_memory.py``: that one reads no data and allocates
+nothing; this one samples a corpus and times the host. It reuses the same config validation.
 """
 
 from __future__ import annotations
