@@ -250,7 +250,9 @@ def predict(cfg, world, hw, costs, fits, step_time=None, flops_per_token=None):
             mb["t_exchange"] += ring / (hw["nvlink_gbps"] * 1e9)
         if host:
             mb["t_gather"] += max(cpu_time(costs, "gather", block, d), 2 * block * row_b / (hw["host_mem_gbps"] * 1e9))
-            index = 8 * n_ids + 8 * (u_mb if part == "all" else block)
+            # The plan's tensors (exchange.py): the int64 inverse of every id, and the local rows read (replicated,
+            # tp; tp also a bool per unique id), or the requests served and their inverse (all).
+            index = 8 * n_ids + {"replicated": 8 * block, "tp": 8 * block + u_mb, "all": 16 * u_mb}[part]
             mb["h2d_bytes"] += block * row_b + index
             if cuda:   # on a CPU the "device" copy is a memcpy, measured inside the gather's cost
                 mb["t_h2d"] += (block * row_b + index) / (hw["pcie_gbps"] * 1e9)

@@ -111,7 +111,7 @@ def test_model_arithmetic_partition_all_by_hand(tool):
     assert r["accumulation"] == accum and r["micro_batch"]["block_rows"] == pytest.approx(L * block)
     t_plan = L * (n * 1e-8 + u * 1e-8)
     t_gather = L * block * 1e-7
-    h2d = L * (block * 4 * d + 8 * n + 8 * u)
+    h2d = L * (block * 4 * d + 8 * n + 16 * u)  # rows, the ids' inverse, the requests served and their inverse
     t_ids = L * 8 * u * 0.5 / 5e9               # half of the other ranks are on the other node
     t_pf = t_plan + t_gather + h2d / 10e9 + t_ids
     assert r["micro_batch"]["h2d_bytes"] == pytest.approx(h2d)
