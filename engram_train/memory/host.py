@@ -88,6 +88,11 @@ class PrefetchStats:
         self.ids = 0               # looked-up ids (rows / ids = unique-row ratio)
         self.h2d_bytes = 0         # bytes copied host -> compute device
         self.refreshed = 0         # rows re-read after an update (read after write)
+        # CPU seconds of the worker thread (what tools/plan_offload.py predicts; CPU time, so that other
+        # processes on the machine do not count): planning, gathering and copying row blocks, and table
+        # steps with their refresh of the blocks read ahead (plus the step pool's threads' seconds).
+        self.gather_cpu_s = 0.0
+        self.update_cpu_s = 0.0
 
     def add(self, **kw):
         with self._lock:
@@ -100,7 +105,9 @@ class PrefetchStats:
                    "engram_prefetch/rows": float(self.rows),
                    "engram_prefetch/unique_ratio": self.rows / self.ids if self.ids else 0.0,
                    "engram_prefetch/h2d_bytes": float(self.h2d_bytes),
-                   "engram_prefetch/refreshed_rows": float(self.refreshed)}
+                   "engram_prefetch/refreshed_rows": float(self.refreshed),
+                   "engram_prefetch/gather_cpu_s": self.gather_cpu_s,
+                   "engram_prefetch/update_cpu_s": self.update_cpu_s}
             self.reset()
         return out
 
@@ -161,6 +168,7 @@ class HostPrefetcher:
 
     # -- worker side ------------------------------------------------------------------------------
     def _gather(self, hash_ids: Dict[int, torch.Tensor]) -> Dict[int, RowBlock]:
+        t0 = time.thread_time()
         blocks = {}
         for layer_id, h in hash_ids.items():
             shard = self.store.shards[layer_id]
@@ -185,6 +193,7 @@ class HostPrefetcher:
             index_bytes = sum(t.numel() * t.element_size() for t in plan.tensors())
             self.stats.add(rows=plan.num_unique, ids=ids.numel(),
                            h2d_bytes=rows.numel() * rows.element_size() + index_bytes)
+        self.stats.add(gather_cpu_s=time.thread_time() - t0)
         return blocks
 
     def _refresh(self, jobs, updated: Dict[int, torch.Tensor]) -> None:
@@ -254,8 +263,11 @@ class HostPrefetcher:
         jobs = list(self.pending)
 
         def update():
+            t0 = time.thread_time()
             apply()
             self._refresh(jobs, updated)
+            # The step's CPU seconds on every thread it ran on: this one, and engram.host_threads' pool.
+            self.stats.add(update_cpu_s=time.thread_time() - t0 + self._take_pool_cpu_s())
 
         fut = self.pool.submit(update)
         if not self.staleness:   # lock-free: blocks gathered ahead are copies, used without waiting
@@ -271,6 +283,14 @@ class HostPrefetcher:
         """Block until the last table step submitted has been applied (before reading rows directly)."""
         if self.last_update is not None:
             self.last_update.result()
+
+    def _take_pool_cpu_s(self) -> float:
+        total = 0.0
+        for shard in self.store.shards.values():
+            opt = shard.optimizer
+            if getattr(opt, "pool", None) is not None:   # written by this worker thread only
+                total, opt.pool_cpu_s = total + opt.pool_cpu_s, 0.0
+        return total
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -30,6 +30,7 @@ fp32 weight; ``sparse_adam`` adds a 4-byte step count per row).
 from __future__ import annotations
 
 import math
+import time
 from concurrent.futures import Executor
 from typing import Dict, List, Optional, Tuple
 
@@ -180,6 +181,7 @@ class TableSparseAdam(TableOptimizer):
     # (engram.host_threads; None: one after another on the calling thread).  The store sets both.
     host_blocks = False
     pool: Optional[Executor] = None
+    pool_cpu_s = 0.0   # CPU seconds the pool's threads spent in steps (engram_prefetch/update_cpu_s counts them)
 
     def __init__(self, weight, **kw):
         super().__init__(weight, **kw)
@@ -198,8 +200,13 @@ class TableSparseAdam(TableOptimizer):
             for lo, hi in blocks:
                 self._step_rows(ids[lo:hi], grads[lo:hi], lr)
             return
-        for f in [self.pool.submit(self._step_rows, ids[lo:hi], grads[lo:hi], lr) for lo, hi in blocks]:
-            f.result()
+        for f in [self.pool.submit(self._timed_rows, ids[lo:hi], grads[lo:hi], lr) for lo, hi in blocks]:
+            self.pool_cpu_s += f.result()
+
+    def _timed_rows(self, ids, grads, lr) -> float:
+        t0 = time.thread_time()
+        self._step_rows(ids, grads, lr)
+        return time.thread_time() - t0
 
     def _step_rows(self, ids, grads, lr):
         if self.rowwise:   # no kernel of its own: the torch rule below

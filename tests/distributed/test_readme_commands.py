@@ -4,7 +4,8 @@ Each ``engram-train`` / ``bash launchers/torchrun.sh`` line is read from README.
 overrides appended that make it short (2 steps, a small local corpus, a temporary run.dir); the
 layout settings it names (TP, EP, ZeRO, offload, partition, micro-batch) are kept, so a command
 whose batch does not fit its ranks fails here.  ``sbatch`` needs SLURM and the ``tools/bench_*`` /
-``measure_table_memory`` lines are benchmarks of minutes: they are skipped; ``plan_memory``
+``measure_table_memory`` / ``plan_offload`` lines (benchmarks, or a corpus sampled) take minutes: they
+are skipped (tests/unit/test_plan_offload.py tests the planner); ``plan_memory``
 allocates nothing and runs as written.
 """
 
@@ -26,7 +27,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 SKIPPED_TOOLS = ("tools/bench_lookup.py", "tools/measure_table_memory.py", "tools/bench_offload.py",
-                 "tools/bench_engram_overhead.py")
+                 "tools/bench_engram_overhead.py", "tools/plan_offload.py")
 
 
 def running_commands():

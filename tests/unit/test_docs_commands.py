@@ -111,7 +111,7 @@ def test_command_refers_to_real_things(where, command):
 
     hydra = [o for o in overrides if not o.startswith(NOT_HYDRA)]
     if prog == "engram-train" or (script or "").startswith("launchers/") or \
-            any(s in (script or "") for s in ("plan_memory", "count_params")):
+            any(s in (script or "") for s in ("plan_memory", "plan_offload", "count_params")):
         for variant in _variants(hydra, multirun):
             for o in variant:
                 if o.startswith("experiment="):

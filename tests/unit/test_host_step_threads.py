@@ -64,6 +64,8 @@ def test_host_step_is_bit_identical_for_1_2_and_4_threads(optimizer):
                     torch.zeros(rows, dtype=torch.int32)]
         ran_on, real = set(), opt._step_rows
         opt._step_rows = lambda *a: ran_on.add(threading.current_thread().name) or real(*a)
+        pool_s, timed = [], opt._timed_rows
+        opt._timed_rows = lambda *a: pool_s.append(timed(*a)) or pool_s[-1]
         for step in range(STEPS):
             ids, g = _grads(step, rows)
             shard.accumulate(ids, g)
@@ -74,6 +76,9 @@ def test_host_step_is_bit_identical_for_1_2_and_4_threads(optimizer):
                 _oracle_step(*want, uniq, summed.clone(), 1e-2 * (step + 1) * LR_MULT, rowwise)
             store.step(1e-2 * (step + 1))
         store.wait_updates()
+        # engram_prefetch/update_cpu_s counts the step's CPU seconds on the pool's threads too
+        assert store.prefetcher.stats.pop()["engram_prefetch/update_cpu_s"] >= sum(pool_s)
+        assert bool(pool_s) == (threads > 1)
         store.prefetcher.close()
         results[threads] = (shard.weight.clone(), opt.exp_avg.clone(), opt.exp_avg_sq.clone(), opt.row_steps.clone())
         if threads == 1:   # the blocks one after another on the prefetch worker

@@ -132,3 +132,18 @@ def test_host_residency_needs_sparse_adam():
         EngramConfig(residency="host", optimizer="sparse_adam", staleness=2)
     with pytest.raises(ConfigError, match=r"engram.host_dir='/x': memory-mapped table files need engram.residency=host"):
         EngramConfig(host_dir="/x")
+
+
+def test_prefetch_stats_count_the_worker_threads_cpu_seconds():
+    """``engram_prefetch/gather_cpu_s`` and ``/update_cpu_s`` (tools/plan_offload.py compares its predictions
+    with them): CPU time of the worker in gathers and in table steps, reset by each pop."""
+    store = _store("host")
+    _train(store, prefetch=True)
+    store.wait_updates()
+    stats = store.prefetcher.stats.pop()
+    assert stats["engram_prefetch/gather_cpu_s"] > 0 and stats["engram_prefetch/update_cpu_s"] > 0
+    # Bounded by the wall time of the whole run on one thread: CPU seconds, not a sum of timestamps.
+    assert stats["engram_prefetch/gather_cpu_s"] + stats["engram_prefetch/update_cpu_s"] < 60
+    again = store.prefetcher.stats.pop()
+    assert again["engram_prefetch/gather_cpu_s"] == 0 and again["engram_prefetch/update_cpu_s"] == 0
+    store.prefetcher.close()
