@@ -15,8 +15,9 @@ does not stop the rest); the caps sum to under 8 minutes on one CUDA GPU:
 ``bench_kernels``  ``tools/bench_kernels.py``: each Triton kernel against eager (checked, then timed)
 ``bench_offload``  ``tools/bench_offload.py --experiment gpu_check``: host- vs device-resident step,
                    prefetch and update wait shares, host-to-device bytes per second of step
-``engram_overhead`` the Engram model against its backbone with ``engram=none``, interleaved runs through
-                   the real entry point; the step-time ratio and the ratio per active FLOP
+``engram_overhead`` ``tools/bench_engram_overhead.py``: the Engram model against its backbone with
+                   ``engram=none`` in one process, alternating windows of steps; the step-time ratio, the
+                   ratio per active FLOP and the split of Engram's extra time
 ``train``          ``engram-train experiment=gpu_check`` for 30 steps, host tables (sparse_adam)
 ``resume``         the same run stopped at step 15 and relaunched: it must resume and reproduce the
                    uninterrupted run's losses
@@ -289,35 +290,26 @@ def item_bench_offload(c: Check, r: Result) -> None:
 
 
 def item_engram_overhead(c: Check, r: Result) -> None:
-    """The same model with and without Engram, alternated run by run so machine drift hits both."""
-    from tools.count_params import count
-
-    base = c.model() + c.data() + RUN_COMMON + ["engram.residency=device", "trainer.save_interval=100000",
-                                                "trainer.resume=false"]
-    variants = {"engram": [], "no_engram": ["engram=none"]}
-    rounds, steps, warmup = (2, 12, 4) if c.cuda else (1, 8, 3)
-    tokens = _tokens_per_step(base)
-    times: Dict[str, List[float]] = {v: [] for v in variants}
-    end = time.monotonic() + r.cap_s
-    for i in range(rounds):
-        for v, extra in variants.items():
-            run_dir = os.path.join(c.work, f"overhead_{v}_{i}")
-            p = c.run("engram_overhead", c.train_cmd(base + extra + [f"trainer.max_steps={steps}",
-                                                                     f"run.dir={run_dir}"]),
-                      end - time.monotonic())
-            if p.returncode != 0:
-                r.status = "error"
-                r.reason = (f"{v} run {i + 1}: " + ("timed out" if p.returncode is None else
-                                                     f"exit status {p.returncode}: {_tail(r.log)}"))
-                return
-            times[v] += _step_times(_metrics(run_dir), tokens, warmup)
-    flops = {v: count(base + extra)["flops_per_token"] for v, extra in variants.items()}
-    med = {v: statistics.median(t) for v, t in times.items()}
-    ratio = med["engram"] / med["no_engram"]
-    r.figures.update(step_ms={v: round(1e3 * m, 2) for v, m in med.items()}, step_time_ratio=round(ratio, 4),
-                     flops_per_token=flops, active_flops_ratio=round(flops["engram"] / flops["no_engram"], 4),
-                     ratio_per_active_flop=round(ratio / (flops["engram"] / flops["no_engram"]), 4),
-                     rounds=rounds, timed_steps={v: len(t) for v, t in times.items()})
+    """tools/bench_engram_overhead.py: both variants in one process, alternating windows of steps, and the
+    split of Engram's extra time (hashing, gather/exchange, projections and gate, conv, table step)."""
+    model = c.model()
+    experiment = next(o.split("=", 1)[1] for o in model if o.startswith("experiment="))
+    extra = [o for o in model if not o.startswith("experiment=")] + c.data() + RUN_COMMON + [
+        "engram.residency=device", "trainer.save_interval=100000",
+        "trainer.resume=false"]
+    out = os.path.join(c.work, "engram_overhead.json")
+    windows, split = (4, 4) if c.cuda else (2, 2)
+    p = c.run("engram_overhead", [sys.executable, "tools/bench_engram_overhead.py", "--experiment", experiment,
+                                  "--windows", str(windows), "--split-steps", str(split), "--json", out,
+                                  "--workdir", os.path.join(c.work, "overhead"), "--extra", *extra], r.cap_s)
+    if p.returncode != 0 or not os.path.exists(out):
+        r.status = "error"
+        r.reason = "timed out" if p.returncode is None else f"exit status {p.returncode}: {_tail(r.log)}"
+        return
+    s = json.load(open(out))
+    r.figures.update({k: s[k] for k in ("step_time_ratio", "step_time_ratio_spread", "step_ms", "tokens_per_s",
+                                        "split_ms", "flops_per_token", "active_flops_ratio",
+                                        "ratio_per_active_flop", "window_pairs", "timed_steps")})
     r.status = "pass"
     if not c.cuda:
         r.reason = f"{NO_CUDA}: measured on the CPU with a tiny model (short form)"
