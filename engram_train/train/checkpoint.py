@@ -201,9 +201,8 @@ def _size(n: float) -> str:
 
 
 def _disk_errno(e: BaseException) -> Optional[int]:
-    """The filesystem errno (``DISK_ERRNOS``) behind ``e``, if any: torch's serializer reports a short
-    write as ``RuntimeError: ... unexpected pos`` with the ``OSError`` as its context, and DCP wraps
-    each rank's failure in a ``CheckpointException``."""
+    """The filesystem errno (``DISK_ERRNOS``) behind ``e``, if any: DCP wraps each rank's failure in a
+    ``CheckpointException``, and an error may carry the ``OSError`` as its cause or context."""
     seen, todo = set(), [e]
     while todo:
         x = todo.pop()
