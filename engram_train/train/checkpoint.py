@@ -502,9 +502,12 @@ class Checkpointer:
         except _load_failures() as e:
             failure = e
             code = _disk_errno(e)
-            outcome = (code, _one_line(e, what=os.path.basename(final) + ".partial"))
+            # DCP's collective write hands every rank the failures of all: name the rank that hit one.
+            failures = getattr(e, "failures", None)
+            culprit = min(failures) if isinstance(failures, dict) and failures else self.rank
+            outcome = (code, _one_line(e, what=os.path.basename(final) + ".partial"), culprit)
         outcomes = self._gather(outcome)
-        failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+        failed = [(o[2], o[:2]) for o in outcomes if o is not None]
         if not failed:
             return
         if self.rank == 0:

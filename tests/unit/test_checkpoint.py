@@ -82,7 +82,7 @@ def _snapshot(run):
 
     opt = run.engine.optimizer
     # DeepSpeed links parameters to their Adam state only for the groups that had state after the first
-    # group's first step; link every group (as dense_checkpoint.save does) so that each one can be read.
+    # group's first step; link every group (as DenseState.state_dict does) so that each one can be read.
     for i, hp in enumerate(opt.single_partition_of_fp32_groups):
         lazy_init_hp_params_optimizer_state(opt.bit16_groups[i], hp, opt.optimizer.state)
     stepped = {i for i, hp in enumerate(opt.single_partition_of_fp32_groups) if opt.optimizer.state[hp]}
