@@ -211,6 +211,7 @@ def _oracle(dp_size: int, optimizer: str, training: bool = True):
 
 def _run_config(partition: str, tp: int, sp: bool, optimizer: str, full_state):
     import torch.distributed as dist
+    from megatron.core import parallel_state as mps
 
     from engram_train.engram.table import MultiHeadEmbeddingTable
     from engram_train.memory.store import build_table_store
@@ -230,7 +231,8 @@ def _run_config(partition: str, tp: int, sp: bool, optimizer: str, full_state):
         model.train(_training(tp, sp))
         rank = dist.get_rank()
         out = dict(
-            rank=rank, dp_rank=ps.dp_rank(), dp_size=ps.dp_size(), tp_rank=ps.tp_rank(),
+            rank=rank, dp_rank=mps.get_data_parallel_rank(), dp_size=mps.get_data_parallel_world_size(),
+            tp_rank=mps.get_tensor_model_parallel_rank(),
             sequence_parallel=bool(model.config.sequence_parallel),
             placement=(store.placement.partition, store.placement.parts, store.placement.index),
             shards={l: (s.lo, s.hi, tuple(s.weight.shape), tuple(s.optimizer.exp_avg.shape))
@@ -244,16 +246,18 @@ def _run_config(partition: str, tp: int, sp: bool, optimizer: str, full_state):
         for step in range(len(ID_RANGES)):
             model.zero_grad(set_to_none=True)
             lookups.clear()
-            tokens, pos, labels, hash_ids = _rows(_batch(step), ps.dp_rank(), ps.dp_size())
+            tokens, pos, labels, hash_ids = _rows(_batch(step), mps.get_data_parallel_rank(),
+                                                  mps.get_data_parallel_world_size())
             loss = model(tokens, pos, labels, hash_ids)
             loss.mean().backward()
             grads = _grads(model)
-            if ps.dp_size() > 1:
+            if mps.get_data_parallel_world_size() > 1:
                 for name, q in model.named_parameters():
                     # Dense gradients over the DP group; expert gradients over the expert-DP group.
-                    group = ps.dp_group() if getattr(q, "allreduce", True) else ps.expert_dp_group()
+                    group = mps.get_data_parallel_group() if getattr(q, "allreduce", True) \
+                        else mps.get_expert_data_parallel_group()
                     dist.all_reduce(grads[name], group=group)
-                    grads[name] /= ps.dp_size()
+                    grads[name] /= mps.get_data_parallel_world_size()
             sq = store.reduce_gradients()
             sparse = {l: (s.grad[0] + s.lo, s.grad[1].clone()) for l, s in store.shards.items()}
             store.step(lr=LR)
