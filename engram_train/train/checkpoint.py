@@ -646,7 +646,7 @@ class Checkpointer:
         rng = f"rng.rank_{self.rank:05d}"
         if same_world and rng not in keys:
             raise _LoadFailed(f".metadata: no {rng}")
-        return {"meta": meta, "legacy": False, "rng": same_world}
+        return {"meta": meta, "same_world": same_world, "legacy": None}
 
     def _read_legacy(self, engine, path: str, meta: Dict[str, Any], table_store, same_world: bool) -> Dict[str, Any]:
         """``_read`` of a checkpoint of the earlier layout (module docstring): it also reads this rank's RNG file."""
@@ -666,7 +666,7 @@ class Checkpointer:
             name = os.path.join("tables", table_checkpoint.MANIFEST)
             saved = _read_file(os.path.join(path, name), name, _read_json)
             table_checkpoint.check_compatible(table_store, saved, path)
-        return {"meta": meta, "legacy": True, "rng": rng, "dense_keys": set(dense_keys)}
+        return {"meta": meta, "same_world": same_world, "legacy": {"rng": rng, "dense_keys": set(dense_keys)}}
 
     def _load_one(self, engine, path: str, expect, table_store) -> TrainState:
         # Agreed phases, so that no rank enters a collective (DCP's load, the agreement itself) while
@@ -676,18 +676,18 @@ class Checkpointer:
 
         found = self._on_every_rank(path, lambda: self._read(engine, path, expect, table_store))
         meta = found["meta"]
-        if found["legacy"]:
-            state = self._load_legacy(engine, path, found, table_store)
+        if found["legacy"] is not None:
+            state = self._load_legacy(engine, path, meta, found["legacy"], table_store)
         else:
             state = TrainState()
-            components = self._components(engine, state, table_store, rng=found["rng"])
+            components = self._components(engine, state, table_store, rng=found["same_world"])
             self._on_every_rank(path, lambda: dcp.load(components, checkpoint_id=path))
-        if not found["rng"] and self.rank == 0:
+        if not found["same_world"] and self.rank == 0:
             log.info("checkpoint %s was written by %d ranks, this run has %d: resharded; RNG states "
                      "stay as seeded (they only feed dropout)", path, meta["world_size"], self.world)
         return state
 
-    def _load_legacy(self, engine, path: str, found: Dict[str, Any], table_store) -> TrainState:
+    def _load_legacy(self, engine, path: str, meta: Dict[str, Any], found: Dict[str, Any], table_store) -> TrainState:
         """Load a checkpoint of the earlier layout: each component from its own directory, the RNG states
         ``_read_legacy`` read, the position from ``meta.json``."""
         import torch.distributed.checkpoint as dcp
@@ -706,7 +706,6 @@ class Checkpointer:
             self._on_every_rank(path, lambda: load(table_store, "tables"), "tables")
         if found["rng"] is not None:
             _set_rng_state(found["rng"])
-        meta = found["meta"]
         return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"],
                           skipped_steps=meta.get("skipped_steps", 0), nonfinite_streak=meta.get("nonfinite_streak", 0),
                           first_nonfinite_step=meta.get("first_nonfinite_step"))

@@ -367,7 +367,7 @@ def other_models(parallel):
 
 
 @pytest.mark.parametrize("mismatch", ["hidden size", "number of layers", "bigger model", "data fingerprint",
-                                      "tables"])
+                                      "tables", "no tables"])
 def test_incompatible_checkpoint_is_raised_not_skipped(run, other_models, tmp_path, caplog, mismatch):
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep_last=2)
     _save_steps(run, ckpt, [1, 2])
@@ -405,9 +405,13 @@ def test_incompatible_checkpoint_is_raised_not_skipped(run, other_models, tmp_pa
     else:
         meta_path = os.path.join(newest, "meta.json")
         meta = json.load(open(meta_path))
-        meta["tables"]["optimizer"] = "sparse_adam"
+        if mismatch == "tables":
+            meta["tables"]["optimizer"] = "sparse_adam"
+            error, pattern = ConfigError, r"holds 'sparse_adam' table optimizer state"
+        else:   # as a checkpoint of a run without Engram tables has it
+            del meta["tables"]
+            error, pattern = ConfigError, rf"the checkpoint {re.escape(newest)} holds no Engram tables"
         json.dump(meta, open(meta_path, "w"))
-        error, pattern = ConfigError, r"holds 'sparse_adam' table optimizer state"
     before = _snapshot(into)
     with caplog.at_level(logging.INFO, logger="engram_train.train.checkpoint"), pytest.raises(error, match=pattern):
         ckpt.load(into.engine, expect=expect, table_store=into.store)
