@@ -1,7 +1,10 @@
-"""Checkpoints of the table store: each rank writes its own rows, any layout reads them back.
+"""The table store's part of a checkpoint: each rank writes its own rows, any layout reads them back.
 
-Format: ``torch.distributed.checkpoint`` (DCP) in a directory, plus a
-human-readable ``manifest.json``.  Every table tensor is saved with its true
+``TableStore.state_dict`` / ``load_state_dict`` (a DCP ``Stateful``, the ``tables``
+component of ``engram_train.train.checkpoint``; keys under ``tables.``, and in the
+``tables/`` directory of checkpoints of the earlier layout) and a human-readable
+manifest (:func:`manifest`, in the checkpoint's ``meta.json``; ``tables/manifest.json``
+in the earlier layout), which is checked before anything loads.  Every table tensor is saved with its true
 global shape as a ``DTensor`` whose placement describes the writer's row range
 (``Shard(0)`` over the ranks that split the rows, ``Replicate()`` over
 replicas, which DCP writes once)::
@@ -18,23 +21,12 @@ saved with ``partition=all`` on 4 ranks loads with ``partition=tp`` at TP=2,
 or into one process.  Row ranges follow ``torch.chunk`` (see ``layout``),
 which is also ``DTensor``'s rule for uneven ``Shard(0)``.
 
-Each rank's rows are written as chunks of at most ``BLOCK_BYTES``
-(:class:`RowBlockSavePlanner`): DCP reads a saved chunk whole before copying
-the part a rank needs, so a chunk as large as a rank's whole shard (4 GB for
-one tensor of ``experiment=host_1b_cpu``) would cost that much extra memory at
-every resume.  Small blocks also bound what saving holds: DCP's writer
-copies each block (a view of a larger tensor) and keeps the last copy of every
-key until the rank's file is complete, and the allocator keeps freed blocks of
-a few MiB for reuse: about one block per key (measured: +40 MB saving 800 MB in
-4 MiB blocks, +330 MB in 64 MiB blocks).  The
-chunking is DCP metadata only: keys and global shapes do not change, and a
-checkpoint written in any chunking loads at any layout.
+The checkpoint writes every tensor in chunks of at most 4 MiB of whole rows
+(``engram_train.train.checkpoint.BLOCK_BYTES``): a table shard is the reason, see there.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Dict
 
 import torch
@@ -45,61 +37,6 @@ from engram_train.memory.layout import row_range
 
 PREFIX = "engram_tables"
 MANIFEST = "manifest.json"
-BLOCK_BYTES = 4 << 20
-
-
-def _save_planner():
-    import dataclasses
-    import math
-
-    from torch.distributed.checkpoint import DefaultSavePlanner
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
-    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItemType
-    from torch.distributed.tensor import DTensor
-
-    class RowBlockSavePlanner(DefaultSavePlanner):
-        """DCP's default save plan with every tensor chunk of more than ``BLOCK_BYTES`` split into
-        blocks of whole rows (module docstring)."""
-
-        def create_local_plan(self):
-            plan = super().create_local_plan()
-            # (fqn, global offsets) of a block -> (its rows, the first global row of the chunk it splits)
-            self._blocks: Dict[Any, Any] = {}
-            items = []
-            for item in plan.items:
-                td = item.tensor_data
-                if td is None or len(td.chunk.sizes) == 0:
-                    items.append(item)
-                    continue
-                rows = td.chunk.sizes[0]
-                row_bytes = math.prod(td.chunk.sizes[1:]) * td.properties.dtype.itemsize
-                per_block = max(1, BLOCK_BYTES // max(1, row_bytes))
-                if rows <= per_block:
-                    items.append(item)
-                    continue
-                for r0 in range(0, rows, per_block):
-                    n = min(per_block, rows - r0)
-                    offsets = torch.Size([td.chunk.offsets[0] + r0, *td.chunk.offsets[1:]])
-                    sizes = torch.Size([n, *td.chunk.sizes[1:]])
-                    index = MetadataIndex(item.index.fqn, offsets)
-                    self._blocks[(index.fqn, offsets)] = (n, td.chunk.offsets[0])
-                    items.append(dataclasses.replace(
-                        item, index=index, type=WriteItemType.SHARD,
-                        tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=offsets, sizes=sizes),
-                                                    properties=td.properties, size=td.size)))
-            self.plan = dataclasses.replace(plan, items=items)
-            return self.plan
-
-        def lookup_object(self, index):
-            block = self._blocks.get((index.fqn, index.offset))
-            if block is None:
-                return super().lookup_object(index)
-            rows, first_row = block
-            obj = self.state_dict[index.fqn]
-            local = obj.to_local() if isinstance(obj, DTensor) else obj
-            return local.narrow(0, index.offset[0] - first_row, rows)
-
-    return RowBlockSavePlanner()
 
 
 def _mesh(store):
@@ -141,7 +78,7 @@ def state_dict(store) -> Dict[str, Any]:
 def manifest(store) -> Dict[str, Any]:
     p = store.placement
     return {
-        "format": "torch.distributed.checkpoint, DTensor rows; see engram_train/memory/checkpoint.py",
+        "format": "DTensor rows under tables. in the checkpoint; see engram_train/memory/checkpoint.py",
         "partition": p.partition, "parts": p.parts, "world_size": dist.get_world_size(), "tp_size": p.tp_size,
         "optimizer": store.optimizer_name,
         "layers": {str(l): {"table_sizes": list(s.spec.table_sizes), "rows": s.spec.rows,
@@ -151,23 +88,9 @@ def manifest(store) -> Dict[str, Any]:
     }
 
 
-def save(store, path: str) -> None:
-    """Write the store into directory ``path`` (collective over all ranks)."""
-    import torch.distributed.checkpoint as dcp
-
-    # sync_files: every data file and .metadata is fsynced (the checkpoint's commit protocol counts on it)
-    dcp.save(store.state_dict(), storage_writer=dcp.FileSystemWriter(path, sync_files=True), planner=_save_planner())
-    if dist.get_rank() == 0:
-        with open(os.path.join(path, MANIFEST), "w") as f:
-            json.dump(manifest(store), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def check_compatible(store, path: str) -> None:
-    """Raise a clear error if the checkpoint's tables cannot load into ``store``."""
-    with open(os.path.join(path, MANIFEST)) as f:
-        saved = json.load(f)
+def check_compatible(store, saved: Dict[str, Any], path: str) -> None:
+    """Raise a clear error if the tables of checkpoint ``path`` (its :func:`manifest` ``saved``) cannot
+    load into ``store``."""
     if saved["optimizer"] != store.optimizer_name:
         raise ConfigError(f"engram.optimizer={store.optimizer_name!r}: the checkpoint {path} holds "
                           f"{saved['optimizer']!r} table optimizer state; resume with "
@@ -181,16 +104,6 @@ def check_compatible(store, path: str) -> None:
                               f"{list(shard.spec.table_sizes)} x {shard.spec.embed_dim}); the Engram settings "
                               "(layer_ids, max_ngram, heads_per_ngram, n_embed_per_ngram, table sizes, seed) "
                               "and the tokenizer must match the checkpoint's")
-
-
-def load(store, path: str) -> None:
-    """Read ``path`` into ``store``'s shards, at this run's layout (collective over all ranks)."""
-    import torch.distributed.checkpoint as dcp
-
-    check_compatible(store, path)
-    sd = store.state_dict()
-    dcp.load(sd, checkpoint_id=path)
-    store.load_state_dict(sd)
 
 
 def load_state_dict(store, sd: Dict[str, Any]) -> None:

@@ -1,12 +1,14 @@
 """Dense parameters and their ZeRO optimizer state in global coordinates: save at one layout, load at any.
 
-What is saved (``torch.distributed.checkpoint``, one directory), per DeepSpeed
-parameter under its *global* name (experts renamed by global expert index,
+:class:`DenseState` is the ``dense`` component of the checkpoint (a DCP ``Stateful``,
+saved under ``dense.`` by ``engram_train.train.checkpoint``; checkpoints of the earlier
+layout hold the same keys in their own ``dense/`` directory).  What it holds, per
+DeepSpeed parameter under its *global* name (experts renamed by global expert index,
 ``parallel.sharding``)::
 
     model.<name>               fp32 master weight, the full (TP=1, EP=1) shape
     optim.exp_avg.<name>       Adam first moment, same shape
-    optim.exp_avg_sq.<name>    Adam second moment, same shape
+    optim.exp_avg_sq.<name>    Adam second moment, same shape (both zero before the first step)
     optim.step                 Adam step count (one for all groups)
     buffer.<name>              a persistent model buffer: state that training changes outside the
                                optimizer (megatron's MoE ``router.expert_bias``, moved once per step
@@ -36,7 +38,6 @@ over data parallelism.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Dict, List, Tuple
 
 import torch
@@ -99,18 +100,17 @@ def _pieces(name: str, param, local: torch.Tensor, mesh) -> Dict[str, object]:
     return out
 
 
-def check_compatible(engine, path: str):
-    """The checkpoint's DCP metadata, after checking it holds every dense tensor of this model with
+def check_compatible(engine, meta: Dict[str, object], where: str, prefix: str = "") -> Dict[str, object]:
+    """The dense part of DCP metadata ``meta`` (``state_dict_metadata`` of checkpoint ``where``: the keys
+    under ``prefix``, ``prefix`` removed), after checking it holds every dense tensor of this model with
     the same global shape (``ConfigError`` naming the first difference otherwise)."""
-    import torch.distributed.checkpoint as dcp
-
     from engram_train.config.schema import ConfigError
 
     from megatron.core import parallel_state as ps
 
     from engram_train.parallel.sharding import _EXPERT, _global_name
 
-    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    meta = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
     fix = "resume with the model settings it was saved with, or start a new run.dir"
     # Every key of the whole model (all ranks' experts too), so that a checkpoint of a bigger model
     # (more layers, more experts) is refused rather than partly loaded.
@@ -125,25 +125,25 @@ def check_compatible(engine, path: str):
     expected.update(f"buffer.{name}" for name, _ in buffers)
     extra = sorted(k for k in meta if k.startswith(("model.", "buffer.")) and k not in expected)
     if extra:
-        raise ConfigError(f"the checkpoint {os.path.dirname(path)} holds {len(extra)} dense tensors this model "
+        raise ConfigError(f"the checkpoint {where} holds {len(extra)} dense tensors this model "
                           f"lacks (first: {extra[0].split('.', 1)[1]!r}): it was saved from a bigger model or "
                           f"one with other options; {fix}")
     for name, t in buffers:
         saved = meta.get(f"buffer.{name}")
         if saved is None:
-            raise ConfigError(f"the checkpoint {os.path.dirname(path)} has no {name!r} that this model has "
+            raise ConfigError(f"the checkpoint {where} has no {name!r} that this model has "
                               f"(e.g. saved without model.moe_router_enable_expert_bias): {fix}")
         if tuple(saved.size) != tuple(t.shape):
-            raise ConfigError(f"the checkpoint {os.path.dirname(path)} holds {name} as {tuple(saved.size)}, "
+            raise ConfigError(f"the checkpoint {where} holds {name} as {tuple(saved.size)}, "
                               f"this model as {tuple(t.shape)}: another model configuration; {fix}")
     for name, p in _named_params(engine):
         for key, shape in _split(name, p)[2]:
             saved = meta.get(f"model.{key}")
             if saved is None:
-                raise ConfigError(f"the checkpoint {os.path.dirname(path)} has no dense tensor {key!r} that "
+                raise ConfigError(f"the checkpoint {where} has no dense tensor {key!r} that "
                                   f"this model has: it was saved from another model; {fix}")
             if tuple(saved.size) != shape:
-                raise ConfigError(f"the checkpoint {os.path.dirname(path)} holds {key} as {tuple(saved.size)}, "
+                raise ConfigError(f"the checkpoint {where} holds {key} as {tuple(saved.size)}, "
                                   f"this model as {shape}: another model configuration; {fix}")
     return meta
 
@@ -197,76 +197,70 @@ def _adam_step(opt) -> int:
     return 0
 
 
-def save(engine, path: str) -> None:
-    """Write the dense model and its ZeRO optimizer state into ``path`` (collective over all ranks)."""
-    import torch.distributed.checkpoint as dcp
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+class DenseState:
+    """DeepSpeed's dense parameters and their ZeRO optimizer state as a DCP ``Stateful`` (module docstring).
 
-    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+    ``state_dict`` assembles the values (collective over each parameter's data-parallel group, in the
+    same order on every rank); ``dcp.load`` fills those tensors in place with the checkpoint's, and
+    ``load_state_dict`` hands them to DeepSpeed.  Adam's moments are always included (zeros before the
+    first step), so that an engine that never stepped loads a checkpoint's moments too.
+    """
 
-    opt = _inner(engine)
-    mesh = _mesh()
-    step = _adam_step(opt)
-    if step:
-        # DeepSpeed links each parameter to its optimizer-state fragments once, right after the first
-        # group's first step, when later groups have no state yet; link every group now.
-        for i, hp in enumerate(opt.single_partition_of_fp32_groups):
-            lazy_init_hp_params_optimizer_state(opt.bit16_groups[i], hp, opt.optimizer.state)
-    sd: Dict[str, object] = {"optim.step": step}
-    for name, p in _named_params(engine):
-        sd.update({f"model.{k}": v for k, v in _pieces(name, p, safe_get_full_fp32_param(p), mesh).items()})
+    def __init__(self, engine):
+        self.engine = engine
+        self.opt = _inner(engine)
+
+    def state_dict(self) -> Dict[str, object]:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+        opt, mesh = self.opt, _mesh()
+        step = _adam_step(opt)
         if step:
+            # DeepSpeed links each parameter to its optimizer-state fragments once, right after the first
+            # group's first step, when later groups have no state yet; link every group now.
+            for i, hp in enumerate(opt.single_partition_of_fp32_groups):
+                lazy_init_hp_params_optimizer_state(opt.bit16_groups[i], hp, opt.optimizer.state)
+        sd: Dict[str, object] = {"optim.step": step}
+        for name, p in _named_params(self.engine):
+            sd.update({f"model.{k}": v for k, v in _pieces(name, p, safe_get_full_fp32_param(p), mesh).items()})
             for m in MOMENTS:
-                sd.update({f"optim.{m}.{k}": v for k, v in
-                           _pieces(name, p, safe_get_full_optimizer_state(p, m), mesh).items()})
-    sd.update({f"buffer.{name}": t.detach() for name, t in _named_buffers(engine)})
-    # sync_files: every data file and .metadata is fsynced (the checkpoint's commit protocol counts on it)
-    dcp.save(sd, storage_writer=dcp.FileSystemWriter(path, sync_files=True))
+                moment = safe_get_full_optimizer_state(p, m) if step else \
+                    torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                sd.update({f"optim.{m}.{k}": v for k, v in _pieces(name, p, moment, mesh).items()})
+        # Views of the live buffers: loading fills them in place.
+        sd.update({f"buffer.{name}": t.detach() for name, t in _named_buffers(self.engine)})
+        return sd
 
+    @torch.no_grad()
+    def load_state_dict(self, sd: Dict[str, object]) -> None:
+        """``sd``: this object's ``state_dict`` filled by ``dcp.load`` (the moments may be absent: a
+        checkpoint of the earlier layout written before the first step has none)."""
+        from deepspeed.utils import safe_set_full_fp32_param
+        from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 
-@torch.no_grad()
-def load(engine, path: str) -> None:
-    """Read ``path`` into the engine at this run's layout: model weights, fp32 masters, Adam moments, step."""
-    import torch.distributed.checkpoint as dcp
-    from deepspeed.utils import safe_set_full_fp32_param
-    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
-
-    opt = _inner(engine)
-    mesh = _mesh()
-    params = _named_params(engine)
-    meta = check_compatible(engine, path)
-    step = 0
-    sd: Dict[str, object] = {"optim.step": step} if "optim.step" in meta else {}
-    values: Dict[str, Dict[str, torch.Tensor]] = {}
-    for name, p in params:
-        keys = ["model"] + ([f"optim.{m}" for m in MOMENTS] if f"optim.exp_avg.{name}" in meta or
-                            f"optim.exp_avg.{name}.gate" in meta else [])
-        values[name] = {}
-        for k in keys:
-            buf = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-            values[name][k] = buf
-            sd.update({f"{k}.{key}": v for key, v in _pieces(name, p, buf, mesh).items()})
-    buffers = {name: (t, torch.empty_like(t)) for name, t in _named_buffers(engine)}
-    sd.update({f"buffer.{name}": fresh for name, (_, fresh) in buffers.items()})
-    dcp.load(sd, checkpoint_id=path)   # in place: every DTensor's local tensor is a view of its buffer
-    step = int(sd.get("optim.step", 0))
-    for live, saved in buffers.values():
-        live.copy_(saved)
-
-    for name, p in params:
-        v = values[name]
-        p.data.copy_(v["model"].to(p.dtype))
-        safe_set_full_fp32_param(p, v["model"])
-        if step and p._hp_mapping is not None:
-            lp = p._hp_mapping.lp_fragment_address
-            p._hp_mapping.optim_fragment = {
-                m: v[f"optim.{m}"].flatten().narrow(0, lp.start, lp.numel).clone() for m in MOMENTS}
-    if step:
-        for i, hp in enumerate(opt.single_partition_of_fp32_groups):
-            map_to_flat_opt_states(hp, opt.bit16_groups[i], opt.optimizer.state, list(MOMENTS))
-            # torch's AdamW keeps its step as a float32 tensor: on the CPU, except for the fused and
-            # capturable kernels (CUDA), which need it on the parameters' device.
-            group = opt.optimizer.param_groups[i]
-            device = hp.device if group.get("fused") or group.get("capturable") else "cpu"
-            opt.optimizer.state[hp]["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
-    log.info("dense state loaded from %s (Adam step %d)", path, step)
+        opt = self.opt
+        step = int(sd.get("optim.step", 0))
+        for name, t in _named_buffers(self.engine):
+            saved = sd[f"buffer.{name}"]
+            if saved.data_ptr() != t.data_ptr():
+                t.copy_(saved)
+        for name, p in _named_params(self.engine):
+            split, dim, keys = _split(name, p)
+            value = {k: torch.cat([sd[f"{k}.{key}"].to_local() for key, _ in keys], dim)
+                     for k in ["model"] + ([f"optim.{m}" for m in MOMENTS] if step else [])}
+            p.data.copy_(value["model"].to(p.dtype))
+            safe_set_full_fp32_param(p, value["model"])
+            if step and p._hp_mapping is not None:
+                lp = p._hp_mapping.lp_fragment_address
+                p._hp_mapping.optim_fragment = {
+                    m: value[f"optim.{m}"].flatten().narrow(0, lp.start, lp.numel).clone() for m in MOMENTS}
+        if step:
+            for i, hp in enumerate(opt.single_partition_of_fp32_groups):
+                map_to_flat_opt_states(hp, opt.bit16_groups[i], opt.optimizer.state, list(MOMENTS))
+                # torch's AdamW keeps its step as a float32 tensor: on the CPU, except for the fused and
+                # capturable kernels (CUDA), which need it on the parameters' device.
+                group = opt.optimizer.param_groups[i]
+                device = hp.device if group.get("fused") or group.get("capturable") else "cpu"
+                opt.optimizer.state[hp]["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
+        log.info("dense state loaded (Adam step %d)", step)

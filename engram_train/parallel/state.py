@@ -12,8 +12,7 @@ The group layout is megatron's (order ``tp-cp-ep-dp-pp``), described once by
 :class:`engram_train.parallel.dims.ParallelDims`: TP ranks are adjacent, the
 dense data-parallel size is ``world / TP``, experts are spread over ``EP`` of
 those DP ranks (expert tensor parallel = TP, megatron's default) and
-replicated over the rest.  The helpers below are thin wrappers
-over ``parallel_state`` so callers need not import megatron.
+replicated over the rest; megatron's ``parallel_state`` answers for the groups and ranks.
 """
 
 from __future__ import annotations
@@ -131,34 +130,3 @@ def destroy_parallel() -> None:
         except FileNotFoundError:
             pass
         _STORE_FILE = None
-
-
-# ----------------------------------------------------------------------------------------------
-# Thin wrappers over parallel_state (dense = non-expert parameters).
-
-
-def _ps():
-    from megatron.core import parallel_state
-
-    return parallel_state
-
-
-def tp_rank() -> int:
-    return _ps().get_tensor_model_parallel_rank()
-
-
-def dp_rank() -> int:
-    """Rank among the replicas of the dense parameters (the data loader's shard index)."""
-    return _ps().get_data_parallel_rank()
-
-
-def dp_size() -> int:
-    return _ps().get_data_parallel_world_size()
-
-
-def dp_group():
-    return _ps().get_data_parallel_group()
-
-
-def expert_dp_group():
-    return _ps().get_expert_data_parallel_group()

@@ -1,25 +1,40 @@
-"""Atomic, durable, resumable checkpoints.
+"""Atomic, durable, resumable checkpoints: one ``torch.distributed.checkpoint`` (DCP) save of the run's state.
 
 Layout of ``<run.dir>/checkpoints``::
 
     latest                      text file naming the newest complete checkpoint
     step_00000100/
-        meta.json               step, consumed samples, world size and the run's extra metadata
-        dense/                  DeepSpeed's parameters: fp32 weights, Adam moments and step, in global
-                                (TP=1, EP=1) shapes (engram_train.parallel.dense_checkpoint)
-        tables/                 the Engram table store: each rank's rows and their optimizer state,
-                                global shapes and a manifest (engram_train.memory.checkpoint)
-        rng/rank_00000.pt       each rank's RNG states (torch, numpy, python, megatron's tracker)
+        meta.json               human-readable: step, consumed samples, world size, the run's extra metadata
+                                (loss, data fingerprint) and the tables' manifest; written last (its
+                                presence marks a complete checkpoint)
+        .metadata               DCP's index: every key's global shape and where its chunks lie
+        __<rank>_<n>.distcp     what each rank wrote
 
-``dense/`` and ``tables/`` are torch.distributed.checkpoint directories: each rank writes what it
-owns (a replicated tensor once), nothing is gathered whole, and both load at any other layout
-(TP, EP, DP, ``engram.partition``, number of ranks).  RNG states are per rank and restored when
-the number of ranks is the same (they only feed dropout; a resharded run keeps its seeded ones).
+Everything but ``meta.json`` is one ``dcp.save`` of four DCP ``Stateful`` components (``_components``),
+each under its own key prefix:
+
+    dense.        DeepSpeed's parameters: fp32 weights, Adam moments and step, in global (TP=1, EP=1)
+                  shapes (``engram_train.parallel.dense_checkpoint.DenseState``)
+    tables.       the Engram table store: rows and their optimizer state in global shapes
+                  (``TableStore.state_dict``, format in ``engram_train.memory.checkpoint``)
+    train_state.  ``TrainState`` below
+    rng.rank_<r>  each rank's RNG states (torch, numpy, python, megatron's tracker), pickled
+
+Each rank writes what it owns (a replicated tensor once), nothing is gathered whole, every tensor is
+written in chunks of at most ``BLOCK_BYTES`` of whole rows (``_save_planner``), and it loads at any
+other layout (TP, EP, DP, ``engram.partition``, host or device tables, number of ranks).  RNG states
+are per rank and restored when the number of ranks is the same (they only feed dropout; a resharded
+run keeps its seeded ones).  Loading is one ``dcp.load`` of the same components.
+
+Checkpoints of the earlier layout (``dense/`` and ``tables/``, each its own DCP directory with the
+same keys without the prefix, ``tables/manifest.json`` and ``rng/rank_<r>.pt`` beside
+``meta.json``) still load, by the same components (``_read_legacy``, ``_load_legacy``); this code
+writes the layout above only.
 
 Commit protocol (a crash or power loss at any point leaves the previous ``latest`` intact and loadable):
 * everything is written into ``step_N.partial``; every file is fsynced by its writer before the
   exchange of outcomes that ends the write phase (DCP's ``FileSystemWriter(sync_files=True)`` its
-  data files and ``.metadata``, ``_write_durably`` the rest);
+  data files and ``.metadata``, ``_write_durably`` ``meta.json``);
 * rank 0 then writes ``meta.json``, fsyncs every directory of the checkpoint bottom-up, renames
   ``step_N.partial -> step_N`` and fsyncs the checkpoints root, so the new name is durable;
 * only then is ``latest`` replaced atomically (tmp + fsync + ``os.replace`` + fsync of the root).
@@ -41,13 +56,14 @@ Every rank takes part in each decision (a failure on one rank makes all ranks fa
 ranks always load the same step.  A checkpoint that cannot belong to this run's configuration
 (world size, data fingerprint, Engram tables) is a user error and raised, never skipped.
 
-The learning rate is a function of the step and the data position is ``step * global_batch_size``,
-so neither needs state of its own.
+The learning rate is a function of the step and the data position is ``consumed_samples``
+(``TrainState``), so neither needs state of its own.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
@@ -73,12 +89,21 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 @dataclass
 class TrainState:
+    """The loop's position, the ``train_state`` component of a checkpoint (a DCP ``Stateful``)."""
+
     step: int = 0                 # optimizer steps completed
     consumed_samples: int = 0     # global samples consumed by those steps
     # The non-finite guard's record (engram_train.train.guard), kept across resumes:
     skipped_steps: int = 0        # steps whose update was dropped (non-finite loss or gradient norm)
     nonfinite_streak: int = 0     # of those, how many in a row up to ``step``
     first_nonfinite_step: Optional[int] = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        for key, value in state_dict.items():
+            setattr(self, key, value)
 
 
 class IncompatibleCheckpoint(UserError, RuntimeError):
@@ -147,10 +172,6 @@ def _atomic_write_text(path: str, text: str) -> None:
     fsync_dir(os.path.dirname(path) or ".")
 
 
-def _torch_save(obj, path: str) -> None:
-    _write_durably(path, lambda f: torch.save(obj, f))
-
-
 def _free_bytes(path: str) -> int:
     """Free bytes for this user on the filesystem of ``path`` (or of its nearest existing parent)."""
     path = os.path.abspath(path)
@@ -180,9 +201,8 @@ def _size(n: float) -> str:
 
 
 def _disk_errno(e: BaseException) -> Optional[int]:
-    """The filesystem errno (``DISK_ERRNOS``) behind ``e``, if any: torch's serializer reports a short
-    write as ``RuntimeError: ... unexpected pos`` with the ``OSError`` as its context, and DCP wraps
-    each rank's failure in a ``CheckpointException``."""
+    """The filesystem errno (``DISK_ERRNOS``) behind ``e``, if any: DCP wraps each rank's failure in a
+    ``CheckpointException``, and an error may carry the ``OSError`` as its cause or context."""
     seen, todo = set(), [e]
     while todo:
         x = todo.pop()
@@ -224,6 +244,96 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class _RankRng:
+    """This rank's RNG states under a key of its own (``rank_<r>``), as a DCP ``Stateful``: per-rank state
+    has no global shape, so it is one pickled value (torchtitan keeps its per-rank data loader state so)."""
+
+    def __init__(self, rank: int):
+        self.key = f"rank_{rank:05d}"
+
+    def state_dict(self) -> Dict[str, Any]:
+        buf = io.BytesIO()
+        torch.save(_rng_state(), buf)
+        return {self.key: buf.getvalue()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        _set_rng_state(torch.load(io.BytesIO(state_dict[self.key]), weights_only=False))
+
+
+# -- one save of every component ----------------------------------------------------------------
+BLOCK_BYTES = 4 << 20
+
+
+def _save_planner():
+    import dataclasses
+    import math
+
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItemType
+    from torch.distributed.tensor import DTensor
+
+    class RowBlockSavePlanner(DefaultSavePlanner):
+        """DCP's default save plan with every tensor chunk of more than ``BLOCK_BYTES`` split into blocks
+        of whole rows.  DCP reads a saved chunk whole before copying the part a rank needs, so a chunk as
+        large as a rank's whole table shard (4 GB for one tensor of ``experiment=host_1b_cpu``) would cost
+        that much extra memory at every resume.  Small blocks also bound what saving holds: DCP's writer
+        copies each block (a view of a larger tensor) and keeps the last copy of every key until the
+        rank's file is complete, and the allocator keeps freed blocks of a few MiB for reuse: about one
+        block per key (measured: +40 MB saving 800 MB of table rows in 4 MiB blocks, +330 MB in 64 MiB
+        blocks).  The chunking is DCP metadata only: keys and global shapes do not change, and a
+        checkpoint written in any chunking loads at any layout."""
+
+        def create_local_plan(self):
+            plan = super().create_local_plan()
+            # (fqn, global offsets) of a block -> (its rows, the first global row of the chunk it splits)
+            self._blocks: Dict[Any, Any] = {}
+            items = []
+            for item in plan.items:
+                td = item.tensor_data
+                if td is None or len(td.chunk.sizes) == 0:
+                    items.append(item)
+                    continue
+                rows = td.chunk.sizes[0]
+                row_bytes = math.prod(td.chunk.sizes[1:]) * td.properties.dtype.itemsize
+                per_block = max(1, BLOCK_BYTES // max(1, row_bytes))
+                if rows <= per_block:
+                    items.append(item)
+                    continue
+                for r0 in range(0, rows, per_block):
+                    n = min(per_block, rows - r0)
+                    offsets = torch.Size([td.chunk.offsets[0] + r0, *td.chunk.offsets[1:]])
+                    sizes = torch.Size([n, *td.chunk.sizes[1:]])
+                    index = MetadataIndex(item.index.fqn, offsets)
+                    self._blocks[(index.fqn, offsets)] = (n, td.chunk.offsets[0])
+                    items.append(dataclasses.replace(
+                        item, index=index, type=WriteItemType.SHARD,
+                        tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=offsets, sizes=sizes),
+                                                    properties=td.properties, size=td.size)))
+            self.plan = dataclasses.replace(plan, items=items)
+            return self.plan
+
+        def lookup_object(self, index):
+            block = self._blocks.get((index.fqn, index.offset))
+            if block is None:
+                return super().lookup_object(index)
+            rows, first_row = block
+            obj = self.state_dict[index.fqn]
+            local = obj.to_local() if isinstance(obj, DTensor) else obj
+            return local.narrow(0, index.offset[0] - first_row, rows)
+
+    return RowBlockSavePlanner()
+
+
+def save_state(components: Dict[str, Any], path: str) -> None:
+    """One ``dcp.save`` of ``components`` (``Stateful``s or state dicts) into directory ``path``, in row
+    blocks (collective over all ranks)."""
+    import torch.distributed.checkpoint as dcp
+
+    # sync_files: every data file and .metadata is fsynced (the commit protocol counts on it)
+    dcp.save(components, storage_writer=dcp.FileSystemWriter(path, sync_files=True), planner=_save_planner())
+
+
 # -- load helpers -------------------------------------------------------------------------------
 def _one_line(e: BaseException, limit: int = 300, what: str = "") -> str:
     """``Type: message`` on one line; for DCP's CheckpointException the first underlying failure,
@@ -252,9 +362,13 @@ def _read_file(path: str, what: str, read: Callable[[str], Any]) -> Any:
         raise _LoadFailed(f"{what}: {_one_line(e)}") from e
 
 
-def _read_meta(path: str) -> Dict[str, Any]:
+def _read_json(path: str) -> Any:
     with open(path) as f:
-        meta = json.load(f)
+        return json.load(f)
+
+
+def _read_meta(path: str) -> Dict[str, Any]:
+    meta = _read_json(path)
     missing = [k for k in ("step", "consumed_samples", "world_size") if k not in meta]
     if missing:
         raise ValueError(f"no {', '.join(missing)}")
@@ -319,9 +433,18 @@ class Checkpointer:
         return found[0] if found else None
 
     # -- save -----------------------------------------------------------------------------------
-    def save(self, engine, state: TrainState, extra: Optional[Dict[str, Any]] = None, table_store=None) -> str:
-        from engram_train.parallel import dense_checkpoint
+    def _components(self, engine, state: TrainState, table_store, rng: bool = True) -> Dict[str, Any]:
+        """The checkpoint's ``Stateful`` components (module docstring), saved and loaded in one DCP call."""
+        from engram_train.parallel.dense_checkpoint import DenseState
 
+        out: Dict[str, Any] = {"dense": DenseState(engine), "train_state": state}
+        if table_store is not None:
+            out["tables"] = table_store
+        if rng:
+            out["rng"] = _RankRng(self.rank)
+        return out
+
+    def save(self, engine, state: TrainState, extra: Optional[Dict[str, Any]] = None, table_store=None) -> str:
         t0 = time.time()
         name = f"step_{state.step:08d}"
         final, partial = os.path.join(self.root, name), os.path.join(self.root, name + ".partial")
@@ -337,23 +460,20 @@ class Checkpointer:
             free = _free_bytes(self.root)
             if free < need:
                 raise OSError(errno.ENOSPC, "refused before writing, the free space is short of a checkpoint")
-            os.makedirs(os.path.join(partial, "rng"))
+            os.makedirs(partial)
 
-        def write_dense():
-            dense = os.path.join(partial, "dense")
-            dense_checkpoint.save(engine, dense)   # collective: every rank writes (and fsyncs) what it owns
-            _torch_save(_rng_state(), os.path.join(partial, "rng", f"rank_{self.rank:05d}.pt"))
-
-        def write_tables():
-            from engram_train.memory import checkpoint as table_checkpoint
-
-            tables = os.path.join(partial, "tables")
-            table_checkpoint.save(table_store, tables)   # fsynced like the dense files
+        def write():
+            # collective: every rank writes (and fsyncs) what it owns
+            save_state(self._components(engine, state, table_store), partial)
 
         def commit():
             if self.rank != 0:
                 return
             meta = {**asdict(state), "world_size": self.world, "time": time.time(), **(extra or {})}
+            if table_store is not None:
+                from engram_train.memory.checkpoint import manifest
+
+                meta["tables"] = manifest(table_store)
             _write_durably(os.path.join(partial, "meta.json"), lambda f: f.write(json.dumps(meta, indent=2)),
                            mode="w")
             _fsync_dirs_bottom_up(partial)
@@ -365,9 +485,7 @@ class Checkpointer:
         # Each phase ends with every rank's outcome (in place of a barrier): a failure on one rank
         # makes all leave before the next collective, so none waits forever in it.
         self._save_phase(begin, final, need)
-        self._save_phase(write_dense, final, need)   # DCP's own collectives agree on its failures too
-        if table_store is not None:
-            self._save_phase(write_tables, final, need)
+        self._save_phase(write, final, need)   # DCP's own collectives agree on its failures too
         # from here every rank's files are on stable storage
         self._save_phase(commit, final, need)
         if self.rank == 0:
@@ -384,9 +502,12 @@ class Checkpointer:
         except _load_failures() as e:
             failure = e
             code = _disk_errno(e)
-            outcome = (code, _one_line(e, what=os.path.basename(final) + ".partial"))
+            # DCP's collective write hands every rank the failures of all: name the rank that hit one.
+            failures = getattr(e, "failures", None)
+            culprit = min(failures) if isinstance(failures, dict) and failures else self.rank
+            outcome = (code, _one_line(e, what=os.path.basename(final) + ".partial"), culprit)
         outcomes = self._gather(outcome)
-        failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+        failed = [(o[2], o[:2]) for o in outcomes if o is not None]
         if not failed:
             return
         if self.rank == 0:
@@ -497,9 +618,12 @@ class Checkpointer:
                                         for reason, ranks in by_reason.items()))
         return result
 
-    def _read(self, engine, path: str, expect: Optional[Dict[str, Any]], table_store):
-        """What this rank needs from ``path`` before loading (metadata checked, RNG read), without
-        touching the run's state."""
+    def _read(self, engine, path: str, expect: Optional[Dict[str, Any]], table_store) -> Dict[str, Any]:
+        """What this rank needs to know of ``path`` before loading (metadata read and checked against the
+        run), without touching the run's state."""
+        import torch.distributed.checkpoint as dcp
+
+        from engram_train.memory import checkpoint as table_checkpoint
         from engram_train.parallel import dense_checkpoint
 
         meta = _read_file(os.path.join(path, "meta.json"), "meta.json", _read_meta)
@@ -508,39 +632,80 @@ class Checkpointer:
                 raise IncompatibleCheckpoint(
                     f"checkpoint {path} has {key}={meta[key]!r} but this run has {want!r}; "
                     "use the same data settings, or a new run.dir (or trainer.resume=false)")
-        # ConfigError (another model) passes through _read_file: a user error, not damage.
-        _read_file(os.path.join(path, "dense"), os.path.join("dense", ".metadata"),
-                   lambda p: dense_checkpoint.check_compatible(engine, p))
+        same_world = meta["world_size"] == self.world
+        if os.path.isdir(os.path.join(path, "dense")):
+            return self._read_legacy(engine, path, meta, table_store, same_world)
+        keys = _read_file(path, ".metadata", lambda p: dcp.FileSystemReader(p).read_metadata().state_dict_metadata)
+        # ConfigError (another model, other tables): a user error, not damage.
+        dense_checkpoint.check_compatible(engine, keys, path, prefix="dense.")
+        if table_store is not None:
+            if "tables" not in meta:
+                raise ConfigError(f"engram: the checkpoint {path} holds no Engram tables and this run has some; "
+                                  "the Engram settings must match the checkpoint's")
+            table_checkpoint.check_compatible(table_store, meta["tables"], path)
+        rng = f"rng.rank_{self.rank:05d}"
+        if same_world and rng not in keys:
+            raise _LoadFailed(f".metadata: no {rng}")
+        return {"meta": meta, "same_world": same_world, "legacy": None}
+
+    def _read_legacy(self, engine, path: str, meta: Dict[str, Any], table_store, same_world: bool) -> Dict[str, Any]:
+        """``_read`` of a checkpoint of the earlier layout (module docstring): it also reads this rank's RNG file."""
+        import torch.distributed.checkpoint as dcp
+
+        from engram_train.memory import checkpoint as table_checkpoint
+        from engram_train.parallel import dense_checkpoint
+
+        keys = _read_file(os.path.join(path, "dense"), os.path.join("dense", ".metadata"),
+                          lambda p: dcp.FileSystemReader(p).read_metadata().state_dict_metadata)
+        dense_keys = dense_checkpoint.check_compatible(engine, keys, path)
         rng = None
-        if meta["world_size"] == self.world:
+        if same_world:
             rng_name = os.path.join("rng", f"rank_{self.rank:05d}.pt")
             rng = _read_file(os.path.join(path, rng_name), rng_name, lambda p: torch.load(p, weights_only=False))
         if table_store is not None:
-            from engram_train.memory import checkpoint as table_checkpoint
-
-            # ConfigError (other tables) passes through _read_file: a user error, not damage.
-            _read_file(os.path.join(path, "tables"), os.path.join("tables", table_checkpoint.MANIFEST),
-                       lambda p: table_checkpoint.check_compatible(table_store, p))
-        return meta, rng
+            name = os.path.join("tables", table_checkpoint.MANIFEST)
+            saved = _read_file(os.path.join(path, name), name, _read_json)
+            table_checkpoint.check_compatible(table_store, saved, path)
+        return {"meta": meta, "same_world": same_world, "legacy": {"rng": rng, "dense_keys": set(dense_keys)}}
 
     def _load_one(self, engine, path: str, expect, table_store) -> TrainState:
-        # Three agreed phases, so that no rank enters a collective (DCP's load, the agreement
-        # itself) while another has already given up on this checkpoint.  A failure after the first
-        # phase leaves the run's state half-loaded; the next candidate overwrites all of it.
-        from engram_train.parallel import dense_checkpoint
+        # Agreed phases, so that no rank enters a collective (DCP's load, the agreement itself) while
+        # another has already given up on this checkpoint.  A failure in the load leaves the run's
+        # state half-loaded; the next candidate overwrites all of it.
+        import torch.distributed.checkpoint as dcp
 
-        meta, rng = self._on_every_rank(path, lambda: self._read(engine, path, expect, table_store))
-        self._on_every_rank(path, lambda: dense_checkpoint.load(engine, os.path.join(path, "dense")), "dense")
-        if table_store is not None:
-            from engram_train.memory import checkpoint as table_checkpoint
-
-            self._on_every_rank(path, lambda: table_checkpoint.load(table_store, os.path.join(path, "tables")),
-                                "tables")
-        if rng is not None:
-            _set_rng_state(rng)
-        elif self.rank == 0:
+        found = self._on_every_rank(path, lambda: self._read(engine, path, expect, table_store))
+        meta = found["meta"]
+        if found["legacy"] is not None:
+            state = self._load_legacy(engine, path, meta, found["legacy"], table_store)
+        else:
+            state = TrainState()
+            components = self._components(engine, state, table_store, rng=found["same_world"])
+            self._on_every_rank(path, lambda: dcp.load(components, checkpoint_id=path))
+        if not found["same_world"] and self.rank == 0:
             log.info("checkpoint %s was written by %d ranks, this run has %d: resharded; RNG states "
                      "stay as seeded (they only feed dropout)", path, meta["world_size"], self.world)
+        return state
+
+    def _load_legacy(self, engine, path: str, meta: Dict[str, Any], found: Dict[str, Any], table_store) -> TrainState:
+        """Load a checkpoint of the earlier layout: each component from its own directory, the RNG states
+        ``_read_legacy`` read, the position from ``meta.json``."""
+        import torch.distributed.checkpoint as dcp
+
+        from engram_train.parallel.dense_checkpoint import DenseState
+
+        def load(component, directory: str, keep=lambda key: True):
+            sd = {k: v for k, v in component.state_dict().items() if keep(k)}
+            dcp.load(sd, checkpoint_id=os.path.join(path, directory))
+            component.load_state_dict(sd)
+
+        # Written before the first step, the dense part has no Adam moments: load only the keys it has.
+        dense = DenseState(engine)
+        self._on_every_rank(path, lambda: load(dense, "dense", lambda k: k in found["dense_keys"]), "dense")
+        if table_store is not None:
+            self._on_every_rank(path, lambda: load(table_store, "tables"), "tables")
+        if found["rng"] is not None:
+            _set_rng_state(found["rng"])
         return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"],
                           skipped_steps=meta.get("skipped_steps", 0), nonfinite_streak=meta.get("nonfinite_streak", 0),
                           first_nonfinite_step=meta.get("first_nonfinite_step"))

@@ -38,7 +38,7 @@ def _state(engine, store):
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
     opt = engine.optimizer
-    for i, hp in enumerate(opt.single_partition_of_fp32_groups):   # link every group, as dense_checkpoint does
+    for i, hp in enumerate(opt.single_partition_of_fp32_groups):   # link every group, as DenseState does
         lazy_init_hp_params_optimizer_state(opt.bit16_groups[i], hp, opt.optimizer.state)
     out = {}
     for n, p in engine.module.named_parameters():
@@ -50,6 +50,18 @@ def _state(engine, store):
         out[f"table{l}.weight"] = shard.weight.clone()
         out.update({f"table{l}.{k}": t.clone() for k, t in shard.optimizer.state_tensors().items()})
     return out
+
+
+def _drop_key(step_dir: str, key: str) -> None:
+    """Damage a checkpoint so that one rank alone sees it: its per-rank ``key`` is no longer in the index."""
+    import pickle
+
+    path = os.path.join(step_dir, ".metadata")
+    with open(path, "rb") as f:
+        meta = pickle.load(f)
+    del meta.state_dict_metadata[key]
+    with open(path, "wb") as f:
+        pickle.dump(meta, f)
 
 
 def _rank_fallback(root: str):
@@ -90,13 +102,11 @@ def _rank_fallback(root: str):
             saved[step] = _state(engine, store)
             ckpt.save(engine, TrainState(step=step, consumed_samples=8 * step), table_store=store)
 
-        # Step 3: only rank 1 sees the damage (its own RNG file); rank 0 alone would load step 3.
-        # Step 2: a dense data file that both ranks read (replicated tensors) is cut short.
-        if rank == 1:
-            with open(os.path.join(root, "step_00000003", "rng", "rank_00001.pt"), "wb") as f:
-                f.write(b"garbage")
+        # Step 3: only rank 1 sees the damage (its own RNG state is gone); rank 0 alone would load step 3.
+        # Step 2: a data file that both ranks read (replicated tensors) is cut short.
         if rank == 0:
-            with open(os.path.join(root, "step_00000002", "dense", "__0_0.distcp"), "r+b") as f:
+            _drop_key(os.path.join(root, "step_00000003"), "rng.rank_00001")
+            with open(os.path.join(root, "step_00000002", "__0_0.distcp"), "r+b") as f:
                 f.truncate(100)
         dist.barrier()
         _train_step(optimizers, store, 9.0, rank, cfg)
@@ -106,7 +116,7 @@ def _rank_fallback(root: str):
 
         # Damage on rank 0 only, in the last checkpoint left: every rank fails with the same error.
         if rank == 0:
-            os.remove(os.path.join(root, "step_00000001", "rng", "rank_00000.pt"))
+            _drop_key(os.path.join(root, "step_00000001"), "rng.rank_00000")
         dist.barrier()
         try:
             ckpt.load(engine, table_store=store)
@@ -125,20 +135,20 @@ def test_damage_on_one_rank_makes_every_rank_fall_back(tmp_path):
     for r in results:
         assert r["step"] == 1 and r["restored"]
         assert r["error"] is not None and r["error"].startswith(f"no checkpoint under {root} loads (")
-        assert "step_00000003: rank 1: rng/rank_00001.pt: " in r["error"]
-        assert "step_00000002: rank 0,1: dense (torch.distributed.checkpoint, rank 0): " in r["error"]
-        assert "step_00000001: rank 0: rng/rank_00000.pt: FileNotFoundError" in r["error"]
+        assert "step_00000003: rank 1: .metadata: no rng.rank_00001" in r["error"]
+        assert "step_00000002: rank 0,1: torch.distributed.checkpoint, rank 0: " in r["error"]
+        assert "step_00000001: rank 0: .metadata: no rng.rank_00000" in r["error"]
     assert results[0]["error"] == results[1]["error"]
     # Rank 0 reports the reason even though the damage was on rank 1.
     warnings = results[0]["warnings"]
-    assert any(f"checkpoint {root}/step_00000003 failed to load (rank 1: rng/rank_00001.pt: " in w
+    assert any(f"checkpoint {root}/step_00000003 failed to load (rank 1: .metadata: no rng.rank_00001" in w
                and f"falling back to the older checkpoint {root}/step_00000002" in w for w in warnings), warnings
-    assert any(f"checkpoint {root}/step_00000002 failed to load (rank 0,1: dense (torch.distributed.checkpoint"
+    assert any(f"checkpoint {root}/step_00000002 failed to load (rank 0,1: torch.distributed.checkpoint"
                in w and f"falling back to the older checkpoint {root}/step_00000001" in w for w in warnings), warnings
 
 
 def _rank_write_failure(root: str, fail_rank: int, how: str):
-    """Two ranks save; ``fail_rank`` alone hits ENOSPC writing its RNG file (``how="rng"``), or the real
+    """Two ranks save; ``fail_rank`` alone hits ENOSPC writing its data file (``how="one"``), or the real
     filesystem fills up under both ranks during DCP's write (``how="full"``, root on a small tmpfs)."""
     import errno
 
@@ -166,10 +176,12 @@ def _rank_write_failure(root: str, fail_rank: int, how: str):
         _train_step(optimizers, store, 1.0, rank, cfg)
         ckpt.save(engine, TrainState(step=1, consumed_samples=8), table_store=store)
         _train_step(optimizers, store, 2.0, rank, cfg)
-        if how == "rng" and rank == fail_rank:
+        if how == "one" and rank == fail_rank:
+            from torch.distributed.checkpoint import filesystem
+
             def no_space(*args, **kwargs):
                 raise OSError(errno.ENOSPC, "No space left on device")
-            ckpt_mod._torch_save = no_space
+            filesystem._write_item = no_space
         if how == "full":
             ckpt_mod._free_bytes = lambda path: 1 << 40   # past the pre-check: the write itself must fail
             if rank == 0:   # leave less than a checkpoint free
@@ -193,7 +205,7 @@ def _rank_write_failure(root: str, fail_rank: int, how: str):
 
 def test_a_write_failure_on_one_rank_ends_the_save_on_every_rank(tmp_path):
     root = tmp_path / "checkpoints"
-    results = run_distributed(_rank_write_failure, 2, str(root), 1, "rng", timeout=300)
+    results = run_distributed(_rank_write_failure, 2, str(root), 1, "one", timeout=300)
     for r in results:
         assert r["error"] is not None and r["error"].startswith(f"rank 1 could not write checkpoint {root}/step_00000002 "
                                                                "(no space left on the device: ")

@@ -122,6 +122,7 @@ def _oracle(dp_size: int, variant: str = "gqa"):
 
 def _rank_step(tp: int, ep: int, full_state, batch, check_sp_hooks: bool, variant: str = "gqa"):
     import torch.distributed as dist
+    from megatron.core import parallel_state as mps
 
     from engram_train.model.gpt import build_model
     from engram_train.parallel import state as ps
@@ -139,7 +140,7 @@ def _rank_step(tp: int, ep: int, full_state, batch, check_sp_hooks: bool, varian
         # cloned: state_dict() shares the buffers' storage, and the expert bias moves below
         local = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
         out = {"roundtrip": local_to_full(local, model)}
-        tokens, pos, labels, hash_ids = _rows(batch, ps.dp_rank(), ps.dp_size())
+        tokens, pos, labels, hash_ids = _rows(batch, mps.get_data_parallel_rank(), mps.get_data_parallel_world_size())
 
         if check_sp_hooks:
             # Without the hooks a sequence-parallel weight's gradient covers this rank's tokens only.
@@ -154,13 +155,14 @@ def _rank_step(tp: int, ep: int, full_state, batch, check_sp_hooks: bool, varian
         loss = model(tokens, pos, labels, hash_ids)
         loss.mean().backward()
         grads = _grads(model)
-        if ps.dp_size() > 1:
+        if mps.get_data_parallel_world_size() > 1:
             for name, q in model.named_parameters():
                 if getattr(q, "allreduce", True):
-                    dist.all_reduce(grads[name], group=ps.dp_group())
-                grads[name] /= ps.dp_size()
+                    dist.all_reduce(grads[name], group=mps.get_data_parallel_group())
+                grads[name] /= mps.get_data_parallel_world_size()
         model.update_expert_bias()   # counts reduced over TP x DP, as megatron's finalize_model_grads does
-        out.update(loss=loss.detach(), dp_rank=ps.dp_rank(), tp_rank=ps.tp_rank(),
+        out.update(loss=loss.detach(), dp_rank=mps.get_data_parallel_rank(),
+                   tp_rank=mps.get_tensor_model_parallel_rank(),
                    grads=local_to_full(grads, model), expert_bias=_expert_biases(model))
         return out
     finally:

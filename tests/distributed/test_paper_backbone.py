@@ -86,14 +86,14 @@ def host_runs(tmp_path_factory, data_overrides):
 
 
 def expert_bias(run_dir, step: int) -> dict:
-    """``{name: bias}`` as the step's dense checkpoint holds it (read without a process group)."""
+    """``{name: bias}`` as the step's checkpoint holds it in its dense part (read without a process group)."""
     import torch.distributed.checkpoint as dcp
 
-    path = os.path.join(run_dir, "checkpoints", f"step_{step:08d}", "dense")
+    path = os.path.join(run_dir, "checkpoints", f"step_{step:08d}")
     meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    sd = {k: torch.empty(tuple(m.size), dtype=torch.float32) for k, m in meta.items() if k.startswith("buffer.")}
+    sd = {k: torch.empty(tuple(m.size), dtype=torch.float32) for k, m in meta.items() if k.startswith("dense.buffer.")}
     dcp.load(sd, checkpoint_id=path, no_dist=True)
-    return sd
+    return {k[len("dense."):]: v for k, v in sd.items()}
 
 
 @pytest.mark.parametrize("name, layout, recompute, tables", [

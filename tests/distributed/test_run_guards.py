@@ -127,9 +127,9 @@ def test_skipped_steps_leave_the_weights_and_the_checkpoint_before_them_survives
     assert _meta(run_dir, "step_00000005")["skipped_steps"] == 2
 
     def state(name, part):
-        out = tmp_path / f"{name}_{part}.pt"
-        dcp_to_torch_save(str(run_dir / "checkpoints" / name / part), str(out))
-        return torch.load(out, weights_only=False)
+        out = tmp_path / f"{name}.pt"
+        dcp_to_torch_save(str(run_dir / "checkpoints" / name), str(out))
+        return torch.load(out, weights_only=False)[part]
 
     def flat(d, prefix=""):
         for k, v in d.items():

@@ -28,8 +28,8 @@ mode, so the SP-off configurations run in eval mode, oracle included (see
 :func:`_training`).
 
 ``test_checkpoint_reshards`` saves stores (``all`` on 4 ranks, two table steps, in blocks of a few rows)
-with ``engram_train.memory.checkpoint`` and loads them at ``tp`` TP=2 on 2 ranks
-and into one replicated process.
+as the checkpoint's ``tables`` component (``engram_train.train.checkpoint.save_state``) and loads them
+at ``tp`` TP=2 on 2 ranks and into one replicated process.
 """
 
 from __future__ import annotations
@@ -211,6 +211,7 @@ def _oracle(dp_size: int, optimizer: str, training: bool = True):
 
 def _run_config(partition: str, tp: int, sp: bool, optimizer: str, full_state):
     import torch.distributed as dist
+    from megatron.core import parallel_state as mps
 
     from engram_train.engram.table import MultiHeadEmbeddingTable
     from engram_train.memory.store import build_table_store
@@ -230,7 +231,8 @@ def _run_config(partition: str, tp: int, sp: bool, optimizer: str, full_state):
         model.train(_training(tp, sp))
         rank = dist.get_rank()
         out = dict(
-            rank=rank, dp_rank=ps.dp_rank(), dp_size=ps.dp_size(), tp_rank=ps.tp_rank(),
+            rank=rank, dp_rank=mps.get_data_parallel_rank(), dp_size=mps.get_data_parallel_world_size(),
+            tp_rank=mps.get_tensor_model_parallel_rank(),
             sequence_parallel=bool(model.config.sequence_parallel),
             placement=(store.placement.partition, store.placement.parts, store.placement.index),
             shards={l: (s.lo, s.hi, tuple(s.weight.shape), tuple(s.optimizer.exp_avg.shape))
@@ -244,16 +246,18 @@ def _run_config(partition: str, tp: int, sp: bool, optimizer: str, full_state):
         for step in range(len(ID_RANGES)):
             model.zero_grad(set_to_none=True)
             lookups.clear()
-            tokens, pos, labels, hash_ids = _rows(_batch(step), ps.dp_rank(), ps.dp_size())
+            tokens, pos, labels, hash_ids = _rows(_batch(step), mps.get_data_parallel_rank(),
+                                                  mps.get_data_parallel_world_size())
             loss = model(tokens, pos, labels, hash_ids)
             loss.mean().backward()
             grads = _grads(model)
-            if ps.dp_size() > 1:
+            if mps.get_data_parallel_world_size() > 1:
                 for name, q in model.named_parameters():
                     # Dense gradients over the DP group; expert gradients over the expert-DP group.
-                    group = ps.dp_group() if getattr(q, "allreduce", True) else ps.expert_dp_group()
+                    group = mps.get_data_parallel_group() if getattr(q, "allreduce", True) \
+                        else mps.get_expert_data_parallel_group()
                     dist.all_reduce(grads[name], group=group)
-                    grads[name] /= ps.dp_size()
+                    grads[name] /= mps.get_data_parallel_world_size()
             sq = store.reduce_gradients()
             sparse = {l: (s.grad[0] + s.lo, s.grad[1].clone()) for l, s in store.shards.items()}
             store.step(lr=LR)
@@ -436,10 +440,11 @@ def _rank_save(path: str):
 
     from engram_train.memory import checkpoint
     from engram_train.parallel import state as ps
+    from engram_train.train import checkpoint as train_checkpoint
 
     dist.init_process_group("gloo")
     # Blocks of a few rows: every shard is written as several DCP chunks, which loads must reassemble.
-    checkpoint.BLOCK_BYTES = SMALL_BLOCK_BYTES
+    train_checkpoint.BLOCK_BYTES = SMALL_BLOCK_BYTES
     out = {}
     for optimizer in CHECKPOINT_OPTIMIZERS:
         store = _store_only("all", 1, optimizer, SEED)
@@ -455,22 +460,23 @@ def _rank_save(path: str):
                     (rows * torch.randn(rows.shape, generator=g)).sum().backward()
                 store.reduce_gradients()
                 store.step(lr=LR)
-            checkpoint.save(store, os.path.join(path, optimizer))
-            out[optimizer] = _shard_state(store)
+            train_checkpoint.save_state({"tables": store}, os.path.join(path, optimizer))
+            out[optimizer] = dict(_shard_state(store), manifest=checkpoint.manifest(store))
         finally:
             ps.destroy_parallel()
     return out
 
 
 def _load(path: str, partition: str, tp: int):
-    from engram_train.memory import checkpoint
+    import torch.distributed.checkpoint as dcp
+
     from engram_train.parallel import state as ps
 
     out = {}
     for optimizer in CHECKPOINT_OPTIMIZERS:
         store = _store_only(partition, tp, optimizer, SEED + 1)    # another seed: loading must overwrite
         try:
-            checkpoint.load(store, os.path.join(path, optimizer))
+            dcp.load({"tables": store}, checkpoint_id=os.path.join(path, optimizer))
             out[optimizer] = _shard_state(store)
         finally:
             ps.destroy_parallel()
@@ -496,8 +502,6 @@ def _global(shards):
 
 
 def test_checkpoint_reshards(tmp_path):
-    import json
-
     import torch.distributed.checkpoint as dcp
 
     from engram_train.config.schema import ConfigError
@@ -515,12 +519,12 @@ def test_checkpoint_reshards(tmp_path):
             saved[optimizer][l] = _global(shards)
         meta = dcp.FileSystemReader(os.path.join(path, optimizer)).read_metadata().state_dict_metadata
         for l in ENGRAM_LAYERS:
-            weight = meta[f"{checkpoint.PREFIX}.layer{l}.weight"]
+            weight = meta[f"tables.{checkpoint.PREFIX}.layer{l}.weight"]
             rows_per_chunk = max(1, SMALL_BLOCK_BYTES // (weight.size[1] * 4))
             assert max(c.sizes[0] for c in weight.chunks) == rows_per_chunk
             assert len(weight.chunks) >= sum(-(-(hi - lo) // rows_per_chunk) for lo, hi in
                                              (row_range(sum(TABLE_SIZES[l]), 4, i) for i in range(4)))
-        manifest = json.load(open(os.path.join(path, optimizer, checkpoint.MANIFEST)))
+        manifest = saved_ranks[0][optimizer]["manifest"]
         assert manifest["partition"] == "all" and manifest["world_size"] == 4 and manifest["optimizer"] == optimizer
     s = saved["sparse_adam"][1]
     assert set(s["row_steps"].unique().tolist()) == {0, 1, 2}
@@ -559,6 +563,6 @@ def test_checkpoint_reshards(tmp_path):
     store = _store_only("replicated", 1, "sparse_adam", SEED)
     try:
         with pytest.raises(ConfigError, match="engram.optimizer='sparse_adam'"):
-            checkpoint.load(store, os.path.join(path, "adam"))
+            checkpoint.check_compatible(store, saved_ranks[0]["adam"]["manifest"], os.path.join(path, "adam"))
     finally:
         ps.destroy_parallel()

@@ -208,12 +208,12 @@ def test_fallback_from_a_damaged_latest_checkpoint_reproduces_the_run(tmp_path, 
     launch(1, overrides + ["trainer.stop_at_step=3"])
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_00000003"
-    (dense,) = (ckpts / "step_00000003" / "dense").glob("__0_*.distcp")   # the dense data file
-    with open(dense, "r+b") as f:
-        f.truncate(dense.stat().st_size // 2)
+    (data,) = (ckpts / "step_00000003").glob("__0_*.distcp")   # the data file
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
 
     out = launch(1, overrides)
-    assert f"checkpoint {ckpts / 'step_00000003'} failed to load (dense (torch.distributed.checkpoint, rank 0): " \
+    assert f"checkpoint {ckpts / 'step_00000003'} failed to load (torch.distributed.checkpoint, rank 0: " \
         in out, out[-4000:]
     assert f"falling back to the older checkpoint {ckpts / 'step_00000002'}" in out
     assert f"resumed from {ckpts / 'step_00000002'} (step 2)" in out

@@ -82,7 +82,7 @@ def _snapshot(run):
 
     opt = run.engine.optimizer
     # DeepSpeed links parameters to their Adam state only for the groups that had state after the first
-    # group's first step; link every group (as dense_checkpoint.save does) so that each one can be read.
+    # group's first step; link every group (as DenseState.state_dict does) so that each one can be read.
     for i, hp in enumerate(opt.single_partition_of_fp32_groups):
         lazy_init_hp_params_optimizer_state(opt.bit16_groups[i], hp, opt.optimizer.state)
     stepped = {i for i, hp in enumerate(opt.single_partition_of_fp32_groups) if opt.optimizer.state[hp]}
@@ -139,13 +139,13 @@ def _truncate(path, keep: int = 100) -> None:
         f.truncate(keep)
 
 
-def _dense_data(step_dir) -> str:
-    """The dense data file of a checkpoint written by one rank."""
-    (name,) = [n for n in os.listdir(os.path.join(step_dir, "dense")) if n.endswith(".distcp")]
-    return os.path.join(step_dir, "dense", name)
+def _data(step_dir) -> str:
+    """The data file of a checkpoint written by one rank (dense, tables, train state and RNG)."""
+    (name,) = [n for n in os.listdir(step_dir) if n.endswith(".distcp")]
+    return os.path.join(step_dir, name)
 
 
-DENSE_DATA_FAILED = "dense (torch.distributed.checkpoint, rank 0): "
+DATA_FAILED = "torch.distributed.checkpoint, rank 0: "
 
 
 # -- commit protocol ------------------------------------------------------------------------------
@@ -197,12 +197,14 @@ def test_every_file_and_directory_is_synced_before_latest_names_the_checkpoint(r
         dirs.append(dirpath)
         files += [os.path.join(dirpath, n) for n in names]
     rel = sorted(os.path.relpath(f, final) for f in files)
-    assert {"meta.json", "dense/.metadata", "rng/rank_00000.pt", "tables/manifest.json", "tables/.metadata"} \
-        <= set(rel), rel
-    for part in ("dense", "tables"):
-        assert any(r.startswith(f"{part}/__0_") and r.endswith(".distcp") for r in rel), rel
-    assert not any(r == "model.pt" or r.startswith("optim/") for r in rel), rel   # nothing gathered whole
-    assert len(dirs) == 4   # the checkpoint, dense/, rng/, tables/
+    # One DCP save: its index and this rank's data file, and meta.json; nothing gathered whole.
+    assert {"meta.json", ".metadata"} <= set(rel), rel
+    assert [r for r in rel if r not in ("meta.json", ".metadata")] == ["__0_0.distcp"], rel
+    assert len(dirs) == 1
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(final).read_metadata().state_dict_metadata
+    assert {k.split(".")[0] for k in keys} == {"dense", "tables", "train_state", "rng"}, sorted(keys)
 
     # Each file is synced, then its directory (after the file took its final name), all before the commit.
     partial = final + ".partial"
@@ -252,11 +254,11 @@ def test_a_fresh_engine_resumes_exactly_where_the_saved_one_was(run, tmp_path):
     _assert_state(fresh, want)
 
 
-def test_truncated_dense_data_falls_back_to_the_previous_checkpoint(run, tmp_path, caplog):
+def test_truncated_data_falls_back_to_the_previous_checkpoint(run, tmp_path, caplog):
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep_last=2)
     snaps = _save_steps(run, ckpt, [1, 2, 3])
     broken = os.path.join(ckpt.root, "step_00000003")
-    _truncate(_dense_data(broken))
+    _truncate(_data(broken))
     _train_step(run, 9.0)
     with caplog.at_level(logging.INFO, logger="engram_train.train.checkpoint"):
         state = _load(run, ckpt)
@@ -264,7 +266,7 @@ def test_truncated_dense_data_falls_back_to_the_previous_checkpoint(run, tmp_pat
     _assert_state(run, snaps[2])
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
-    assert f"checkpoint {broken} failed to load ({DENSE_DATA_FAILED}" in warnings[0]
+    assert f"checkpoint {broken} failed to load ({DATA_FAILED}" in warnings[0]
     assert f"falling back to the older checkpoint {ckpt.root}/step_00000002" in warnings[0]
     assert f"resumed from {ckpt.root}/step_00000002 (step 2)" in caplog.text
 
@@ -274,22 +276,21 @@ def test_truncated_dense_data_falls_back_to_the_previous_checkpoint(run, tmp_pat
         ["step_00000002", "step_00000003", "step_00000005"]
 
 
-@pytest.mark.parametrize("damage", ["corrupt dense metadata", "missing rng", "truncated tables", "bad meta"])
+@pytest.mark.parametrize("damage", ["corrupt metadata", "missing data", "cut data", "bad meta"])
 def test_each_damaged_file_makes_the_load_fall_back(run, tmp_path, caplog, damage):
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep_last=3)
     snaps = _save_steps(run, ckpt, [1, 2])
     broken = os.path.join(ckpt.root, "step_00000002")
-    if damage == "corrupt dense metadata":
-        with open(os.path.join(broken, "dense", ".metadata"), "wb") as f:
+    if damage == "corrupt metadata":
+        with open(os.path.join(broken, ".metadata"), "wb") as f:
             f.write(b"not a checkpoint")
-        what = "dense/.metadata: "
-    elif damage == "missing rng":
-        os.remove(os.path.join(broken, "rng", "rank_00000.pt"))
-        what = "rng/rank_00000.pt: FileNotFoundError"
-    elif damage == "truncated tables":
-        (data,) = [n for n in os.listdir(os.path.join(broken, "tables")) if n.endswith(".distcp")]
-        _truncate(os.path.join(broken, "tables", data), keep=10)
-        what = "tables (torch.distributed.checkpoint, rank 0): "
+        what = ".metadata: "
+    elif damage == "missing data":
+        os.remove(_data(broken))
+        what = DATA_FAILED
+    elif damage == "cut data":
+        _truncate(_data(broken), keep=10)
+        what = DATA_FAILED
     else:
         with open(os.path.join(broken, "meta.json"), "w") as f:
             f.write('{"step": 2')
@@ -306,14 +307,14 @@ def test_nothing_loads_fails_with_one_line_naming_the_directory(run, tmp_path, c
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep_last=2)
     _save_steps(run, ckpt, [1, 2])
     for step in (1, 2):
-        _truncate(_dense_data(os.path.join(ckpt.root, f"step_{step:08d}")))
+        _truncate(_data(os.path.join(ckpt.root, f"step_{step:08d}")))
     with caplog.at_level(logging.WARNING, logger="engram_train.train.checkpoint"), \
             pytest.raises(CheckpointError) as err:
         _load(run, ckpt)
     msg = str(err.value)
     assert "\n" not in msg
-    assert msg.startswith(f"no checkpoint under {ckpt.root} loads (step_00000002: {DENSE_DATA_FAILED}")
-    assert f"step_00000001: {DENSE_DATA_FAILED}" in msg
+    assert msg.startswith(f"no checkpoint under {ckpt.root} loads (step_00000002: {DATA_FAILED}")
+    assert f"step_00000001: {DATA_FAILED}" in msg
     assert "trainer.resume=false" in msg
     assert "no older checkpoint to fall back to" in caplog.text
 
@@ -340,7 +341,6 @@ def test_a_checkpoint_from_another_number_of_ranks_loads_without_its_rng(run, tm
     meta = json.load(open(meta_path))
     meta["world_size"] = 2
     json.dump(meta, open(meta_path, "w"))
-    os.remove(os.path.join(newest, "rng", "rank_00000.pt"))   # not even read
     _train_step(run, 9.0)
     torch.manual_seed(7)
     rng = torch.get_rng_state()
@@ -367,7 +367,7 @@ def other_models(parallel):
 
 
 @pytest.mark.parametrize("mismatch", ["hidden size", "number of layers", "bigger model", "data fingerprint",
-                                      "tables"])
+                                      "tables", "no tables"])
 def test_incompatible_checkpoint_is_raised_not_skipped(run, other_models, tmp_path, caplog, mismatch):
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep_last=2)
     _save_steps(run, ckpt, [1, 2])
@@ -403,11 +403,15 @@ def test_incompatible_checkpoint_is_raised_not_skipped(run, other_models, tmp_pa
         expect = {"data_fingerprint": "other"}
         error, pattern = RuntimeError, r"has data_fingerprint='fp' but this run has 'other'"
     else:
-        manifest_path = os.path.join(newest, "tables", "manifest.json")
-        manifest = json.load(open(manifest_path))
-        manifest["optimizer"] = "sparse_adam"
-        json.dump(manifest, open(manifest_path, "w"))
-        error, pattern = ConfigError, r"holds 'sparse_adam' table optimizer state"
+        meta_path = os.path.join(newest, "meta.json")
+        meta = json.load(open(meta_path))
+        if mismatch == "tables":
+            meta["tables"]["optimizer"] = "sparse_adam"
+            error, pattern = ConfigError, r"holds 'sparse_adam' table optimizer state"
+        else:   # as a checkpoint of a run without Engram tables has it
+            del meta["tables"]
+            error, pattern = ConfigError, rf"the checkpoint {re.escape(newest)} holds no Engram tables"
+        json.dump(meta, open(meta_path, "w"))
     before = _snapshot(into)
     with caplog.at_level(logging.INFO, logger="engram_train.train.checkpoint"), pytest.raises(error, match=pattern):
         ckpt.load(into.engine, expect=expect, table_store=into.store)
@@ -419,9 +423,9 @@ def test_explicit_path_does_not_fall_back(run, tmp_path):
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep_last=2)
     _save_steps(run, ckpt, [1, 2])
     broken = os.path.join(ckpt.root, "step_00000002")
-    _truncate(_dense_data(broken))
+    _truncate(_data(broken))
     with pytest.raises(CheckpointError,
-                       match="^" + re.escape(f"checkpoint {broken} does not load ({DENSE_DATA_FAILED}")):
+                       match="^" + re.escape(f"checkpoint {broken} does not load ({DATA_FAILED}")):
         ckpt.load(run.engine, path=broken, table_store=run.store)
 
 
@@ -486,8 +490,8 @@ def test_metrics_on_a_fresh_start_move_the_old_log_aside(tmp_path, caplog):
 
 # -- write failures (full disk, quota, I/O error, read-only) ----------------------------------------
 @pytest.mark.parametrize("errno_name, where", [
-    ("ENOSPC", "rng"),       # torch.save into the RNG file: the serializer's "unexpected pos", OSError as context
-    ("EDQUOT", "dense"),     # inside DCP's collective write: wrapped in a CheckpointException
+    ("ENOSPC", "data"),      # inside DCP's collective write: wrapped in a CheckpointException
+    ("EDQUOT", "data"),
     ("EIO", "commit"),       # rank 0's meta.json
     ("EROFS", "commit"),
 ])
@@ -506,19 +510,7 @@ def test_a_failed_write_leaves_latest_and_no_partial_and_names_the_directory(run
     def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
-    if where == "rng":
-        real_save = torch.save
-
-        def torch_save(obj, f, *a, **k):   # a real short write: torch's own error, the OSError as its context
-            if isinstance(obj, dict) and "tracker" in obj:
-                try:
-                    raise OSError(code, os.strerror(code))
-                except OSError:
-                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
-            return real_save(obj, f, *a, **k)
-
-        monkeypatch.setattr(torch, "save", torch_save)
-    elif where == "dense":
+    if where == "data":
         from torch.distributed.checkpoint import filesystem
 
         monkeypatch.setattr(filesystem, "_write_item", fail)

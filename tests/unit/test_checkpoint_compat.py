@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 
+import pytest
 import torch
 
 from tests.fixtures.make_checkpoint_fixture import LR, SEED, TABLE_SIZES, VOCAB, batch, config, fingerprint
@@ -47,5 +48,57 @@ def test_a_checkpoint_of_the_previous_code_resumes_and_continues_bit_for_bit(tmp
             assert float(loss) == want["losses"][str(step)], step
             assert float(norm) == want["grad_norms"][str(step)], step
         assert fingerprint(optimizers.engine, store) == want["state_after"]
+    finally:
+        destroy_parallel()
+
+
+def test_a_resumed_checkpoint_of_the_earlier_layout_is_saved_in_the_new_one_and_resumes_again(tmp_path):
+    """The fixture (``dense/``, ``tables/``, ``rng/`` beside ``meta.json``) resumed and saved again is one
+    DCP directory; resumed from that, after the run had gone on, the run takes the earlier code's losses and
+    reaches its state again.  A damaged file of the earlier layout is named when it stops a load."""
+    import torch.distributed.checkpoint as dcp
+
+    from engram_train.parallel.parallelize import build_parallel_model
+    from engram_train.parallel.state import destroy_parallel, init_parallel
+    from engram_train.train.checkpoint import Checkpointer, CheckpointError
+    from engram_train.train.optimizers import build_optimizers
+
+    with open(os.path.join(FIXTURE, "expected.json")) as f:
+        want = json.load(f)
+    root, broken = tmp_path / "checkpoints", tmp_path / "broken"
+    shutil.copytree(os.path.join(FIXTURE, "checkpoints"), root)
+    shutil.copytree(os.path.join(FIXTURE, "checkpoints"), broken)
+    os.remove(broken / "step_00000002" / "rng" / "rank_00000.pt")
+    cfg = config()
+    init_parallel(cfg.parallel, seed=SEED + 1)
+    try:
+        model, store = build_parallel_model(cfg, VOCAB, TABLE_SIZES)
+        optimizers = build_optimizers(model, cfg, dp_size=1, use_bf16=False, tables=store)
+        engine = optimizers.engine
+        with pytest.raises(CheckpointError, match=r"rng/rank_00000\.pt: FileNotFoundError"):
+            Checkpointer(str(broken)).load(engine, path=str(broken / "step_00000002"), table_store=store)
+
+        ckpt = Checkpointer(str(root), keep_last=1)
+        state = ckpt.load(engine, table_store=store)
+        saved = ckpt.save(engine, state, table_store=store)   # replaces the fixture's step_00000002
+        assert sorted(os.listdir(saved)) == [".metadata", "__0_0.distcp", "meta.json"]
+        keys = dcp.FileSystemReader(saved).read_metadata().state_dict_metadata
+        assert {k.split(".")[0] for k in keys} == {"dense", "tables", "train_state", "rng"}
+
+        def go_on():
+            for step in range(want["saved_at"] + 1, len(want["losses"]) + 1):
+                tokens, pos, labels, hash_ids = batch(step)
+                loss = engine(tokens, pos, labels, engram_hash_ids=hash_ids).float().mean()
+                optimizers.backward(loss)
+                norm = optimizers.step(LR, loss.detach())
+                assert float(loss) == want["losses"][str(step)], step
+                assert float(norm) == want["grad_norms"][str(step)], step
+            assert fingerprint(engine, store) == want["state_after"]
+
+        go_on()
+        torch.manual_seed(5)
+        assert ckpt.load(engine, table_store=store) == state   # back from the state after step 4
+        assert torch.equal(torch.get_rng_state(), torch.manual_seed(77).get_state())
+        go_on()
     finally:
         destroy_parallel()

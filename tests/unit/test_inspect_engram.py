@@ -38,8 +38,8 @@ def _checkpoint_tensors(step_dir):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     out = os.path.join(step_dir, "..", "..", "tables.pt")
-    dcp_to_torch_save(os.path.join(step_dir, "tables"), out)
-    return torch.load(out, weights_only=False)
+    dcp_to_torch_save(step_dir, out)
+    return torch.load(out, weights_only=False)["tables"]
 
 
 @pytest.fixture(scope="module")
