@@ -408,7 +408,7 @@ def calibrate(table_floats=1 << 27, repeats=9):
 
     from engram_train.memory.host import _Job
     from engram_train.memory.layout import TableSpec, placement_for
-    from engram_train.memory.store import TableStore
+    from engram_train.memory.store import StoreOptions, TableStore
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -427,7 +427,7 @@ def calibrate(table_floats=1 << 27, repeats=9):
             per_head = max(1, table_floats // d // heads // len(layers))
             sizes = (per_head,) * heads
             store = TableStore({l: TableSpec(l, sizes, d) for l in layers}, placement_for("replicated", 1, 0, 1, 0),
-                               optimizer="sparse_adam", residency="host")
+                               StoreOptions(optimizer="sparse_adam", residency="host"))
             stores.append(store)
             offsets = torch.tensor(TableSpec(0, sizes, d).offsets)
             for tokens in (256, 4096):
