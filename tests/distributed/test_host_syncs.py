@@ -43,9 +43,10 @@ NEEDED = EVERY_STEP | {
 }
 
 
-def _site(frame) -> str:
-    torch_dir = os.path.dirname(torch.__file__)
-    while frame is not None and frame.f_code.co_filename.startswith(torch_dir):
+def _site(frame, skip: tuple = ()) -> str:
+    """``path:function`` of the first frame outside torch (and outside the ``skip`` prefixes)."""
+    skip = (os.path.dirname(torch.__file__), *skip)
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame = frame.f_back
     if frame is None:
         return "?"

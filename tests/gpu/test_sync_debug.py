@@ -18,6 +18,7 @@ from collections import Counter
 import pytest
 import torch
 
+from tests.distributed.test_host_syncs import _site
 from tests.distributed.test_train import TINY, _write_corpus
 from tests.distributed.utils import run_distributed
 
@@ -35,18 +36,8 @@ NEEDED_FILES = (
 )
 
 
-def _site(frame) -> str:
-    """``path:function`` of the first frame outside torch and the warnings machinery."""
-    skip = (os.path.dirname(torch.__file__), os.path.dirname(warnings.__file__) + "/warnings.py", __file__)
-    while frame is not None and frame.f_code.co_filename.startswith(skip):
-        frame = frame.f_back
-    if frame is None:
-        return "?"
-    path = frame.f_code.co_filename
-    roots = [r.rstrip("/") + "/" for r in sys.path if r and path.startswith(r.rstrip("/") + "/")]
-    if roots:
-        path = path[len(max(roots, key=len)):]
-    return f"{path}:{frame.f_code.co_name}"
+# The warnings machinery and this file sit between the op that synchronized and the code that asked.
+_NOT_THE_SITE = (os.path.dirname(warnings.__file__) + "/warnings.py", __file__)
 
 
 def _run_under_sync_debug(overrides):
@@ -64,7 +55,7 @@ def _run_under_sync_debug(overrides):
 
         def charge(message, category, *args, **kwargs):
             if "synchroniz" in str(message):
-                syncs.setdefault(at, Counter())[_site(sys._getframe(1))] += 1
+                syncs.setdefault(at, Counter())[_site(sys._getframe(1), _NOT_THE_SITE)] += 1
             else:
                 shown(message, category, *args, **kwargs)
         torch.cuda.set_sync_debug_mode("warn")

@@ -1,7 +1,7 @@
 """The host table step on ``engram.host_threads`` threads: bit for bit the one-thread result.
 
-A host-resident store steps twice on gradient rows of ~4,500 unique rows (three row blocks) with 1, 2 and 4 threads; each result is compared bit for bit with an oracle written here:
-the lazy Adam rule applied once to all the step's rows on the calling thread (no blocks, no pool).
+A host-resident store steps twice on gradient rows of ~4,500 unique rows (three row blocks) with 1, 2 and 4 threads; each result is compared bit for bit with an oracle written in the tests (test_table_store's
+copy of the rule): the lazy Adam rule applied once to all the step's rows on the calling thread (no blocks, no pool).
 """
 
 from __future__ import annotations
@@ -15,29 +15,11 @@ from engram_train.memory import store as store_module
 from engram_train.memory.layout import placement_for, table_specs
 from engram_train.memory.optim import host_row_blocks
 from engram_train.memory.store import StoreGroups, StoreOptions, TableStore
+from tests.unit.test_table_store import BETAS, EPS, _lazy_adam_as_before
 
-BETAS, EPS, LR_MULT = (0.9, 0.95), 1e-8, 5.0
+LR_MULT = 5.0
 SIZES = {2: [2003, 2011, 2017, 2027]}   # one layer, 8,058 rows of width 16
 DIM, STEPS = 16, 2
-
-
-def _oracle_step(w, m, v, steps, ids, g, lr, rowwise):
-    """sparse_adam (rowwise: one second moment per row) over every row of the step at once."""
-    b1, b2 = BETAS
-    s = steps[ids] + 1
-    steps[ids] = s
-    mm = m[ids].mul_(b1).add_(g, alpha=1.0 - b1)
-    if rowwise:
-        vv = v[ids].mul_(b2).add_(g.square().mean(1, keepdim=True), alpha=1.0 - b2)
-    else:
-        vv = v[ids].mul_(b2).addcmul_(g, g, value=1.0 - b2)
-    m[ids], v[ids] = mm, vv
-    t = s.to(torch.float64).unsqueeze(1)
-    bc1 = (1.0 - torch.pow(b1, t)).to(torch.float32)
-    bc2 = (1.0 - torch.pow(b2, t)).sqrt().to(torch.float32)
-    ww = w[ids]
-    ww.addcdiv_(mm * (lr / bc1), (vv.sqrt() / bc2).add_(EPS), value=-1.0)
-    w[ids] = ww
 
 
 def _grads(step: int, rows: int):
@@ -73,7 +55,7 @@ def test_host_step_is_bit_identical_for_1_2_and_4_threads(optimizer):
             uniq, summed = shard.grad
             if threads == 1:
                 assert len(host_row_blocks(uniq.numel(), DIM)) >= 3   # several blocks, shared out
-                _oracle_step(*want, uniq, summed.clone(), 1e-2 * (step + 1) * LR_MULT, rowwise)
+                _lazy_adam_as_before(*want, uniq, summed.clone(), 1e-2 * (step + 1) * LR_MULT, rowwise)
             store.step(1e-2 * (step + 1))
         store.wait_updates()
         # engram_prefetch/update_cpu_s counts the step's CPU seconds on the pool's threads too

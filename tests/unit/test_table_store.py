@@ -420,14 +420,17 @@ def _two_steps(store, device="cpu"):
     return grads
 
 
-def _lazy_adam_as_before(w, m, v, steps, ids, g, lr):
+def _lazy_adam_as_before(w, m, v, steps, ids, g, lr, rowwise=False):
     """The table step the store ran before it dispatched to engram_train.kernels.row_adam (copied rule, not
-    imported)."""
+    imported); ``rowwise``: one second moment per row (sparse_adam_rowwise)."""
     b1, b2 = BETAS
     s = steps[ids] + 1
     steps[ids] = s
     mm = m[ids].mul_(b1).add_(g, alpha=1.0 - b1)
-    vv = v[ids].mul_(b2).addcmul_(g, g, value=1.0 - b2)
+    if rowwise:
+        vv = v[ids].mul_(b2).add_(g.square().mean(1, keepdim=True), alpha=1.0 - b2)
+    else:
+        vv = v[ids].mul_(b2).addcmul_(g, g, value=1.0 - b2)
     m[ids], v[ids] = mm, vv
     t = s.to(torch.float64).unsqueeze(1)
     bc1 = (1.0 - torch.pow(b1, t)).to(torch.float32)
