@@ -428,6 +428,10 @@ def calibrate(table_floats=1 << 27, repeats=9):
             sizes = (per_head,) * heads
             store = TableStore({l: TableSpec(l, sizes, d) for l in layers}, placement_for("replicated", 1, 0, 1, 0),
                                StoreOptions(optimizer="sparse_adam", residency="host"))
+            for shard in store.shards.values():
+                # The step's CPU cost on one thread: its row blocks one after another on the timed thread
+                # (on engram.host_threads' pool the work would leave the thread _timed reads).
+                shard.optimizer.pool = None
             stores.append(store)
             offsets = torch.tensor(TableSpec(0, sizes, d).offsets)
             for tokens in (256, 4096):
@@ -647,8 +651,10 @@ def _bench_runs(args, rows, work):
             print(f"[plan_offload] reusing the bench_offload runs in {sub}", flush=True)
         else:
             print(f"[plan_offload] bench_offload --rows-per-head {rows} (run {k + 1}) ...", flush=True)
+            # One table-step thread, as the prediction assumes (cores=1): summed over a pool's threads, the
+            # CPU seconds also count what threads sharing cores cost each other, which is not the model's.
             bench_offload.main(["--rows-per-head", str(rows), "--no-memory", "--steps", str(args.steps),
-                                "--workdir", sub, "--extra", *args.extra])
+                                "--workdir", sub, "--extra", "engram.host_threads=1", *args.extra])
         lines = [json.loads(x) for x in open(metrics) if '"loss"' in x]
         runs.append([m for m in lines if m["step"] > 2])   # bench_offload's default warm-up
     return runs, os.path.join(work, f"rows{rows}")
@@ -680,7 +686,8 @@ def validate(args):
             costs = calibrate(table_floats=params)
             calibrations.setdefault(rows, []).append(costs)
             # This machine: the "device" is host RAM (the copy is inside the calibrated gather), the trainer pins
-            # one thread per rank (OMP_NUM_THREADS=1) and the table step runs on the one worker thread.
+            # one thread per rank (OMP_NUM_THREADS=1); the table step's CPU seconds are compared summed over
+            # the threads it ran on (engram_prefetch/update_cpu_s), so one core's worth predicts them.
             hw = dict(HARDWARE, cuda=False, pcie_gbps=costs["memcpy_gbps"], host_mem_gbps=costs["host_mem_gbps"],
                       cores=1, ranks_per_node=1)
             preds.append(predict(cfg, 1, hw, costs, fits, step_time=1.0))
