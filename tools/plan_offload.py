@@ -329,15 +329,16 @@ def predict(cfg, world, hw, costs, fits, step_time=None, flops_per_token=None):
 
 
 def _timed(fn, a, evict=None):
-    """CPU seconds of the calling thread in ``fn(*a)`` (CPU time: other processes on a shared machine do not
+    """CPU seconds of the calling thread in ``fn(*a)``, plus those ``fn`` returns for threads it used (CPU time: other processes on a shared machine do not
     count). With ``evict`` (a tensor) the call starts as a worker's call does in a run, after the trainer's
     work: with the caches overwritten. (Not after a sleep: an idle core may slow its clock, which a worker
     woken while the trainer computes does not see.)"""
     if evict is not None:
         evict.add_(1.0)
     t0 = time.thread_time()
-    fn(*a)
-    return time.thread_time() - t0
+    out = fn(*a)
+    other_threads_s = out if isinstance(out, float) else 0.0   # what ``fn`` reports its helper threads spent
+    return time.thread_time() - t0 + other_threads_s
 
 
 def _median_time(fn, args, evict=None):
@@ -427,11 +428,7 @@ def calibrate(table_floats=1 << 27, repeats=9):
             per_head = max(1, table_floats // d // heads // len(layers))
             sizes = (per_head,) * heads
             store = TableStore({l: TableSpec(l, sizes, d) for l in layers}, placement_for("replicated", 1, 0, 1, 0),
-                               StoreOptions(optimizer="sparse_adam", residency="host"))
-            for shard in store.shards.values():
-                # The step's CPU cost on one thread: its row blocks one after another on the timed thread
-                # (on engram.host_threads' pool the work would leave the thread _timed reads).
-                shard.optimizer.pool = None
+                               StoreOptions(optimizer="sparse_adam", residency="host", host_threads=1))
             stores.append(store)
             offsets = torch.tensor(TableSpec(0, sizes, d).offsets)
             for tokens in (256, 4096):
@@ -458,6 +455,8 @@ def calibrate(table_floats=1 << 27, repeats=9):
                         for l in layers:
                             store.shards[l].optimizer.step(local[l], grads, 1e-3)
                         store.prefetcher._refresh(jobs, local)
+                        # The row blocks ran on the step pool, as in training: their CPU seconds count too.
+                        return store.prefetcher._take_pool_cpu_s()
 
                     points.append(("update", (r, b, d), update, args))
         # Round-robin over the points, so that a change of the machine's load touches every point alike.
