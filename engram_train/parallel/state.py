@@ -109,8 +109,15 @@ def init_parallel(parallel_cfg: ParallelConfig, seed: int) -> None:
              world // tp, dist.get_backend(), get_device())
 
 
-def destroy_parallel() -> None:
-    """Tear down megatron's groups, megatron's per-process MoE state and, if ours, the default group."""
+def destroy_parallel(keep_process_group: bool = False) -> None:
+    """Tear down megatron's groups, megatron's per-process MoE state and, if ours, the default group.
+
+    ``keep_process_group``: keep the default group for the next job in this process (a sweep under
+    torchrun, whose rendezvous store cannot be joined twice); every other group is destroyed all the
+    same.  A process must end with the default group destroyed too: gloo groups left to the
+    interpreter's finalization can abort the process at exit (SIGABRT, "terminate called without
+    an active exception").
+    """
     global _OWNS_PROCESS_GROUP, _STORE_FILE
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
@@ -121,8 +128,17 @@ def destroy_parallel() -> None:
         ps.destroy_model_parallel()
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
     set_parallel_dims(None)
-    if _OWNS_PROCESS_GROUP and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (_OWNS_PROCESS_GROUP and dist.is_initialized()):
+        return
+    if keep_process_group:
+        # megatron's destroy_model_parallel drops its groups but leaves them registered (alive) in
+        # torch's group map, as are our meshes' and the table store's: destroy them by that map (the
+        # one megatron-core reads too), the default group aside.
+        world = dist.group.WORLD
+        for group in [g for g in list(dist.distributed_c10d._world.pg_map) if g is not world]:
+            dist.destroy_process_group(group)
+        return
+    dist.destroy_process_group()
     _OWNS_PROCESS_GROUP = False
     if _STORE_FILE is not None:
         try:

@@ -28,8 +28,8 @@ run keeps its seeded ones).  Loading is one ``dcp.load`` of the same components.
 
 Checkpoints of the earlier layout (``dense/`` and ``tables/``, each its own DCP directory with the
 same keys without the prefix, ``tables/manifest.json`` and ``rng/rank_<r>.pt`` beside
-``meta.json``) still load, by the same components (``_read_legacy``, ``_load_legacy``); this code
-writes the layout above only.
+``meta.json``) still load, by the same components (``engram_train.train.checkpoint_legacy``); this
+code writes the layout above only.
 
 Commit protocol (a crash or power loss at any point leaves the previous ``latest`` intact and loadable):
 * everything is written into ``step_N.partial``; every file is fsynced by its writer before the
@@ -71,7 +71,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -102,6 +102,10 @@ class TrainState:
         return asdict(self)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        unknown = sorted(set(state_dict) - {f.name for f in fields(self)})
+        if unknown:   # a checkpoint of another version, or another component's state: never set silently
+            raise ValueError(f"train_state: unknown keys {unknown}; TrainState has "
+                             f"{[f.name for f in fields(self)]}")
         for key, value in state_dict.items():
             setattr(self, key, value)
 
@@ -634,7 +638,9 @@ class Checkpointer:
                     "use the same data settings, or a new run.dir (or trainer.resume=false)")
         same_world = meta["world_size"] == self.world
         if os.path.isdir(os.path.join(path, "dense")):
-            return self._read_legacy(engine, path, meta, table_store, same_world)
+            from engram_train.train import checkpoint_legacy
+
+            return checkpoint_legacy.read(self, engine, path, meta, table_store, same_world)
         keys = _read_file(path, ".metadata", lambda p: dcp.FileSystemReader(p).read_metadata().state_dict_metadata)
         # ConfigError (another model, other tables): a user error, not damage.
         dense_checkpoint.check_compatible(engine, keys, path, prefix="dense.")
@@ -648,26 +654,6 @@ class Checkpointer:
             raise _LoadFailed(f".metadata: no {rng}")
         return {"meta": meta, "same_world": same_world, "legacy": None}
 
-    def _read_legacy(self, engine, path: str, meta: Dict[str, Any], table_store, same_world: bool) -> Dict[str, Any]:
-        """``_read`` of a checkpoint of the earlier layout (module docstring): it also reads this rank's RNG file."""
-        import torch.distributed.checkpoint as dcp
-
-        from engram_train.memory import checkpoint as table_checkpoint
-        from engram_train.parallel import dense_checkpoint
-
-        keys = _read_file(os.path.join(path, "dense"), os.path.join("dense", ".metadata"),
-                          lambda p: dcp.FileSystemReader(p).read_metadata().state_dict_metadata)
-        dense_keys = dense_checkpoint.check_compatible(engine, keys, path)
-        rng = None
-        if same_world:
-            rng_name = os.path.join("rng", f"rank_{self.rank:05d}.pt")
-            rng = _read_file(os.path.join(path, rng_name), rng_name, lambda p: torch.load(p, weights_only=False))
-        if table_store is not None:
-            name = os.path.join("tables", table_checkpoint.MANIFEST)
-            saved = _read_file(os.path.join(path, name), name, _read_json)
-            table_checkpoint.check_compatible(table_store, saved, path)
-        return {"meta": meta, "same_world": same_world, "legacy": {"rng": rng, "dense_keys": set(dense_keys)}}
-
     def _load_one(self, engine, path: str, expect, table_store) -> TrainState:
         # Agreed phases, so that no rank enters a collective (DCP's load, the agreement itself) while
         # another has already given up on this checkpoint.  A failure in the load leaves the run's
@@ -677,7 +663,9 @@ class Checkpointer:
         found = self._on_every_rank(path, lambda: self._read(engine, path, expect, table_store))
         meta = found["meta"]
         if found["legacy"] is not None:
-            state = self._load_legacy(engine, path, meta, found["legacy"], table_store)
+            from engram_train.train import checkpoint_legacy
+
+            state = checkpoint_legacy.load(self, engine, path, meta, found["legacy"], table_store)
         else:
             state = TrainState()
             components = self._components(engine, state, table_store, rng=found["same_world"])
@@ -686,29 +674,6 @@ class Checkpointer:
             log.info("checkpoint %s was written by %d ranks, this run has %d: resharded; RNG states "
                      "stay as seeded (they only feed dropout)", path, meta["world_size"], self.world)
         return state
-
-    def _load_legacy(self, engine, path: str, meta: Dict[str, Any], found: Dict[str, Any], table_store) -> TrainState:
-        """Load a checkpoint of the earlier layout: each component from its own directory, the RNG states
-        ``_read_legacy`` read, the position from ``meta.json``."""
-        import torch.distributed.checkpoint as dcp
-
-        from engram_train.parallel.dense_checkpoint import DenseState
-
-        def load(component, directory: str, keep=lambda key: True):
-            sd = {k: v for k, v in component.state_dict().items() if keep(k)}
-            dcp.load(sd, checkpoint_id=os.path.join(path, directory))
-            component.load_state_dict(sd)
-
-        # Written before the first step, the dense part has no Adam moments: load only the keys it has.
-        dense = DenseState(engine)
-        self._on_every_rank(path, lambda: load(dense, "dense", lambda k: k in found["dense_keys"]), "dense")
-        if table_store is not None:
-            self._on_every_rank(path, lambda: load(table_store, "tables"), "tables")
-        if found["rng"] is not None:
-            _set_rng_state(found["rng"])
-        return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"],
-                          skipped_steps=meta.get("skipped_steps", 0), nonfinite_streak=meta.get("nonfinite_streak", 0),
-                          first_nonfinite_step=meta.get("first_nonfinite_step"))
 
     def load(self, engine, path: Optional[str] = None,
              expect: Optional[Dict[str, Any]] = None, table_store=None) -> Optional[TrainState]:

@@ -41,11 +41,9 @@ def _main(cfg: DictConfig) -> None:
         if multirun:   # the next job of the sweep runs in this process and builds its groups afresh
             from engram_train.parallel import state
 
-            if "RANK" in os.environ:
-                # Under torchrun the default group is kept for the next job: joining torchrun's
-                # rendezvous store a second time hangs.
-                state._OWNS_PROCESS_GROUP = False
-            state.destroy_parallel()
+            # Under torchrun the default group is kept for the next job (joining torchrun's rendezvous
+            # store a second time hangs); ``main`` destroys it once the sweep is over.
+            state.destroy_parallel(keep_process_group="RANK" in os.environ)
 
 
 def _is_multirun() -> bool:
@@ -81,6 +79,21 @@ def main() -> None:
     _check_before_hydra(sys.argv[1:])   # before torch is imported: a bad input is reported in a second
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     _main()
+    _destroy_process_groups()
+
+
+def _destroy_process_groups() -> None:
+    """After the last job, on success only (torchtitan's rule: destroying groups while another rank may
+    still be in a collective can hang): every group, the default one included, before the interpreter
+    finalizes them (gloo's threads can abort the process then)."""
+    if "torch" not in sys.modules:   # --help, --cfg: nothing was initialized
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from engram_train.parallel import state
+
+        state.destroy_parallel()
 
 
 def _check_before_hydra(args) -> None:

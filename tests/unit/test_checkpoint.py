@@ -584,3 +584,11 @@ def test_rotation_counts_good_checkpoints_and_keeps_the_one_from_before_divergen
     newest = f"step_{max(streaks):08d}"
     Checkpointer(root, keep_last=keep_last)._prune(keep=newest, first_nonfinite_step=first_bad)
     assert sorted(os.listdir(root)) == [f"step_{s:08d}" for s in kept]
+
+
+def test_train_state_refuses_keys_it_does_not_have():
+    state = TrainState()
+    state.load_state_dict({"step": 7, "consumed_samples": 56})
+    assert (state.step, state.consumed_samples) == (7, 56)
+    with pytest.raises(ValueError, match=r"train_state: unknown keys \['epoch'\]"):
+        state.load_state_dict({"step": 8, "epoch": 1})
