@@ -154,7 +154,7 @@ class GateProbe:
 
     def gate(self):
         """alpha [B, T, G], the formula of EngramBlock.fuse (docs/engram.md), checked against the block's own mean."""
-        from engram_train.engram.block import GATE_FLOOR
+        from engram_train.engram.fused import GATE_FLOOR
 
         h = self.key.shape[-1]
         g = (self.key * self.query).sum(dim=-1) / math.sqrt(h)

@@ -27,7 +27,6 @@ per-branch names onto them.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -35,10 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engram_train.config.schema import ConfigError, require
+from engram_train.engram.fused import engram_gate, short_conv
 from engram_train.engram.table import MultiHeadEmbeddingTable
 
 REFERENCE_NORM_EPS = 1e-5          # ShortConv's RMSNorm eps in the reference
-GATE_FLOOR = 1e-6                  # |g| floor before the signed square root
 
 
 class BranchRMSNorm(nn.Module):
@@ -157,21 +156,17 @@ class EngramBlock(nn.Module):
                              f"got {tuple(hidden.shape)}; a plain residual stream needs hidden.unsqueeze(2)")
         G, H = self.hc_mult, self.hidden_size
         e = embeddings.to(self.value_proj.weight.dtype)
-        key = self.key_norm(self.key_proj(e).unflatten(-1, (G, H)))
-        query = self.query_norm(hidden)
-        gate = (key * query).sum(dim=-1) / math.sqrt(H)
-        gate = gate.abs().clamp_min(GATE_FLOOR).sqrt() * gate.sign()
-        alpha = gate.sigmoid()                                                   # [B, T, G]
+        alpha = engram_gate(self.key_proj(e).unflatten(-1, (G, H)), hidden, self.key_norm.weight,
+                            self.query_norm.weight, self.key_norm.eps, self.query_norm.eps)   # [B, T, G]
         self.last_gate_mean = alpha.detach().float().mean()
         value = alpha.unsqueeze(-1) * self.value_proj(e).unsqueeze(-2)           # [B, T, G, H]
         return value + self.short_conv(value)
 
     def short_conv(self, value: torch.Tensor) -> torch.Tensor:
-        B, T, G, H = value.shape
-        x = self.conv_norm(value).reshape(B, T, G * H).transpose(1, 2)          # [B, G*H, T]
-        x = F.pad(x, ((self.kernel_size - 1) * self.dilation, 0))                # causal: pad the past only
-        y = F.silu(self.conv(x))
-        return y.transpose(1, 2).reshape(B, T, G, H)
+        """``SiLU(conv(RMSNorm_conv(value)))``, ``[B, T, G, H]``: the conv's weight is ``self.conv``'s, applied
+        causally in this layout (``fused.short_conv``); ``self.conv`` is never called."""
+        return short_conv(value.contiguous(), self.conv_norm.weight, self.conv.weight, self.conv_norm.eps,
+                          self.dilation)
 
     # ---- reference weights -------------------------------------------------------------------------------------
 

@@ -1,0 +1,161 @@
+"""The Engram block's elementwise math as a few hand-written autograd functions.
+
+At Engram's sizes (hidden 128-4096, a few thousand tokens a micro-batch) the block is
+not its matmuls but memory-bound elementwise work over ``[B, T, G, H]``.  Composed
+from torch ops, every RMSNorm, the gate and the short conv are a dozen passes over
+that tensor each way, and autograd keeps most intermediates; on CPU oneDNN's
+depthwise conv backward alone costs more than the rest of the block.  These
+functions compute the same values in a few passes and save only what their
+closed-form backward reads:
+
+``rms_norm(x, weight, eps)``
+    ``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim; saves ``x`` and the
+    reciprocal RMS.  Backward: ``dx = r (w dy - xhat mean(xhat w dy))``,
+    ``dw = sum(dy xhat)``.
+``engram_gate(key, query)``
+    ``sigmoid(sign(g) sqrt(max(|g|, floor)))``, ``g = key . query / sqrt(H)``, from the
+    normalized key and query.  Where ``|g| < floor`` the clamp passes no gradient
+    (autograd's ``clamp_min`` rule: the gradient flows where ``|g| >= floor``).
+``short_conv(x, norm_weight, conv_weight, eps, dilation)``
+    ``SiLU(causal depthwise conv(rms_norm(x)))`` in the ``[B, T, G*H]`` layout: the
+    conv is ``K`` shifted multiply-adds along T (tap ``k`` reads ``t - (K-1-k) d``;
+    positions before the sequence read zero), no transposes, no padded copy.  The
+    conv weight is the ``nn.Conv1d`` parameter's ``[C, 1, K]`` tensor.
+
+Low-precision inputs are computed in float32 and the results cast back (the norm's
+eps stays the caller's, e.g. ``finfo(bfloat16).eps`` for a bf16 key norm).  The
+block's tests pin each function against plain autograd and the whole block against
+an independent reference (tests/unit/test_engram_block.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+GATE_FLOOR = 1e-6                  # |g| floor before the signed square root
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The reciprocal RMS over the last dim, keepdim."""
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+
+
+def _rms_backward(dy: torch.Tensor, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+                  need_dw: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(dx, dw)`` of ``y = x r weight``; ``dw`` summed to ``weight``'s shape."""
+    xhat = torch.mul(x, r)
+    wdy = torch.mul(dy, weight)
+    dot = torch.linalg.vecdot(xhat, wdy, dim=-1).unsqueeze(-1).div_(-x.shape[-1])
+    dx = torch.addcmul(wdy, xhat, dot).mul_(r)
+    dw = None
+    if need_dw:
+        dw = xhat.mul_(dy).sum(tuple(range(x.ndim - weight.ndim)))
+    return dx, dw
+
+
+class _Gate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, key, query, key_weight, query_weight, key_eps, query_eps):
+        G, H = key.shape[-2:]
+        k, q = _f32(key), _f32(query)
+        wk, wq = _f32(key_weight).view(G, H), _f32(query_weight).view(G, H)
+        rk, rq = _rstd(k, key_eps), _rstd(q, query_eps)                   # [..., G, 1]
+        # (k rk wk) . (q rq wq) = rk rq sum(k q wk wq): the normalized key and query are never formed
+        s = torch.mul(k, wk * wq).mul_(q).sum(-1, keepdim=True)
+        g = (s * rk * rq).div_(math.sqrt(H)).squeeze(-1)
+        root = g.abs().clamp_min_(GATE_FLOOR).sqrt_()                     # sqrt(max(|g|, floor))
+        alpha = (root * g.sign()).sigmoid_()
+        ctx.save_for_backward(k, q, wk, wq, rk, rq, s, g, root, alpha)
+        ctx.dtypes = (key.dtype, query.dtype, key_weight.dtype, query_weight.dtype)
+        return alpha.to(key.dtype)
+
+    @staticmethod
+    def backward(ctx, dalpha):
+        k, q, wk, wq, rk, rq, s, g, root, alpha = ctx.saved_tensors
+        H = k.shape[-1]
+        # d alpha/d g = alpha (1 - alpha) sign(g)^2 1[|g| >= floor] / (2 sqrt(|g|)); autograd's clamp_min
+        # passes the gradient where |g| >= floor, and sign(g)^2 = 1 there
+        dg = (_f32(dalpha) * alpha * (1 - alpha) / root).masked_fill_(g.abs() < GATE_FLOOR, 0.0)
+        a = (dg.unsqueeze(-1) * rk * rq).div_(2 * math.sqrt(H))          # d/d(sum k q wk wq), [..., G, 1]
+        # through each reciprocal RMS: d rk/d k = -rk^3 k / H
+        dk = dq = dwk = dwq = None
+        if ctx.needs_input_grad[0]:
+            dk = torch.mul(q, wk * wq).mul_(a).addcmul_(k, -a * s * rk * rk / H).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            dq = torch.mul(k, wk * wq).mul_(a).addcmul_(q, -a * s * rq * rq / H).to(ctx.dtypes[1])
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            p = torch.mul(k, q).mul_(a).sum(tuple(range(k.ndim - 2)))       # d/d(wk wq), [G, H]
+            dwk = (p * wq).reshape(-1).to(ctx.dtypes[2])
+            dwq = (p * wk).reshape(-1).to(ctx.dtypes[3])
+        return dk, dq, dwk, dwq, None, None
+
+
+def engram_gate(key: torch.Tensor, query: torch.Tensor, key_weight: torch.Tensor, query_weight: torch.Tensor,
+                key_eps: Optional[float] = None, query_eps: Optional[float] = None) -> torch.Tensor:
+    """The gate ``alpha [..., G]`` from the key projection and the hidden states ``[..., G, H]``, each through
+    its RMSNorm (weights ``[G*H]``; ``eps=None``: the input dtype's eps)."""
+    return _Gate.apply(key, query, key_weight, query_weight,
+                       torch.finfo(key.dtype).eps if key_eps is None else float(key_eps),
+                       torch.finfo(query.dtype).eps if query_eps is None else float(query_eps))
+
+
+def _causal_taps(T: int, K: int, dilation: int):
+    """``(k, shift)`` of each conv tap that reaches inside a sequence of length T (tap K-1 reads t itself)."""
+    return [(k, (K - 1 - k) * dilation) for k in range(K) if (K - 1 - k) * dilation < T]
+
+
+class _ShortConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, norm_weight, conv_weight, eps, dilation):
+        B, T, G, H = x.shape
+        xf = _f32(x)
+        wn, wc = _f32(norm_weight).view(G, H), _f32(conv_weight)[:, 0, :]     # [G, H], [C, K]
+        r = _rstd(xf, eps)
+        xn = torch.mul(xf, r).mul_(wn).view(B, T, G * H)
+        K = wc.shape[1]
+        z = torch.mul(xn, wc[:, K - 1])
+        for k, s in _causal_taps(T, K, dilation):
+            if s:
+                z[:, s:].addcmul_(xn[:, :T - s], wc[:, k])
+        ctx.save_for_backward(xf, r, wn, wc, xn, z)
+        ctx.meta = (dilation, x.dtype, norm_weight.dtype, conv_weight.dtype)
+        return torch.nn.functional.silu(z).view(B, T, G, H).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, r, wn, wc, xn, z = ctx.saved_tensors
+        dilation, x_dtype, wn_dtype, wc_dtype = ctx.meta
+        B, T, G, H = x.shape
+        K = wc.shape[1]
+        dz = torch.ops.aten.silu_backward(_f32(dy).reshape(B, T, G * H), z)
+        taps = _causal_taps(T, K, dilation)
+        dwc = None
+        if ctx.needs_input_grad[2]:
+            dwc = wc.new_zeros(wc.shape)
+            for k, s in taps:       # dW[c, k] = sum_{b,t} dz[b, t, c] xn[b, t - s, c]
+                dwc[:, k] = torch.mul(dz[:, s:], xn[:, :T - s]).sum((0, 1))
+            dwc = dwc.unsqueeze(1).to(wc_dtype)
+        dx = dwn = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dxn = torch.mul(dz, wc[:, K - 1])
+            for k, s in taps:
+                if s:
+                    dxn[:, :T - s].addcmul_(dz[:, s:], wc[:, k])
+            dx, dwn = _rms_backward(dxn.view(B, T, G, H), x, r, wn, ctx.needs_input_grad[1])
+            dx = dx.to(x_dtype)
+            dwn = None if dwn is None else dwn.reshape(-1).to(wn_dtype)
+        return dx, dwn, dwc, None, None
+
+
+def short_conv(x: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Tensor, eps: float,
+               dilation: int) -> torch.Tensor:
+    """``SiLU(causal depthwise conv(rms_norm(x)))``: ``x [B, T, G, H]``, ``norm_weight [G*H]``,
+    ``conv_weight [G*H, 1, K]`` (an ``nn.Conv1d(groups=G*H, bias=False)`` weight)."""
+    return _ShortConv.apply(x, norm_weight, conv_weight, float(eps), int(dilation))
