@@ -116,14 +116,15 @@ class _ShortConv(torch.autograd.Function):
     def forward(ctx, x, norm_weight, conv_weight, eps, dilation):
         B, T, G, H = x.shape
         xf = _f32(x)
-        wn, wc = _f32(norm_weight).view(G, H), _f32(conv_weight)[:, 0, :]     # [G, H], [C, K]
+        # [G, H]; [K, C]: each tap's weights contiguous, so that every multiply-add vectorizes
+        wn, wc = _f32(norm_weight).view(G, H), _f32(conv_weight)[:, 0, :].t().contiguous()
         r = _rstd(xf, eps)
         xn = torch.mul(xf, r).mul_(wn).view(B, T, G * H)
-        K = wc.shape[1]
-        z = torch.mul(xn, wc[:, K - 1])
+        K = wc.shape[0]
+        z = torch.mul(xn, wc[K - 1])
         for k, s in _causal_taps(T, K, dilation):
             if s:
-                z[:, s:].addcmul_(xn[:, :T - s], wc[:, k])
+                z[:, s:].addcmul_(xn[:, :T - s], wc[k])
         ctx.save_for_backward(xf, r, wn, wc, xn, z)
         ctx.meta = (dilation, x.dtype, norm_weight.dtype, conv_weight.dtype)
         return torch.nn.functional.silu(z).view(B, T, G, H).to(x.dtype)
@@ -133,21 +134,21 @@ class _ShortConv(torch.autograd.Function):
         x, r, wn, wc, xn, z = ctx.saved_tensors
         dilation, x_dtype, wn_dtype, wc_dtype = ctx.meta
         B, T, G, H = x.shape
-        K = wc.shape[1]
+        K = wc.shape[0]
         dz = torch.ops.aten.silu_backward(_f32(dy).reshape(B, T, G * H), z)
         taps = _causal_taps(T, K, dilation)
         dwc = None
         if ctx.needs_input_grad[2]:
             dwc = wc.new_zeros(wc.shape)
             for k, s in taps:       # dW[c, k] = sum_{b,t} dz[b, t, c] xn[b, t - s, c]
-                dwc[:, k] = torch.mul(dz[:, s:], xn[:, :T - s]).sum((0, 1))
-            dwc = dwc.unsqueeze(1).to(wc_dtype)
+                dwc[k] = torch.mul(dz[:, s:], xn[:, :T - s]).sum((0, 1))
+            dwc = dwc.t().unsqueeze(1).to(wc_dtype)
         dx = dwn = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dxn = torch.mul(dz, wc[:, K - 1])
+            dxn = torch.mul(dz, wc[K - 1])
             for k, s in taps:
                 if s:
-                    dxn[:, :T - s].addcmul_(dz[:, s:], wc[:, k])
+                    dxn[:, :T - s].addcmul_(dz[:, s:], wc[k])
             dx, dwn = _rms_backward(dxn.view(B, T, G, H), x, r, wn, ctx.needs_input_grad[1])
             dx = dx.to(x_dtype)
             dwn = None if dwn is None else dwn.reshape(-1).to(wn_dtype)
