@@ -23,6 +23,13 @@ Layout: the G key projections are one ``nn.Linear(d_e, G*hidden)`` (branch-major
 rows) and each set of G RMSNorm weights one flat ``[G*hidden]`` parameter, so every
 branch runs in one kernel; ``load_reference_state_dict`` maps the reference's
 per-branch names onto them.
+
+Compute: the key and value projections run as one matmul over their concatenated
+weights; the key/query norms with the gate, and the conv norm with the conv and its
+SiLU, are hand-written autograd functions (:mod:`engram_train.engram.fused`) that read
+the modules' parameters: the block never calls ``key_norm``, ``query_norm``,
+``conv_norm`` or ``conv`` as modules (they hold the weights, under the names
+checkpoints use; ``BranchRMSNorm.forward`` stays for inspection tools).
 """
 
 from __future__ import annotations

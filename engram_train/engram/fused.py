@@ -1,31 +1,30 @@
-"""The Engram block's elementwise math as a few hand-written autograd functions.
+"""The Engram block's elementwise math as two hand-written autograd functions.
 
-At Engram's sizes (hidden 128-4096, a few thousand tokens a micro-batch) the block is
-not its matmuls but memory-bound elementwise work over ``[B, T, G, H]``.  Composed
-from torch ops, every RMSNorm, the gate and the short conv are a dozen passes over
-that tensor each way, and autograd keeps most intermediates; on CPU oneDNN's
-depthwise conv backward alone costs more than the rest of the block.  These
-functions compute the same values in a few passes and save only what their
-closed-form backward reads:
+At Engram's sizes (hidden 128-4096, a few thousand tokens a micro-batch) the block's
+elementwise work over ``[B, T, G, H]`` costs as much as its matmuls.  Composed from
+torch ops, each RMSNorm, the gate and the short conv are a dozen passes over that
+tensor each way, autograd keeps most intermediates, and on CPU oneDNN's depthwise
+conv backward alone costs more than the rest of the block.  These functions compute
+the same values in a few passes and save only what their closed-form backward reads
+(for ``y = x r w`` with ``r = rsqrt(mean(x^2) + eps)``: ``dx = r (w dy - xhat
+mean(xhat w dy))``, ``dw = sum(dy xhat)``, ``xhat = x r``):
 
-``rms_norm(x, weight, eps)``
-    ``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim; saves ``x`` and the
-    reciprocal RMS.  Backward: ``dx = r (w dy - xhat mean(xhat w dy))``,
-    ``dw = sum(dy xhat)``.
-``engram_gate(key, query)``
-    ``sigmoid(sign(g) sqrt(max(|g|, floor)))``, ``g = key . query / sqrt(H)``, from the
-    normalized key and query.  Where ``|g| < floor`` the clamp passes no gradient
-    (autograd's ``clamp_min`` rule: the gradient flows where ``|g| >= floor``).
+``engram_gate(key, query, key_weight, query_weight, key_eps, query_eps)``
+    ``alpha = sigmoid(sign(g) sqrt(max(|g|, floor)))`` with ``g = RMSNorm_k(key) .
+    RMSNorm_q(query) / sqrt(H)``, from the key projection and the hidden states.  The
+    normalized key and query are never formed: ``g = r_k r_q sum(key query w_k w_q) /
+    sqrt(H)``.  Where ``|g| < floor`` no gradient flows (autograd's ``clamp_min`` rule:
+    it passes where ``|g| >= floor``).
 ``short_conv(x, norm_weight, conv_weight, eps, dilation)``
-    ``SiLU(causal depthwise conv(rms_norm(x)))`` in the ``[B, T, G*H]`` layout: the
-    conv is ``K`` shifted multiply-adds along T (tap ``k`` reads ``t - (K-1-k) d``;
-    positions before the sequence read zero), no transposes, no padded copy.  The
-    conv weight is the ``nn.Conv1d`` parameter's ``[C, 1, K]`` tensor.
+    ``SiLU(causal depthwise conv(RMSNorm(x)))`` in the ``[B, T, G*H]`` layout: the conv
+    is ``K`` shifted multiply-adds along T (tap ``k`` reads ``t - (K-1-k) dilation``;
+    positions before the sequence read zero), no transposes, no padded copy.  The conv
+    weight is the ``nn.Conv1d`` parameter's ``[C, 1, K]`` tensor.
 
-Low-precision inputs are computed in float32 and the results cast back (the norm's
-eps stays the caller's, e.g. ``finfo(bfloat16).eps`` for a bf16 key norm).  The
-block's tests pin each function against plain autograd and the whole block against
-an independent reference (tests/unit/test_engram_block.py).
+Low-precision inputs are computed in float32 and the results cast back; a norm's eps
+of None is its input dtype's (``nn.RMSNorm``'s default, e.g. ``finfo(bfloat16).eps``).
+tests/unit/test_engram_fused.py pins each function against plain autograd,
+tests/unit/test_engram_block.py the whole block against an independent reference.
 """
 
 from __future__ import annotations
