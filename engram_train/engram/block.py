@@ -166,7 +166,8 @@ class EngramBlock(nn.Module):
         # Key and value projections as one matmul (one pass over e, a wider and faster GEMM on CPU).
         kv = F.linear(e, torch.cat([self.key_proj.weight, self.value_proj.weight]),
                       torch.cat([self.key_proj.bias, self.value_proj.bias]))
-        key, projected = kv[..., :G * H].unflatten(-1, (G, H)), kv[..., G * H:]
+        key, projected = kv.split([G * H, H], dim=-1)        # split's backward is one cat, not two padded slices
+        key = key.unflatten(-1, (G, H))
         alpha = engram_gate(key, hidden, self.key_norm.weight, self.query_norm.weight,
                             self.key_norm.eps, self.query_norm.eps)                       # [B, T, G]
         self.last_gate_mean = alpha.detach().float().mean()
