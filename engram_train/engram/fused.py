@@ -30,7 +30,7 @@ tests/unit/test_engram_block.py the whole block against an independent reference
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -44,19 +44,6 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     """The reciprocal RMS over the last dim, keepdim."""
     return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-
-
-def _rms_backward(dy: torch.Tensor, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
-                  need_dw: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(dx, dw)`` of ``y = x r weight``; ``dw`` summed to ``weight``'s shape."""
-    xhat = torch.mul(x, r)
-    wdy = torch.mul(dy, weight)
-    dot = torch.linalg.vecdot(xhat, wdy, dim=-1).unsqueeze(-1).div_(-x.shape[-1])
-    dx = torch.addcmul(wdy, xhat, dot).mul_(r)
-    dw = None
-    if need_dw:
-        dw = xhat.mul_(dy).sum(tuple(range(x.ndim - weight.ndim)))
-    return dx, dw
 
 
 class _Gate(torch.autograd.Function):
@@ -111,46 +98,54 @@ def _causal_taps(T: int, K: int, dilation: int):
 
 
 class _ShortConv(torch.autograd.Function):
+    # With xhat = x r (the unweighted normalized input) the norm weight folds into each tap's weight,
+    # z = sum_k (w_k wn) xhat[t - s_k]; backward reuses the sums S_k = sum_{b,t} dz[t] xhat[t - s_k]:
+    # dW_k = wn S_k and d wn = sum_k w_k S_k, and the norm's backward starts from d xhat.
     @staticmethod
     def forward(ctx, x, norm_weight, conv_weight, eps, dilation):
         B, T, G, H = x.shape
         xf = _f32(x)
-        # [G, H]; [K, C]: each tap's weights contiguous, so that every multiply-add vectorizes
-        wn, wc = _f32(norm_weight).view(G, H), _f32(conv_weight)[:, 0, :].t().contiguous()
-        r = _rstd(xf, eps)
-        xn = torch.mul(xf, r).mul_(wn).view(B, T, G * H)
+        wn = _f32(norm_weight)                                            # [C]
+        wc = _f32(conv_weight)[:, 0, :].t().contiguous()                  # [K, C]: each tap contiguous
+        wt = wc * wn                                                      # the taps on xhat
         K = wc.shape[0]
-        z = torch.mul(xn, wc[K - 1])
+        r = _rstd(xf, eps)
+        xhat = torch.mul(xf, r).view(B, T, G * H)
+        z = torch.mul(xhat, wt[K - 1])
         for k, s in _causal_taps(T, K, dilation):
             if s:
-                z[:, s:].addcmul_(xn[:, :T - s], wc[k])
-        ctx.save_for_backward(xf, r, wn, wc, xn, z)
+                z[:, s:].addcmul_(xhat[:, :T - s], wt[k])
+        ctx.save_for_backward(r, wn, wc, wt, xhat, z)
         ctx.meta = (dilation, x.dtype, norm_weight.dtype, conv_weight.dtype)
         return torch.nn.functional.silu(z).view(B, T, G, H).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        x, r, wn, wc, xn, z = ctx.saved_tensors
+        r, wn, wc, wt, xhat, z = ctx.saved_tensors
         dilation, x_dtype, wn_dtype, wc_dtype = ctx.meta
-        B, T, G, H = x.shape
+        B, T, C = xhat.shape
+        G = r.shape[-2]
         K = wc.shape[0]
-        dz = torch.ops.aten.silu_backward(_f32(dy).reshape(B, T, G * H), z)
+        dz = torch.ops.aten.silu_backward(_f32(dy).reshape(B, T, C), z)
         taps = _causal_taps(T, K, dilation)
-        dwc = None
-        if ctx.needs_input_grad[2]:
-            dwc = wc.new_zeros(wc.shape)
-            for k, s in taps:       # dW[c, k] = sum_{b,t} dz[b, t, c] xn[b, t - s, c]
-                dwc[k] = torch.mul(dz[:, s:], xn[:, :T - s]).sum((0, 1))
-            dwc = dwc.t().unsqueeze(1).to(wc_dtype)
-        dx = dwn = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dxn = torch.mul(dz, wc[K - 1])
+        dwc = dwn = dx = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            sums = wc.new_zeros(wc.shape)                                 # S_k, [K, C]
+            for k, s in taps:
+                sums[k] = torch.mul(dz[:, s:], xhat[:, :T - s]).sum((0, 1))
+            if ctx.needs_input_grad[2]:
+                dwc = (sums * wn).t().unsqueeze(1).to(wc_dtype)
+            if ctx.needs_input_grad[1]:
+                dwn = (sums * wc).sum(0).to(wn_dtype)
+        if ctx.needs_input_grad[0]:
+            dxhat = torch.mul(dz, wt[K - 1])
             for k, s in taps:
                 if s:
-                    dxn[:, :T - s].addcmul_(dz[:, s:], wc[k])
-            dx, dwn = _rms_backward(dxn.view(B, T, G, H), x, r, wn, ctx.needs_input_grad[1])
-            dx = dx.to(x_dtype)
-            dwn = None if dwn is None else dwn.reshape(-1).to(wn_dtype)
+                    dxhat[:, :T - s].addcmul_(dz[:, s:], wt[k])
+            xh, dxh = xhat.view(B, T, G, -1), dxhat.view(B, T, G, -1)
+            # dx = r (dxhat - xhat mean(xhat dxhat)), the RMSNorm's closed form
+            dot = torch.linalg.vecdot(xh, dxh, dim=-1).unsqueeze(-1).div_(-xh.shape[-1])
+            dx = torch.addcmul(dxh, xh, dot).mul_(r).to(x_dtype)
         return dx, dwn, dwc, None, None
 
 
