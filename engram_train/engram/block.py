@@ -142,6 +142,7 @@ class EngramBlock(nn.Module):
         self.query_norm = BranchRMSNorm(hc_mult, hidden_size, gate_norm_eps)   # reference: norm2
         self.conv_norm = BranchRMSNorm(hc_mult, hidden_size, norm_eps)         # reference: short_conv.norms
         channels = hc_mult * hidden_size
+        # Holds the conv's weight (checkpoint names, reference layout); fused.short_conv applies it.
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=self.dilation)
         self.last_gate_mean: Optional[torch.Tensor] = None
         nn.init.zeros_(self.conv.weight)

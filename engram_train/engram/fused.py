@@ -110,7 +110,7 @@ class _ShortConv(torch.autograd.Function):
         wt = wc * wn                                                      # the taps on xhat
         K = wc.shape[0]
         r = _rstd(xf, eps)
-        xhat = torch.mul(xf, r).view(B, T, G * H)
+        xhat = torch.mul(xf, r).reshape(B, T, G * H)
         z = torch.mul(xhat, wt[K - 1])
         for k, s in _causal_taps(T, K, dilation):
             if s:
