@@ -141,23 +141,30 @@ def touched_rows(shard, init, weight_decay: float) -> Tuple[object, str]:
 
 
 class GateProbe:
-    """Captures one block's key, query and looked-up rows on a forward, and recomputes the gate from them."""
+    """Captures one block's hidden states and looked-up rows on a forward, and recomputes the gate from them
+    with the block's own modules (its forward reads their weights in fused functions)."""
 
     def __init__(self, block):
         self.block = block
-        self.key = self.query = self.rows = None
+        self.hidden = self.rows = None
         self.handles = [
-            block.key_norm.register_forward_hook(lambda m, i, o: setattr(self, "key", o.detach())),
-            block.query_norm.register_forward_hook(lambda m, i, o: setattr(self, "query", o.detach())),
+            block.register_forward_pre_hook(lambda m, args: setattr(self, "hidden", args[0].detach())),
             block.table.register_forward_hook(lambda m, i, o: setattr(self, "rows", o.detach())),
         ]
 
     def gate(self):
         """alpha [B, T, G], the formula of EngramBlock.fuse (docs/engram.md), checked against the block's own mean."""
-        from engram_train.engram.block import GATE_FLOOR
+        import torch
 
-        h = self.key.shape[-1]
-        g = (self.key * self.query).sum(dim=-1) / math.sqrt(h)
+        from engram_train.engram.fused import GATE_FLOOR
+
+        b = self.block
+        G, h = b.hc_mult, b.hidden_size
+        e = self.rows.reshape(*self.rows.shape[:2], -1).to(b.value_proj.weight.dtype)
+        with torch.no_grad():
+            key = b.key_norm(b.key_proj(e).unflatten(-1, (G, h)))
+            query = b.query_norm(self.hidden)
+        g = (key * query).sum(dim=-1) / math.sqrt(h)
         alpha = (g.abs().clamp_min(GATE_FLOOR).sqrt() * g.sign()).sigmoid().float()
         want = float(self.block.last_gate_mean)
         if abs(float(alpha.mean()) - want) > 1e-4 * max(1.0, abs(want)):

@@ -23,11 +23,17 @@ Layout: the G key projections are one ``nn.Linear(d_e, G*hidden)`` (branch-major
 rows) and each set of G RMSNorm weights one flat ``[G*hidden]`` parameter, so every
 branch runs in one kernel; ``load_reference_state_dict`` maps the reference's
 per-branch names onto them.
+
+Compute: the key and value projections run as one matmul over their concatenated
+weights; the key/query norms with the gate, and the conv norm with the conv and its
+SiLU, are hand-written autograd functions (:mod:`engram_train.engram.fused`) that read
+the modules' parameters: the block never calls ``key_norm``, ``query_norm``,
+``conv_norm`` or ``conv`` as modules (they hold the weights, under the names
+checkpoints use; ``BranchRMSNorm.forward`` stays for inspection tools).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -35,10 +41,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engram_train.config.schema import ConfigError, require
+from engram_train.engram.fused import engram_gate, short_conv
 from engram_train.engram.table import MultiHeadEmbeddingTable
 
 REFERENCE_NORM_EPS = 1e-5          # ShortConv's RMSNorm eps in the reference
-GATE_FLOOR = 1e-6                  # |g| floor before the signed square root
 
 
 class BranchRMSNorm(nn.Module):
@@ -136,6 +142,7 @@ class EngramBlock(nn.Module):
         self.query_norm = BranchRMSNorm(hc_mult, hidden_size, gate_norm_eps)   # reference: norm2
         self.conv_norm = BranchRMSNorm(hc_mult, hidden_size, norm_eps)         # reference: short_conv.norms
         channels = hc_mult * hidden_size
+        # Holds the conv's weight (checkpoint names, reference layout); fused.short_conv applies it.
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=self.dilation)
         self.last_gate_mean: Optional[torch.Tensor] = None
         nn.init.zeros_(self.conv.weight)
@@ -157,21 +164,22 @@ class EngramBlock(nn.Module):
                              f"got {tuple(hidden.shape)}; a plain residual stream needs hidden.unsqueeze(2)")
         G, H = self.hc_mult, self.hidden_size
         e = embeddings.to(self.value_proj.weight.dtype)
-        key = self.key_norm(self.key_proj(e).unflatten(-1, (G, H)))
-        query = self.query_norm(hidden)
-        gate = (key * query).sum(dim=-1) / math.sqrt(H)
-        gate = gate.abs().clamp_min(GATE_FLOOR).sqrt() * gate.sign()
-        alpha = gate.sigmoid()                                                   # [B, T, G]
+        # Key and value projections as one matmul (one pass over e, a wider and faster GEMM on CPU).
+        kv = F.linear(e, torch.cat([self.key_proj.weight, self.value_proj.weight]),
+                      torch.cat([self.key_proj.bias, self.value_proj.bias]))
+        key, projected = kv.split([G * H, H], dim=-1)        # split's backward is one cat, not two padded slices
+        key = key.unflatten(-1, (G, H))
+        alpha = engram_gate(key, hidden, self.key_norm.weight, self.query_norm.weight,
+                            self.key_norm.eps, self.query_norm.eps)                       # [B, T, G]
         self.last_gate_mean = alpha.detach().float().mean()
-        value = alpha.unsqueeze(-1) * self.value_proj(e).unsqueeze(-2)           # [B, T, G, H]
+        value = alpha.unsqueeze(-1) * projected.unsqueeze(-2)                    # [B, T, G, H]
         return value + self.short_conv(value)
 
     def short_conv(self, value: torch.Tensor) -> torch.Tensor:
-        B, T, G, H = value.shape
-        x = self.conv_norm(value).reshape(B, T, G * H).transpose(1, 2)          # [B, G*H, T]
-        x = F.pad(x, ((self.kernel_size - 1) * self.dilation, 0))                # causal: pad the past only
-        y = F.silu(self.conv(x))
-        return y.transpose(1, 2).reshape(B, T, G, H)
+        """``SiLU(conv(RMSNorm_conv(value)))``, ``[B, T, G, H]``: the conv's weight is ``self.conv``'s, applied
+        causally in this layout (``fused.short_conv``); ``self.conv`` is never called."""
+        return short_conv(value.contiguous(), self.conv_norm.weight, self.conv.weight, self.conv_norm.eps,
+                          self.dilation)
 
     # ---- reference weights -------------------------------------------------------------------------------------
 

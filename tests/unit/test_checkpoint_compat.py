@@ -6,6 +6,11 @@ The fixture (``tests/fixtures/checkpoint_cdd7c15``) and its expected losses, gra
 final state were written by ``tests/fixtures/make_checkpoint_fixture.py`` run with that commit's
 code: nothing here is produced by the code under test.  A resume that silently started over (or
 loaded only part of the state) takes other losses from its first step on.
+
+Since the Engram block's fused autograd functions (engram_train/engram/fused.py) the block rounds
+differently in the last bits from the fixture's code, which composed torch ops: the resumed run's
+losses, gradient norms and state sums are compared to the fixture's at ``REL`` (float32's last
+bits, compounded over two steps), far below what a restart or a partly loaded state changes.
 """
 
 from __future__ import annotations
@@ -19,10 +24,17 @@ import torch
 
 from tests.fixtures.make_checkpoint_fixture import LR, SEED, TABLE_SIZES, VOCAB, batch, config, fingerprint
 
+REL = 1e-6
+
+
+def close(got, want) -> bool:
+    return got == pytest.approx(want, rel=REL, abs=0.0)
+
+
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "checkpoint_cdd7c15")
 
 
-def test_a_checkpoint_of_the_previous_code_resumes_and_continues_bit_for_bit(tmp_path):
+def test_a_checkpoint_of_the_previous_code_resumes_and_continues_as_it_did(tmp_path):
     from engram_train.parallel.parallelize import build_parallel_model
     from engram_train.parallel.state import destroy_parallel, init_parallel
     from engram_train.train.checkpoint import Checkpointer, TrainState
@@ -45,9 +57,9 @@ def test_a_checkpoint_of_the_previous_code_resumes_and_continues_bit_for_bit(tmp
             loss = optimizers.engine(tokens, pos, labels, engram_hash_ids=hash_ids).float().mean()
             optimizers.backward(loss)
             norm = optimizers.step(LR, loss.detach())
-            assert float(loss) == want["losses"][str(step)], step
-            assert float(norm) == want["grad_norms"][str(step)], step
-        assert fingerprint(optimizers.engine, store) == want["state_after"]
+            assert close(float(loss), want["losses"][str(step)]), step
+            assert close(float(norm), want["grad_norms"][str(step)]), step
+        assert close(fingerprint(optimizers.engine, store), want["state_after"])
     finally:
         destroy_parallel()
 
@@ -91,9 +103,9 @@ def test_a_resumed_checkpoint_of_the_earlier_layout_is_saved_in_the_new_one_and_
                 loss = engine(tokens, pos, labels, engram_hash_ids=hash_ids).float().mean()
                 optimizers.backward(loss)
                 norm = optimizers.step(LR, loss.detach())
-                assert float(loss) == want["losses"][str(step)], step
-                assert float(norm) == want["grad_norms"][str(step)], step
-            assert fingerprint(engine, store) == want["state_after"]
+                assert close(float(loss), want["losses"][str(step)]), step
+                assert close(float(norm), want["grad_norms"][str(step)]), step
+            assert close(fingerprint(engine, store), want["state_after"])
 
         go_on()
         torch.manual_seed(5)
