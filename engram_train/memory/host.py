@@ -93,6 +93,9 @@ class PrefetchStats:
         # steps with their refresh of the blocks read ahead (plus the step pool's threads' seconds).
         self.gather_cpu_s = 0.0
         self.update_cpu_s = 0.0
+        # Table steps finished (and counted in update_cpu_s): a step that ends after its log line counts in
+        # the next one, so seconds per table step are update_cpu_s / table_steps, line by line.
+        self.table_steps = 0
 
     def add(self, **kw):
         with self._lock:
@@ -107,7 +110,8 @@ class PrefetchStats:
                    "engram_prefetch/h2d_bytes": float(self.h2d_bytes),
                    "engram_prefetch/refreshed_rows": float(self.refreshed),
                    "engram_prefetch/gather_cpu_s": self.gather_cpu_s,
-                   "engram_prefetch/update_cpu_s": self.update_cpu_s}
+                   "engram_prefetch/update_cpu_s": self.update_cpu_s,
+                   "engram_prefetch/table_steps": float(self.table_steps)}
             self.reset()
         return out
 
@@ -286,7 +290,8 @@ class HostPrefetcher:
 
         def update():
             # The gathers of ``jobs`` were submitted to this thread before: done by now, in order.
-            self.stats.add(update_cpu_s=self.table_step_timed(apply, updated, [j.gather.result() for j in jobs]))
+            self.stats.add(update_cpu_s=self.table_step_timed(apply, updated, [j.gather.result() for j in jobs]),
+                           table_steps=1)
 
         fut = self.pool.submit(update)
         if not self.staleness:   # lock-free: blocks gathered ahead are copies, used without waiting

@@ -142,10 +142,12 @@ def test_prefetch_stats_count_the_worker_threads_cpu_seconds():
     store.wait_updates()
     stats = store.prefetcher.stats.pop()
     assert stats["engram_prefetch/gather_cpu_s"] > 0 and stats["engram_prefetch/update_cpu_s"] > 0
+    assert stats["engram_prefetch/table_steps"] == STEPS   # every table step counted once
     # Bounded by the wall time of the whole run on one thread: CPU seconds, not a sum of timestamps.
     assert stats["engram_prefetch/gather_cpu_s"] + stats["engram_prefetch/update_cpu_s"] < 60
     again = store.prefetcher.stats.pop()
     assert again["engram_prefetch/gather_cpu_s"] == 0 and again["engram_prefetch/update_cpu_s"] == 0
+    assert again["engram_prefetch/table_steps"] == 0
     store.prefetcher.close()
 
 
