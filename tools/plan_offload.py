@@ -862,7 +862,7 @@ def main(argv=None):
              f"--calibrations={args.calibrations}: each must be >= 1")
     if args.calibrate:
         c = calibrate(table_floats=args.table_params)
-        print(json.dumps(c, indent=1))
+        print(json.dumps({k: v for k, v in c.items() if k != "rounds"}, indent=1))   # every round: in --json
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(c, f, indent=1)
