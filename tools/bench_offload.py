@@ -179,6 +179,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.steps <= args.warmup + 2:
         p.error("--steps must exceed --warmup by at least 3")
+    if args.cpus and not set(args.cpus) <= os.sched_getaffinity(0):
+        p.error(f"--cpus {' '.join(map(str, args.cpus))}: this process may run on CPUs "
+                f"{sorted(os.sched_getaffinity(0))}; pick among them")
     if min(args.threads) < 1 or not 0 < args.step_rows <= args.step_table_rows:
         p.error("--threads must be >= 1 and 0 < --step-rows <= --step-table-rows")
     scaling = host_step_scaling(args.threads, args.step_table_rows, args.step_rows, args.step_repeats,
