@@ -83,7 +83,7 @@ def _train(name, rows, residency, args, work, data) -> dict:
     tokens_per_step = _tokens_per_step(model + data + args.extra)
     log_path = os.path.join(work, f"{name}.log")
     # Every rank's peak and the whole table: bytes per parameter of the job, whatever the placement.
-    peak = sum(_run(args.nproc, over, log_path).values())
+    peak = sum(_run(args.nproc, over, log_path, cpus=args.cpus).values())
     text = open(log_path).read()
     params = float(TABLES.search(text).group(3)) * 1e6
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
@@ -167,6 +167,8 @@ def main(argv=None) -> None:
     p.add_argument("--corpus", default=None, help="a .jsonl/.txt corpus to train on (default: a generated one)")
     p.add_argument("--no-memory", action="store_true",
                    help="skip run 3 (small host tables) and host_bytes_per_param: a shorter run")
+    p.add_argument("--cpus", type=int, nargs="+", default=None,
+                   help="run the training on these CPUs only (e.g. --cpus 1: the same core as a calibration)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4],
                    help="engram.host_threads counts of the host step scaling (default 1 2 4)")
     p.add_argument("--step-rows", type=int, default=1 << 17, help="unique rows per host step (default 131072)")
@@ -177,6 +179,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.steps <= args.warmup + 2:
         p.error("--steps must exceed --warmup by at least 3")
+    if args.cpus and not set(args.cpus) <= os.sched_getaffinity(0):
+        p.error(f"--cpus {' '.join(map(str, args.cpus))}: this process may run on CPUs "
+                f"{sorted(os.sched_getaffinity(0))}; pick among them")
     if min(args.threads) < 1 or not 0 < args.step_rows <= args.step_table_rows:
         p.error("--threads must be >= 1 and 0 < --step-rows <= --step-table-rows")
     scaling = host_step_scaling(args.threads, args.step_table_rows, args.step_rows, args.step_repeats,

@@ -45,7 +45,8 @@ def _corpus(path: str) -> None:
             f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(120))}) + "\n")
 
 
-def _run(nproc: int, overrides, log_path: str) -> dict:
+def _run(nproc: int, overrides, log_path: str, cpus=None) -> dict:
+    """Train once (``nproc`` ranks); ``cpus``: the CPUs the run may use (default: this process's)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     if "DS_ACCELERATOR" not in env:
         import torch
@@ -55,7 +56,8 @@ def _run(nproc: int, overrides, log_path: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "engram_train.train.main", *overrides]
     with open(log_path, "w") as log:
-        rc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        rc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin).returncode
     text = open(log_path).read()
     if rc != 0:
         sys.exit(f"measure_table_memory: a run failed (rc={rc}); see {log_path}")

@@ -93,6 +93,9 @@ class PrefetchStats:
         # steps with their refresh of the blocks read ahead (plus the step pool's threads' seconds).
         self.gather_cpu_s = 0.0
         self.update_cpu_s = 0.0
+        # Table steps finished (and counted in update_cpu_s): a step that ends after its log line counts in
+        # the next one, so seconds per table step are update_cpu_s / table_steps, line by line.
+        self.table_steps = 0
 
     def add(self, **kw):
         with self._lock:
@@ -107,7 +110,8 @@ class PrefetchStats:
                    "engram_prefetch/h2d_bytes": float(self.h2d_bytes),
                    "engram_prefetch/refreshed_rows": float(self.refreshed),
                    "engram_prefetch/gather_cpu_s": self.gather_cpu_s,
-                   "engram_prefetch/update_cpu_s": self.update_cpu_s}
+                   "engram_prefetch/update_cpu_s": self.update_cpu_s,
+                   "engram_prefetch/table_steps": float(self.table_steps)}
             self.reset()
         return out
 
@@ -158,7 +162,8 @@ class HostPrefetcher:
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-host-tables")
         # The table step's row blocks (engram.host_threads; TableSparseAdam.step): the worker above hands
-        # them out and waits, so steps stay in submission order with the gathers.
+        # them out and waits, so steps stay in submission order with the gathers.  One thread: no pool,
+        # the worker runs the blocks itself, one after another (no hand-off to pay for).
         self.step_pool = (ThreadPoolExecutor(max_workers=host_threads, thread_name_prefix="engram-host-step")
                           if host_threads > 1 else None)
         self.pending: Deque[_Job] = collections.deque()
@@ -168,6 +173,16 @@ class HostPrefetcher:
 
     # -- worker side ------------------------------------------------------------------------------
     def _gather(self, hash_ids: Dict[int, torch.Tensor]) -> Dict[int, RowBlock]:
+        blocks, cpu_s = self.gather_timed(hash_ids)
+        self.stats.add(gather_cpu_s=cpu_s)
+        return blocks
+
+    def gather_timed(self, hash_ids: Dict[int, torch.Tensor]):
+        """One micro-batch's row blocks planned, gathered and copied on the calling thread, by the code the
+        worker runs for every prefetch: ``(blocks, CPU seconds)``, the seconds that
+        ``engram_prefetch/gather_cpu_s`` adds up.  ``hash_ids``: ``{layer id: hash ids}`` as the loader
+        gives them (``batch[HASH_IDS]``).  For measuring the host pipeline (``tools/plan_offload.py
+        --calibrate``); training goes through :meth:`submit`."""
         t0 = time.thread_time()
         blocks = {}
         for layer_id, h in hash_ids.items():
@@ -193,15 +208,26 @@ class HostPrefetcher:
             index_bytes = sum(t.numel() * t.element_size() for t in plan.tensors())
             self.stats.add(rows=plan.num_unique, ids=ids.numel(),
                            h2d_bytes=rows.numel() * rows.element_size() + index_bytes)
-        self.stats.add(gather_cpu_s=time.thread_time() - t0)
-        return blocks
+        return blocks, time.thread_time() - t0
 
-    def _refresh(self, jobs, updated: Dict[int, torch.Tensor]) -> None:
-        """Re-read, in the blocks of ``jobs``, the rows a table step updated (local host ids)."""
+    def table_step_timed(self, apply, updated: Dict[int, torch.Tensor], ahead=()) -> float:
+        """A table step as the worker runs it, on the calling thread: ``apply()`` (the optimizer's step
+        of the rows ``updated``, ``{layer id: local row ids}``), then the re-read of those rows in the
+        blocks gathered ahead (``ahead``: ``{layer id: RowBlock}`` dicts, as :meth:`gather_timed` returns
+        them; none under ``staleness=1``).  Returns its CPU seconds on every thread it ran on, this one
+        and ``engram.host_threads``' step pool: what ``engram_prefetch/update_cpu_s`` adds up.  The
+        worker runs every table step of training through it (:meth:`submit_update`)."""
+        t0 = time.thread_time()
+        apply()
+        self._refresh(ahead, updated)
+        return time.thread_time() - t0 + self._take_pool_cpu_s()
+
+    def _refresh(self, ahead, updated: Dict[int, torch.Tensor]) -> None:
+        """Re-read, in the blocks ``ahead`` (``{layer id: RowBlock}`` dicts), the rows a table step updated
+        (local host ids)."""
         if self.staleness:
             return
-        for job in jobs:
-            blocks = job.gather.result()
+        for blocks in ahead:
             for layer_id, local in updated.items():
                 b = blocks.get(layer_id)
                 if b is None or local.numel() == 0 or b.uniq.numel() == 0:
@@ -263,11 +289,9 @@ class HostPrefetcher:
         jobs = list(self.pending)
 
         def update():
-            t0 = time.thread_time()
-            apply()
-            self._refresh(jobs, updated)
-            # The step's CPU seconds on every thread it ran on: this one, and engram.host_threads' pool.
-            self.stats.add(update_cpu_s=time.thread_time() - t0 + self._take_pool_cpu_s())
+            # The gathers of ``jobs`` were submitted to this thread before: done by now, in order.
+            self.stats.add(update_cpu_s=self.table_step_timed(apply, updated, [j.gather.result() for j in jobs]),
+                           table_steps=1)
 
         fut = self.pool.submit(update)
         if not self.staleness:   # lock-free: blocks gathered ahead are copies, used without waiting
@@ -277,7 +301,7 @@ class HostPrefetcher:
 
     def refresh(self, updated: Dict[int, torch.Tensor]) -> None:
         """After a table step applied on the calling thread: patch the micro-batches gathered ahead."""
-        self._refresh(list(self.pending), updated)
+        self._refresh((job.gather.result() for job in list(self.pending)), updated)   # lazy: none under staleness=1
 
     def wait_updates(self) -> None:
         """Block until the last table step submitted has been applied (before reading rows directly)."""

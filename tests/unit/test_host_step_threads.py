@@ -63,7 +63,8 @@ def test_host_step_is_bit_identical_for_1_2_and_4_threads(optimizer):
         assert bool(pool_s) == (threads > 1)
         store.prefetcher.close()
         results[threads] = (shard.weight.clone(), opt.exp_avg.clone(), opt.exp_avg_sq.clone(), opt.row_steps.clone())
-        if threads == 1:   # the blocks one after another on the prefetch worker
+        if threads == 1:   # no pool: the blocks one after another on the prefetch worker, no hand-off
+            assert store.prefetcher.step_pool is None and opt.pool is None
             assert all(n.startswith("engram-host-tables") for n in ran_on), ran_on
         else:              # shared out over the step pool
             assert len({n for n in ran_on if n.startswith("engram-host-step")}) >= 2, ran_on

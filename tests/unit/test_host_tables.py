@@ -142,8 +142,42 @@ def test_prefetch_stats_count_the_worker_threads_cpu_seconds():
     store.wait_updates()
     stats = store.prefetcher.stats.pop()
     assert stats["engram_prefetch/gather_cpu_s"] > 0 and stats["engram_prefetch/update_cpu_s"] > 0
+    assert stats["engram_prefetch/table_steps"] == STEPS   # every table step counted once
     # Bounded by the wall time of the whole run on one thread: CPU seconds, not a sum of timestamps.
     assert stats["engram_prefetch/gather_cpu_s"] + stats["engram_prefetch/update_cpu_s"] < 60
     again = store.prefetcher.stats.pop()
     assert again["engram_prefetch/gather_cpu_s"] == 0 and again["engram_prefetch/update_cpu_s"] == 0
+    assert again["engram_prefetch/table_steps"] == 0
     store.prefetcher.close()
+
+
+def test_public_timing_runs_the_workers_gather_and_table_step():
+    """``HostPrefetcher.gather_timed`` / ``table_step_timed`` (what ``plan_offload --calibrate`` times): the
+    worker's own gather and table step with its refresh, on the calling thread, and their CPU seconds."""
+    from tests.unit.test_table_store import _lazy_adam_as_before
+
+    store = _store("host")
+    p = store.prefetcher
+    ids = {l: torch.randint(0, 9, (B, T, HEADS), generator=torch.Generator().manual_seed(l)) for l in SIZES}
+    blocks, gather_s = p.gather_timed(ids)
+    assert gather_s > 0
+    for l, h in ids.items():
+        shard = store.shards[l]
+        want = torch.unique(h + torch.tensor(shard.spec.offsets))   # the block: sorted unique global ids
+        assert torch.equal(blocks[l].uniq, want)
+        assert torch.equal(blocks[l].rows, shard.weight[want - shard.lo])
+    # Step half of the rows read ahead: the step is the optimizer's, and the block re-reads those rows.
+    shard, opt = store.shards[0], store.shards[0].optimizer
+    local = blocks[0].uniq[::2] - shard.lo
+    grads = torch.randn(local.numel(), DIM, generator=torch.Generator().manual_seed(9))
+    want = [shard.weight.clone(), opt.exp_avg.clone(), opt.exp_avg_sq.clone(), opt.row_steps.clone()]
+    _lazy_adam_as_before(*want, local, grads.clone(), 1e-2)
+    before = blocks[0].rows.clone()
+    step_s = p.table_step_timed(lambda: opt.step(local, grads, 1e-2), {0: local}, [blocks])
+    assert step_s > 0
+    for name, got, w in zip(("weight", "exp_avg", "exp_avg_sq", "row_steps"),
+                            (shard.weight, opt.exp_avg, opt.exp_avg_sq, opt.row_steps), want):
+        assert torch.equal(got, w), name
+    assert torch.equal(blocks[0].rows, shard.weight[blocks[0].uniq - shard.lo])   # read after write
+    assert not torch.equal(blocks[0].rows[::2], before[::2]) and torch.equal(blocks[0].rows[1::2], before[1::2])
+    p.close()

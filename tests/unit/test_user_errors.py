@@ -248,6 +248,8 @@ TOOL_CASES = [
      ["none.json", "--calibrate --json"]),
     ("plan_offload", ["experiment=debug_cpu", "world=1", "engram=none"], ["engram.keys=disabled", "hashed"]),
     ("plan_offload", ["experiment=debug_cpu", "world=1", "--nic-gbps", "-5"], ["--nic-gbps=-5.0", "> 0"]),
+    ("plan_offload", ["--validate", "--quantile", "1.5"], ["--quantile=1.5", "between 0 and 1"]),
+    ("plan_offload", ["--validate", "--cpu", "4096"], ["--cpu=4096", "pick one of them"]),
     ("count_params", ["experiment=debug_cpu,model.foo=1"], ["model.foo"]),
     ("prepare_data", ["--files", "{d}/missing.txt", "--dir", "{t}/d"], ["missing.txt"]),
     ("prepare_data", ["--files", "{d}/random.txt", "--dir", "{t}/d"], ["random.txt", "not UTF-8"]),
