@@ -55,9 +55,16 @@ def _run(nproc: int, overrides, log_path: str, cpus=None) -> dict:
             env["DS_ACCELERATOR"] = "cpu"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "engram_train.train.main", *overrides]
+    # The children inherit this thread's CPUs: set around the launch (a preexec_fn can deadlock in a
+    # process with threads).
+    mask = os.sched_getaffinity(0)
     with open(log_path, "w") as log:
-        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-        rc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin).returncode
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        try:
+            rc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        finally:
+            os.sched_setaffinity(0, mask)
     text = open(log_path).read()
     if rc != 0:
         sys.exit(f"measure_table_memory: a run failed (rc={rc}); see {log_path}")

@@ -689,13 +689,18 @@ def _bench_run(args, rows, k, work):
         for run in ("device", "host"):   # the final checkpoints (1.2 GB a run at 400,000 rows/head): not read
             shutil.rmtree(os.path.join(sub, run, "checkpoints"), ignore_errors=True)
     lines = [m for m in (json.loads(x) for x in open(metrics) if '"loss"' in x) if m["step"] > 2]   # its warm-up
-    # A table step counts in the log line where it ends: some lines hold two, the next none. Per table step:
+    # A table step counts in the log line where it ends: some lines hold two, the next none. Per table step,
     # each line's seconds over its count (engram_prefetch/table_steps), lines without one left out.
+    # each line's seconds over its count (engram_prefetch/table_steps), None in a line without one (the
+    # gather's figures of that line still count).
     out = []
     for m in lines:
         n = m.get("engram_prefetch/table_steps", float(m["engram_prefetch/update_cpu_s"] > 0))   # older logs: 0 or 1
-        if n > 0:
-            out.append(dict(m, **{"engram_prefetch/update_cpu_s": m["engram_prefetch/update_cpu_s"] / n}))
+        out.append(dict(m, **{"engram_prefetch/update_cpu_s": m["engram_prefetch/update_cpu_s"] / n if n else None}))
+    if not any(m["engram_prefetch/update_cpu_s"] is not None for m in out):
+        sys.exit(f"plan_offload --validate: {metrics} logs no host table step (engram_prefetch/table_steps); "
+                 f"the run needs host tables stepped by the prefetch worker (engram.residency=host, without an "
+                 f"engram.host_dir shared by replicas on the node)")
     return out, sub
 
 
@@ -776,15 +781,22 @@ def validate(args):
                     f"{statistics.median(statistics.median(m['engram_prefetch/wait_s'] for m in run) for run in runs[rows]) * 1e3:.2f}"
                     f" ms, predicted {pred['exposed_s']['prefetch'] * 1e3:.2f} ms")
         for k, key in keys.items():
-            per_run = [_quantile([m[key] for m in run], q) for run in runs[rows]]
-            got = min(per_run)
+            def logged(run):
+                return [m[key] for m in run if m[key] is not None]
+
+            if key == "engram_prefetch/rows":   # a count, not a time: no fast state to pick, the median
+                per_run = [_quantile(logged(run), 0.5) for run in runs[rows]]
+                got = statistics.median(per_run)
+            else:
+                per_run = [_quantile(logged(run), q) for run in runs[rows]]
+                got = min(per_run)
             err = want[k] / got - 1 if got else float("inf")
             ok = abs(err) <= args.tolerance
             ok_all &= ok
             lines.append((rows, params, k, want[k], min(e[k] for e in each), max(e[k] for e in each), got,
                           min(per_run), max(per_run), err, ok))
             medians.append((rows, k, statistics.median(e[k] for e in each_median),
-                            statistics.median(statistics.median(m[key] for m in run) for run in runs[rows])))
+                            statistics.median(statistics.median(logged(run)) for run in runs[rows])))
     steps = len(runs[args.sizes[0]][0])
     n_cal = len(calibrations[args.sizes[0]])
     print(f"\n# Offload planner vs tools/bench_offload.py on this machine: predicted from the costs fitted to each "

@@ -63,6 +63,7 @@ class _Gate(torch.autograd.Function):
         return alpha.to(key.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable   # the closed form is not itself differentiated
     def backward(ctx, dalpha):
         k, q, wk, wq, rk, rq, s, g, root, alpha = ctx.saved_tensors
         H = k.shape[-1]
@@ -87,6 +88,9 @@ def engram_gate(key: torch.Tensor, query: torch.Tensor, key_weight: torch.Tensor
                 key_eps: Optional[float] = None, query_eps: Optional[float] = None) -> torch.Tensor:
     """The gate ``alpha [..., G]`` from the key projection and the hidden states ``[..., G, H]``, each through
     its RMSNorm (weights ``[G*H]``; ``eps=None``: the input dtype's eps)."""
+    if key.shape != query.shape or key.ndim < 3:   # the weight gradients sum over the leading dims
+        raise ValueError(f"engram_gate: key and query must have one shape [..., G, H] with a leading dim; "
+                         f"got {tuple(key.shape)} and {tuple(query.shape)}")
     return _Gate.apply(key, query, key_weight, query_weight,
                        torch.finfo(key.dtype).eps if key_eps is None else float(key_eps),
                        torch.finfo(query.dtype).eps if query_eps is None else float(query_eps))
@@ -120,6 +124,7 @@ class _ShortConv(torch.autograd.Function):
         return torch.nn.functional.silu(z).view(B, T, G, H).to(x.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         r, wn, wc, wt, xhat, z = ctx.saved_tensors
         dilation, x_dtype, wn_dtype, wc_dtype = ctx.meta
@@ -134,7 +139,7 @@ class _ShortConv(torch.autograd.Function):
             for k, s in taps:
                 sums[k] = torch.mul(dz[:, s:], xhat[:, :T - s]).sum((0, 1))
             if ctx.needs_input_grad[2]:
-                dwc = (sums * wn).t().unsqueeze(1).to(wc_dtype)
+                dwc = (sums * wn).t().unsqueeze(1).to(wc_dtype).contiguous()
             if ctx.needs_input_grad[1]:
                 dwn = (sums * wc).sum(0).to(wn_dtype)
         if ctx.needs_input_grad[0]:
@@ -149,8 +154,10 @@ class _ShortConv(torch.autograd.Function):
         return dx, dwn, dwc, None, None
 
 
-def short_conv(x: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Tensor, eps: float,
+def short_conv(x: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Tensor, eps: Optional[float],
                dilation: int) -> torch.Tensor:
     """``SiLU(causal depthwise conv(rms_norm(x)))``: ``x [B, T, G, H]``, ``norm_weight [G*H]``,
-    ``conv_weight [G*H, 1, K]`` (an ``nn.Conv1d(groups=G*H, bias=False)`` weight)."""
-    return _ShortConv.apply(x, norm_weight, conv_weight, float(eps), int(dilation))
+    ``conv_weight [G*H, 1, K]`` (an ``nn.Conv1d(groups=G*H, bias=False)`` weight); ``eps=None``: the input
+    dtype's eps."""
+    return _ShortConv.apply(x, norm_weight, conv_weight, torch.finfo(x.dtype).eps if eps is None else float(eps),
+                            int(dilation))

@@ -173,18 +173,18 @@ class HostPrefetcher:
 
     # -- worker side ------------------------------------------------------------------------------
     def _gather(self, hash_ids: Dict[int, torch.Tensor]) -> Dict[int, RowBlock]:
-        blocks, cpu_s = self.gather_timed(hash_ids)
-        self.stats.add(gather_cpu_s=cpu_s)
-        return blocks
+        return self.gather_timed(hash_ids)[0]
 
     def gather_timed(self, hash_ids: Dict[int, torch.Tensor]):
         """One micro-batch's row blocks planned, gathered and copied on the calling thread, by the code the
-        worker runs for every prefetch: ``(blocks, CPU seconds)``, the seconds that
-        ``engram_prefetch/gather_cpu_s`` adds up.  ``hash_ids``: ``{layer id: hash ids}`` as the loader
+        worker runs for every prefetch: ``(blocks, CPU seconds)``.  Its counts (``engram_prefetch/rows``,
+        ``ids``, ``h2d_bytes``, ``gather_cpu_s``) go into the stats in one update, so a log line never holds
+        part of a gather.  ``hash_ids``: ``{layer id: hash ids}`` as the loader
         gives them (``batch[HASH_IDS]``).  For measuring the host pipeline (``tools/plan_offload.py
         --calibrate``); training goes through :meth:`submit`."""
         t0 = time.thread_time()
         blocks = {}
+        counts = {"rows": 0, "ids": 0, "h2d_bytes": 0}
         for layer_id, h in hash_ids.items():
             shard = self.store.shards[layer_id]
             ids = (h.to("cpu", torch.int64) + self._offsets[layer_id]).reshape(-1)
@@ -206,9 +206,12 @@ class HostPrefetcher:
                                  ids.numel())
             blocks[layer_id] = block
             index_bytes = sum(t.numel() * t.element_size() for t in plan.tensors())
-            self.stats.add(rows=plan.num_unique, ids=ids.numel(),
-                           h2d_bytes=rows.numel() * rows.element_size() + index_bytes)
-        return blocks, time.thread_time() - t0
+            counts["rows"] += plan.num_unique
+            counts["ids"] += ids.numel()
+            counts["h2d_bytes"] += rows.numel() * rows.element_size() + index_bytes
+        cpu_s = time.thread_time() - t0
+        self.stats.add(gather_cpu_s=cpu_s, **counts)
+        return blocks, cpu_s
 
     def table_step_timed(self, apply, updated: Dict[int, torch.Tensor], ahead=()) -> float:
         """A table step as the worker runs it, on the calling thread: ``apply()`` (the optimizer's step
@@ -316,10 +319,12 @@ class HostPrefetcher:
                 total, opt.pool_cpu_s = total + opt.pool_cpu_s, 0.0
         return total
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
+    def close(self, cancel: bool = False) -> None:
+        """Stop the worker once its current job ends; ``cancel``: drop the jobs not yet started (after an
+        error), else run them first."""
+        self.pool.shutdown(wait=True, cancel_futures=cancel)
         if self.step_pool is not None:
-            self.step_pool.shutdown(wait=True)
+            self.step_pool.shutdown(wait=True, cancel_futures=cancel)
 
 
 class PrefetchingIterator:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import tempfile
 from typing import Optional
 
@@ -136,9 +137,9 @@ def destroy_parallel(keep_process_group: bool = False) -> None:
         # one megatron-core reads too), the default group aside.
         world = dist.group.WORLD
         for group in [g for g in list(dist.distributed_c10d._world.pg_map) if g is not world]:
-            dist.destroy_process_group(group)
+            _destroy_group(group)
         return
-    dist.destroy_process_group()
+    _destroy_group(None)
     _OWNS_PROCESS_GROUP = False
     if _STORE_FILE is not None:
         try:
@@ -146,3 +147,16 @@ def destroy_parallel(keep_process_group: bool = False) -> None:
         except FileNotFoundError:
             pass
         _STORE_FILE = None
+
+
+def _destroy_group(group) -> None:
+    """``destroy_process_group(group)``, through DeepSpeed when it has initialized: it also drops the groups
+    DeepSpeed caches (the expert groups ``register_expert_groups`` names), so that no later job finds a
+    destroyed group under a cached name."""
+    if "deepspeed" in sys.modules:
+        import deepspeed.comm as ds_comm
+
+        if ds_comm.is_initialized():
+            ds_comm.destroy_process_group(group)
+            return
+    dist.destroy_process_group(group)

@@ -34,16 +34,16 @@ def _main(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
         config.run.dir = HydraConfig.get().runtime.output_dir
-    try:
-        # A user error on any rank, at start or later: `error: <message>` once, exit code 2 on every rank.
-        run_main(run, config, on_start=lambda: _write_run_config(config, cfg))
-    finally:
-        if multirun:   # the next job of the sweep runs in this process and builds its groups afresh
-            from engram_train.parallel import state
+    # A user error on any rank, at start or later: `error: <message>` once, exit code 2 on every rank.
+    run_main(run, config, on_start=lambda: _write_run_config(config, cfg))
+    if multirun:   # the next job of the sweep runs in this process and builds its groups afresh
+        from engram_train.parallel import state
 
-            # Under torchrun the default group is kept for the next job (joining torchrun's rendezvous
-            # store a second time hangs); ``main`` destroys it once the sweep is over.
-            state.destroy_parallel(keep_process_group="RANK" in os.environ)
+        # After a job that returned only: a job that raised ends the sweep, and destroying groups while
+        # another rank may still be in a collective on them can hang. Under torchrun the default group
+        # is kept for the next job (joining torchrun's rendezvous store a second time hangs); ``main``
+        # destroys it once the sweep is over.
+        state.destroy_parallel(keep_process_group="RANK" in os.environ)
 
 
 def _is_multirun() -> bool:

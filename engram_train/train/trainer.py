@@ -139,7 +139,12 @@ class Trainer:
             raise RunDirLocked(refusal)
         return lock
 
-    def release(self) -> None:
+    def release(self, failed: bool = False) -> None:
+        """The run's resources, before its process groups go: the host prefetcher's worker (which may run
+        collectives of the table exchange) is stopped first; after an error its queued jobs are dropped."""
+        prefetcher = getattr(self.table_store, "prefetcher", None)
+        if prefetcher is not None:
+            prefetcher.close(cancel=failed)
         if self.run_lock is not None:
             self.run_lock.release()
 
@@ -313,9 +318,12 @@ def run(cfg: Config, on_start: Optional[Callable[[], None]] = None) -> Dict[str,
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     seed_everything(cfg.trainer.seed)
     trainer = Trainer(cfg)
+    failed = True
     try:
         if on_start is not None:
             on_start()
-        return trainer.train()
+        result = trainer.train()
+        failed = False
+        return result
     finally:
-        trainer.release()
+        trainer.release(failed)

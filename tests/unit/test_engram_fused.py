@@ -152,3 +152,45 @@ def test_bfloat16_inputs_compute_in_float32_and_return_bfloat16():
     (alpha.float().sum() + y.float().sum()).backward()
     for t in bf:
         assert t.grad.dtype == torch.bfloat16 and bool(torch.isfinite(t.grad.float()).all())
+
+
+def test_each_norm_takes_its_own_eps_and_none_is_the_input_dtype_s():
+    """Small inputs (RMS ~0.05, so an eps of 1e-2 moves the result): the key's eps is not the query's, and
+    eps=None means the input dtype's eps (bfloat16's 2^-7), in the gate and in the short conv."""
+    g = torch.Generator().manual_seed(8)
+    key, query = 0.05 * torch.randn(2, 5, 2, 8, generator=g), 0.05 * torch.randn(2, 5, 2, 8, generator=g)
+    wk, wq, wn = (1 + 0.3 * torch.randn(16, generator=g) for _ in range(3))
+    wc = 0.5 * torch.randn(16, 1, 4, generator=g)
+    ours_in, ref_in = leaves(key, query, wk, wq), leaves(key, query, wk, wq)
+    check(engram_gate(*ours_in, 1e-2, 1e-6), ref_gate(*ref_in, 1e-2, 1e-6), ours_in, ref_in, 1e-5)
+    assert not torch.allclose(engram_gate(key, query, wk, wq, 1e-6, 1e-2), ref_gate(key, query, wk, wq, 1e-2, 1e-6),
+                              rtol=1e-3, atol=1e-3)   # the two eps matter here: swapping them shows
+    bf = [t.bfloat16() for t in (key, query, wk, wq, wn, wc)]
+    eps = torch.finfo(torch.bfloat16).eps
+    f32 = [t.float() for t in bf]
+    torch.testing.assert_close(engram_gate(*bf[:4]).float(), ref_gate(*f32[:4], eps, eps), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(short_conv(bf[1], bf[4], bf[5], None, 3).float(),
+                               ref_short_conv(f32[1], f32[4], f32[5], eps, 3), rtol=2e-2, atol=2e-2)
+    # float32's eps instead would be off by far more than bfloat16's rounding at this scale
+    assert not torch.allclose(ref_gate(*f32[:4], eps, eps), ref_gate(*f32[:4], 1.2e-7, 1.2e-7), rtol=2e-2, atol=2e-2)
+
+
+def test_double_backward_is_refused_and_shapes_are_checked():
+    """Second derivatives through the closed-form backwards raise instead of coming out wrong (the
+    cotangent requires grad, as in gradgradcheck)."""
+    g = torch.Generator().manual_seed(9)
+    key, query = (torch.randn(2, 3, 1, 4, generator=g, requires_grad=True) for _ in range(2))
+    w = torch.ones(4, requires_grad=True)
+    alpha = engram_gate(key, query, w, w, 1e-6, 1e-6)
+    (dk,) = torch.autograd.grad(alpha, [key], torch.ones_like(alpha, requires_grad=True), create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        dk.sum().backward()
+    wc = torch.randn(4, 1, 4, requires_grad=True)
+    y = short_conv(query, w, wc, 1e-5, 2)
+    (dx,) = torch.autograd.grad(y, [query], torch.ones_like(y, requires_grad=True), create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        dx.sum().backward()
+    with pytest.raises(ValueError, match="one shape"):
+        engram_gate(key[0, 0], query[0, 0], w, w)
+    with pytest.raises(ValueError, match="one shape"):
+        engram_gate(key, query[:, :1], w, w)
