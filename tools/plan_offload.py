@@ -677,7 +677,9 @@ def _bench_run(args, rows, k, work):
     sub = os.path.join(work, f"rows{rows}" + (f"_r{k + 1}" if k else ""))
     metrics = os.path.join(sub, "host", "metrics.jsonl")
     if os.path.isfile(metrics) and os.path.isfile(os.path.join(sub, "device", "metrics.jsonl")):
-        print(f"[plan_offload] reusing the bench_offload run in {sub}", flush=True)
+        print(f"[plan_offload] reusing the bench_offload run in {sub}: it ran earlier, so the calibration that "
+              f"follows is not interleaved with it (the core's state may differ; a fresh --workdir measures both)",
+              flush=True)
     else:
         print(f"[plan_offload] bench_offload --rows-per-head {rows} (run {k + 1}) on CPU {args.cpu}, "
               f"load average {_load()} ...", flush=True)
