@@ -66,3 +66,18 @@ def test_summary_is_the_median_over_window_pairs_of_each_pairs_median_ratio():
     assert s["ratio_per_active_flop"] == pytest.approx(statistics.median(ratios) / 1.05)
     assert s["tokens_per_s"]["no_engram"] == pytest.approx(1000 / (base_ms / 1e3))
     assert s["timed_steps"] == {"engram": 9, "no_engram": 9} and s["window_pairs"] == 3
+
+
+def test_bench_engram_block_builds_the_model_s_block_at_the_experiment_s_shape(capsys):
+    from engram_train.config.store import compose
+    from tools import bench_engram_block
+
+    cfg = compose(["experiment=debug_cpu", "model.hc_mult=2"])
+    block, (hidden, rows, cot), _ = bench_engram_block.build("debug_cpu", ["model.hc_mult=2"])
+    assert (block.hc_mult, block.hidden_size, block.max_ngram) == (2, cfg.model.hidden_size, cfg.engram.max_ngram)
+    B, T = cfg.data.micro_batch_size, cfg.data.seq_length
+    assert hidden.shape == cot.shape == (B, T, 2, cfg.model.hidden_size) and not hidden.is_contiguous()
+    assert rows.shape == (B, T, (cfg.engram.max_ngram - 1) * cfg.engram.n_embed_per_ngram)
+    assert bench_engram_block.call(block.fuse, (hidden, rows, cot)) > 0 and hidden.grad is not None
+    bench_engram_block.main(["--calls", "1"])
+    assert "eager     median" in capsys.readouterr().out
