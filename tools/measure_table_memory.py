@@ -17,6 +17,7 @@ state).  Memory is measured from the processes, never estimated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -45,6 +46,18 @@ def _corpus(path: str) -> None:
             f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(120))}) + "\n")
 
 
+@contextlib.contextmanager
+def pinned(cpus):
+    """The calling thread (and the processes it starts) on ``cpus`` for the block; None or empty: unchanged."""
+    mask = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mask)
+
+
 def _run(nproc: int, overrides, log_path: str, cpus=None) -> dict:
     """Train once (``nproc`` ranks); ``cpus``: the CPUs the run may use (default: this process's)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
@@ -57,14 +70,8 @@ def _run(nproc: int, overrides, log_path: str, cpus=None) -> dict:
            "-m", "engram_train.train.main", *overrides]
     # The children inherit this thread's CPUs: set around the launch (a preexec_fn can deadlock in a
     # process with threads).
-    mask = os.sched_getaffinity(0)
-    with open(log_path, "w") as log:
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-        try:
-            rc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-        finally:
-            os.sched_setaffinity(0, mask)
+    with open(log_path, "w") as log, pinned(cpus):
+        rc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
     text = open(log_path).read()
     if rc != 0:
         sys.exit(f"measure_table_memory: a run failed (rc={rc}); see {log_path}")

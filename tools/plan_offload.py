@@ -692,7 +692,6 @@ def _bench_run(args, rows, k, work):
             shutil.rmtree(os.path.join(sub, run, "checkpoints"), ignore_errors=True)
     lines = [m for m in (json.loads(x) for x in open(metrics) if '"loss"' in x) if m["step"] > 2]   # its warm-up
     # A table step counts in the log line where it ends: some lines hold two, the next none. Per table step,
-    # each line's seconds over its count (engram_prefetch/table_steps), lines without one left out.
     # each line's seconds over its count (engram_prefetch/table_steps), None in a line without one (the
     # gather's figures of that line still count).
     out = []
@@ -704,6 +703,15 @@ def _bench_run(args, rows, k, work):
                  f"the run needs host tables stepped by the prefetch worker (engram.residency=host, without an "
                  f"engram.host_dir shared by replicas on the node)")
     return out, sub
+
+
+def _logged(run, key):
+    """A run's values of ``key``, its lines without one (a table step logged in the next line) left out."""
+    return [m[key] for m in run if m[key] is not None]
+
+
+def _fmt(quantity: str, v: float) -> str:
+    return f"{v:,.0f}" if "rows" in quantity else f"{v * 1e3:.2f} ms"
 
 
 def _load():
@@ -718,7 +726,7 @@ def validate(args):
     import tempfile
 
     from engram_train.config.store import compose
-    from tools.measure_table_memory import MODEL
+    from tools.measure_table_memory import MODEL, pinned
 
     work = args.workdir or tempfile.mkdtemp(prefix="engram_plan_offload_")
     keys = {"unique rows fetched": "engram_prefetch/rows", "prefetch worker s": "engram_prefetch/gather_cpu_s",
@@ -743,13 +751,9 @@ def validate(args):
             params = setup[rows][2]
             print(f"[plan_offload] calibrating on CPU {args.cpu}, {params / 1e6:.0f}M table parameters "
                   f"({args.calibrations} times), load average {_load()} ...", flush=True)
-            mask = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, {args.cpu})
-            try:
+            with pinned({args.cpu}):
                 for _ in range(args.calibrations):
                     calibrations.setdefault(rows, []).append(calibrate(table_floats=params))
-            finally:
-                os.sched_setaffinity(0, mask)
             loads.append(_load())
     q = args.quantile
     medians = []   # the same comparison with medians: (rows, quantity, predicted, measured)
@@ -783,14 +787,11 @@ def validate(args):
                     f"{statistics.median(statistics.median(m['engram_prefetch/wait_s'] for m in run) for run in runs[rows]) * 1e3:.2f}"
                     f" ms, predicted {pred['exposed_s']['prefetch'] * 1e3:.2f} ms")
         for k, key in keys.items():
-            def logged(run):
-                return [m[key] for m in run if m[key] is not None]
-
             if key == "engram_prefetch/rows":   # a count, not a time: no fast state to pick, the median
-                per_run = [_quantile(logged(run), 0.5) for run in runs[rows]]
+                per_run = [_quantile(_logged(run, key), 0.5) for run in runs[rows]]
                 got = statistics.median(per_run)
             else:
-                per_run = [_quantile(logged(run), q) for run in runs[rows]]
+                per_run = [_quantile(_logged(run, key), q) for run in runs[rows]]
                 got = min(per_run)
             err = want[k] / got - 1 if got else float("inf")
             ok = abs(err) <= args.tolerance
@@ -798,9 +799,8 @@ def validate(args):
             lines.append((rows, params, k, want[k], min(e[k] for e in each), max(e[k] for e in each), got,
                           min(per_run), max(per_run), err, ok))
             medians.append((rows, k, statistics.median(e[k] for e in each_median),
-                            statistics.median(statistics.median(logged(run)) for run in runs[rows])))
+                            statistics.median(statistics.median(_logged(run, key)) for run in runs[rows])))
     steps = len(runs[args.sizes[0]][0])
-    n_cal = len(calibrations[args.sizes[0]])
     print(f"\n# Offload planner vs tools/bench_offload.py on this machine: predicted from the costs fitted to each "
           f"calibration point's {q:g} quantile over its rounds, the least of {len(calibrations[args.sizes[0]])} "
           f"calibrations; measured = the {q:g} quantile of a run's {steps} timed steps, the least of "
@@ -809,16 +809,15 @@ def validate(args):
           "| error | within |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|---|")
     for rows, params, k, w, wlo, whi, g, lo, hi, err, ok in lines:
-        fmt = (lambda v: f"{v:,.0f}") if "rows" in k else (lambda v: f"{v * 1e3:.2f} ms")
-        print(f"| {rows:,} | {params / 1e6:.1f}M | {k} | {fmt(w)} | {fmt(wlo)}-{fmt(whi)} | {fmt(g)} | {fmt(lo)}-{fmt(hi)} "
+        print(f"| {rows:,} | {params / 1e6:.1f}M | {k} | {_fmt(k, w)} | {_fmt(k, wlo)}-{_fmt(k, whi)} | {_fmt(k, g)} "
+              f"| {_fmt(k, lo)}-{_fmt(k, hi)} "
               f"| {100 * err:+.1f}% | {'yes' if ok else 'NO'} |")
     print("\nThe same with medians, of the calibrations' predictions and of the runs' medians (not the check: on a "
           "shared machine a median mixes the core's fast and slow states, in whatever share each run met them):\n")
     print("| rows/head | per step | predicted | measured | error |")
     print("|---:|---|---:|---:|---:|")
     for rows, k, w, g in medians:
-        fmt = (lambda v: f"{v:,.0f}") if "rows" in k else (lambda v: f"{v * 1e3:.2f} ms")
-        print(f"| {rows:,} | {k} | {fmt(w)} | {fmt(g)} | {100 * (w / g - 1):+.1f}% |")
+        print(f"| {rows:,} | {k} | {_fmt(k, w)} | {_fmt(k, g)} | {100 * (w / g - 1):+.1f}% |")
     print(f"\nLoad average (1, 5, 15 min) before and after each run and its calibration: {'; '.join(loads)}")
     print("\nWaits (wall clock on a shared machine; not part of the check):")
     for line in info:
